@@ -1,10 +1,30 @@
 """fastbert: a BERT encoder on fused Triton/CUDA kernels that loads HuggingFace weights unchanged."""
 from fastbert import ops
 from fastbert.backend import BackendUnavailableError, available_backends, current_backend, use_backend
+from fastbert.models.bert import (
+    BertForMaskedLM,
+    BertForMultipleChoice,
+    BertForNextSentencePrediction,
+    BertForPreTraining,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    MissingWeightsError,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BertForMaskedLM",
+    "BertForMultipleChoice",
+    "BertForNextSentencePrediction",
+    "BertForPreTraining",
+    "BertForQuestionAnswering",
+    "BertForSequenceClassification",
+    "BertForTokenClassification",
+    "BertModel",
+    "MissingWeightsError",
     "BackendUnavailableError",
     "__version__",
     "available_backends",

@@ -18,18 +18,29 @@ def _check_mask(attention_mask: torch.Tensor, hidden: torch.Tensor) -> None:
         )
 
 
+def packing_from_mask(keep: torch.Tensor):
+    """(indices, cu_seqlens, max_seqlen, total_tokens) for a (batch, seq) bool mask.
+
+    One host sync reads max_seqlen and the token count together; nonzero_static then needs none.
+    """
+    lengths = keep.sum(dim=-1, dtype=torch.int32)
+    if lengths.numel() == 0:
+        max_seqlen, total = 0, 0
+    else:
+        max_seqlen, total = torch.stack([lengths.max(), lengths.sum()]).tolist()
+    indices = torch.nonzero_static(keep.flatten(), size=total).flatten()
+    cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    return indices, cu_seqlens, max_seqlen, total
+
+
 def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor):
     """Keep the tokens where attention_mask is nonzero.
 
     Returns (hidden_unpadded (total, ...), indices (total,) int64 into batch*seq,
-    cu_seqlens (batch+1,) int32, max_seqlen int). One host sync: the token count and max_seqlen.
+    cu_seqlens (batch+1,) int32, max_seqlen int).
     """
     _check_mask(attention_mask, hidden)
-    keep = attention_mask.bool()
-    lengths = keep.sum(dim=-1, dtype=torch.int32)
-    indices = torch.nonzero(keep.flatten()).flatten()
-    max_seqlen = int(lengths.max()) if lengths.numel() else 0
-    cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    indices, cu_seqlens, max_seqlen, _ = packing_from_mask(attention_mask.bool())
     flat = hidden.reshape(-1, *hidden.shape[2:])
     return flat.index_select(0, indices), indices, cu_seqlens, max_seqlen
 
