@@ -152,3 +152,30 @@ def test_bf16_error_is_at_most_twice_transformers_own():
         hf_bf16 = reference.bfloat16()(**batch).last_hidden_state[keep]
         fast_bf16 = fast.bfloat16()(**batch).last_hidden_state[keep]
     assert max_error(fast_bf16, truth) <= 2 * max_error(hf_bf16, truth)
+
+
+@pytest.mark.parametrize("padding_ratio", [0.0, 0.25, 0.5, 0.9])
+def test_padded_batch_equals_each_sequence_alone(padding_ratio):
+    """A sequence's outputs do not depend on how much padding its batch carries."""
+    config = small_config()
+    _, fast = twin_models("BertModel", config)
+    seqlen = 20
+    real = max(1, round(seqlen * (1 - padding_ratio)))
+    lengths = [real, max(1, real // 2), 1]
+    batch = random_batch(config, 3, seqlen, lengths=lengths)
+    with torch.no_grad():
+        padded = fast(**batch).last_hidden_state
+        for row, length in enumerate(lengths):
+            alone = fast(
+                input_ids=batch["input_ids"][row : row + 1, :length],
+                token_type_ids=batch["token_type_ids"][row : row + 1, :length],
+            ).last_hidden_state
+            assert max_error(padded[row, :length], alone[0]) <= 1e-5
+
+
+def test_sequence_length_one():
+    config = small_config()
+    reference, fast = twin_models("BertModel", config)
+    batch = random_batch(config, 2, 1, lengths=[1, 1])
+    with torch.no_grad():
+        assert max_error(fast(**batch).last_hidden_state, reference(**batch).last_hidden_state) <= 1e-5

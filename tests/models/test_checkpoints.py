@@ -1,0 +1,55 @@
+"""Weights move both ways between fastbert and transformers; incomplete checkpoints are refused."""
+import pytest
+import torch
+import transformers
+
+import fastbert
+from tests.helpers import max_error, random_batch, small_config
+
+
+def test_transformers_checkpoint_loads_into_fastbert_and_back(tmp_path):
+    config = small_config()
+    torch.manual_seed(0)
+    reference = transformers.BertForMaskedLM(config).eval()
+    reference.save_pretrained(tmp_path / "hf")
+    fast = fastbert.BertForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    fast.save_pretrained(tmp_path / "fast")
+    back = transformers.BertForMaskedLM.from_pretrained(tmp_path / "fast").eval()
+    assert fast.state_dict().keys() == reference.state_dict().keys()
+    batch = random_batch(config, 2, 8, lengths=[8, 5])
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected = reference(**batch).logits
+        assert max_error(fast(**batch).logits[keep], expected[keep]) <= 1e-5
+        assert torch.equal(back(**batch).logits, expected)
+
+
+def test_headless_model_drops_head_weights_quietly(tmp_path):
+    config = small_config()
+    transformers.BertForPreTraining(config).save_pretrained(tmp_path)
+    model = fastbert.BertModel.from_pretrained(tmp_path)
+    assert isinstance(model, transformers.BertModel)
+
+
+def test_missing_head_weights_raise_and_list_them(tmp_path):
+    config = small_config()
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    with pytest.raises(fastbert.MissingWeightsError, match=r"missing \(2\): classifier.bias, classifier.weight"):
+        fastbert.BertForSequenceClassification.from_pretrained(tmp_path)
+    model = fastbert.BertForSequenceClassification.from_pretrained(tmp_path, init_new_head=True)
+    assert model.classifier.weight.shape == (config.num_labels, config.hidden_size)
+
+
+def test_missing_encoder_weights_raise_even_for_a_new_head(tmp_path):
+    config = small_config()
+    model = transformers.BertModel(config)
+    state = {k: v for k, v in model.state_dict().items() if "layer.1.output.dense" not in k}
+    model.save_pretrained(tmp_path, state_dict=state)
+    with pytest.raises(fastbert.MissingWeightsError, match="encoder.layer.1.output.dense.weight"):
+        fastbert.BertForSequenceClassification.from_pretrained(tmp_path, init_new_head=True)
+
+
+def test_trust_remote_code_is_refused(tmp_path):
+    transformers.BertModel(small_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="never runs code from a checkpoint"):
+        fastbert.BertModel.from_pretrained(tmp_path, trust_remote_code=True)
