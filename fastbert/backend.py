@@ -29,6 +29,13 @@ OPS_BY_BACKEND = {
     "cpp": {"bias_gelu", "add_layer_norm"},
 }
 
+# Which input dtypes each backend's kernels take (the torch references take any float dtype).
+DTYPES_BY_BACKEND = {
+    "triton": {torch.float32, torch.float16, torch.bfloat16},
+    "cuda": {torch.float32, torch.float16, torch.bfloat16},
+    "cpp": {torch.float32, torch.bfloat16},
+}
+
 # "auto": for each device type and op, the order in which backends are tried. Decided by
 # measurement (docs/benchmarks.md): on CPU the Triton interpreter is never chosen automatically.
 AUTO_PREFERENCE = {
@@ -148,34 +155,42 @@ def _auto_order(op: str, device_type: str) -> tuple[str, ...]:
     return AUTO_PREFERENCE.get(device_type, {}).get(op, ("torch",))
 
 
-_resolved: dict[tuple[str, str, str, bool], str] = {}
+_resolved: dict[tuple, str] = {}
 
 
 def resolve(op: str, tensor: torch.Tensor) -> str:
     """The concrete backend that runs `op` on `tensor` under the current selection.
 
-    The answer depends only on (selection, op, device type, interpreter flag), so it is memoized:
-    the per-call cost is one dict lookup, which torch.compile traces as a constant.
+    The answer depends only on (selection, op, device type, dtype, interpreter flag), so it is
+    memoized: the per-call cost is one dict lookup, which torch.compile traces as a constant.
     """
-    key = (_current, op, tensor.device.type, triton_interpreting())
+    key = (_current, op, tensor.device.type, tensor.dtype, triton_interpreting())
     choice = _resolved.get(key)
     if choice is None:
-        choice = _resolve_uncached(op, tensor.device)
+        choice = _resolve_uncached(op, tensor.device, tensor.dtype)
         _resolved[key] = choice
     return choice
 
 
-def _resolve_uncached(op: str, device: torch.device) -> str:
+def _dtype_problem(name: str, dtype: torch.dtype) -> str | None:
+    supported = DTYPES_BY_BACKEND.get(name)
+    if supported is None or dtype in supported:
+        return None
+    names = ", ".join(sorted(str(d).replace("torch.", "") for d in supported))
+    return f"its kernels take {names} inputs, got {str(dtype).replace('torch.', '')}"
+
+
+def _resolve_uncached(op: str, device: torch.device, dtype: torch.dtype) -> str:
     requested = _current
     if requested == "torch":
         return "torch"
     if requested != "auto" and op in OPS_BY_BACKEND[requested]:
-        problem = backend_problem(requested, device)
+        problem = backend_problem(requested, device) or _dtype_problem(requested, dtype)
         if problem is not None:
             raise BackendUnavailableError(f"backend {requested!r} cannot run {op} on {device}: {problem}")
         return requested
     # "auto", or an explicit backend that lacks this op: the first runnable choice in the auto order.
     for candidate in _auto_order(op, device.type):
-        if backend_problem(candidate, device) is None:
+        if backend_problem(candidate, device) is None and _dtype_problem(candidate, dtype) is None:
             return candidate
     return "torch"

@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAtte
 from transformers.models.bert import modeling_bert as hf
 
 from fastbert.models.encoder import encode
+from fastbert.models.validation import should_validate, validate_inputs
 
 _warned_reasons: set[str] = set()
 
@@ -99,7 +100,15 @@ class _StrictLoading:
     def from_pretrained(cls, *args, init_new_head: bool = False, **kwargs):
         if kwargs.get("trust_remote_code"):
             raise ValueError("fastbert never runs code from a checkpoint: trust_remote_code must be False")
+        if kwargs.get("weights_only", True) is not True:
+            raise ValueError(
+                "fastbert loads checkpoints with safetensors or torch.load(weights_only=True) only: "
+                "weights_only=False would let a pickled checkpoint run code"
+            )
         want_info = kwargs.pop("output_loading_info", False)
+        # transformers raises a RuntimeError that names no weight on a shape mismatch; let it report
+        # the mismatch instead, so that _check_loading_info lists it in a MissingWeightsError.
+        kwargs["ignore_mismatched_sizes"] = True
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         _check_loading_info(model, info, init_new_head)
         return (model, info) if want_info else model
@@ -119,8 +128,19 @@ class BertModel(_StrictLoading, hf.BertModel):
         encoder_attention_mask=None,
         past_key_values=None,
         use_cache=None,
+        validate=None,
         **kwargs,
     ):
+        if should_validate(self.config, validate):
+            validate_inputs(
+                self.config,
+                self.embeddings.word_embeddings.weight.device,
+                input_ids,
+                attention_mask,
+                token_type_ids,
+                position_ids,
+                inputs_embeds,
+            )
         arguments = dict(
             encoder_hidden_states=encoder_hidden_states,
             past_key_values=past_key_values,

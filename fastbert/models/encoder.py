@@ -65,7 +65,9 @@ class TokenLayout:
     def first_tokens(self, packed: torch.Tensor) -> torch.Tensor:
         """(batch, hidden): each sequence's first real token ([CLS]); zeros for empty sequences."""
         if self.dense:
-            return packed.view(self.batch, self.seqlen, -1)[:, 0]
+            if self.seqlen == 0:
+                return packed.new_zeros(self.batch, packed.shape[-1])
+            return packed.view(self.batch, self.seqlen, packed.shape[-1])[:, 0]
         if packed.shape[0] == 0:
             return packed.new_zeros(self.batch, packed.shape[-1])
         starts = self.cu_seqlens[:-1].long().clamp(max=packed.shape[0] - 1)

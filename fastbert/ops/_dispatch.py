@@ -9,17 +9,24 @@ import torch
 from fastbert import backend
 
 
+_loaded: dict[str, Callable] = {}
+
+
 def implementation(op: str, tensor: torch.Tensor, table: dict[str, str | Callable]) -> Callable:
     """The callable that runs `op` on `tensor`.
 
     `table` maps a backend name to the implementation, or to "module:attribute" imported lazily
-    (so that importing fastbert never imports triton or the extension).
+    (so that importing fastbert never imports triton or the extension). Imports are memoized, so
+    after the first call this is two dict lookups, which torch.compile traces without a break.
     """
     target = table[backend.resolve(op, tensor)]
     if callable(target):
         return target
-    module_name, attribute = target.split(":")
-    return getattr(importlib.import_module(module_name), attribute)
+    loaded = _loaded.get(target)
+    if loaded is None:
+        module_name, attribute = target.split(":")
+        loaded = _loaded[target] = getattr(importlib.import_module(module_name), attribute)
+    return loaded
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
