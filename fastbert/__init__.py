@@ -1,5 +1,5 @@
 """fastbert: a BERT encoder on fused Triton/CUDA kernels that loads HuggingFace weights unchanged."""
-from fastbert import ops
+from fastbert import hf_attention, ops  # hf_attention registers attn_implementation="fastbert"
 from fastbert.backend import BackendUnavailableError, available_backends, current_backend, use_backend
 from fastbert.models.bert import (
     BertForMaskedLM,
@@ -12,6 +12,7 @@ from fastbert.models.bert import (
     BertModel,
     MissingWeightsError,
 )
+from fastbert.patch import patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -30,5 +31,7 @@ __all__ = [
     "available_backends",
     "current_backend",
     "ops",
+    "patch",
+    "unpatch",
     "use_backend",
 ]

@@ -186,10 +186,31 @@ class BertModel(_StrictLoading, hf.BertModel):
         return output if return_dict else output.to_tuple()
 
 
+def _register_output_capture(module: torch.nn.Module) -> None:
+    """Let HF's output capturing (output_attentions/output_hidden_states on the plain path) see the new class.
+
+    transformers >= 5 keys the `_can_record_outputs` registry by module, filled in post_init; a
+    module whose class was swapped afterwards would otherwise silently return None there.
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # other transformers versions: try the older home, else there is nothing to do
+        try:
+            from transformers.utils.generic import _CAN_RECORD_REGISTRY
+        except ImportError:
+            return
+    _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+
+
+def use_fast_forward(module: hf.BertModel) -> None:
+    """Give a transformers BertModel instance fastbert's forward (same object, same weights)."""
+    module.__class__ = BertModel
+    _register_output_capture(module)
+
+
 def _use_fast_encoder(model: torch.nn.Module) -> None:
-    """Give the head's inner transformers BertModel fastbert's forward (same object, same weights)."""
     if type(model.bert) is hf.BertModel:
-        model.bert.__class__ = BertModel
+        use_fast_forward(model.bert)
 
 
 def _with_fast_encoder(hf_class):
