@@ -16,7 +16,7 @@ from torch import nn
 from transformers.models.bert import modeling_bert as hf
 
 from fastbert.models.bert import BertModel as FastBertModel
-from fastbert.models.bert import use_fast_forward
+from fastbert.models.bert import use_fast_forward, use_plain_forward
 
 _MARK = "_fastbert_patched"
 
@@ -52,7 +52,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Undo patch(): the modules it swapped get transformers.BertModel back; returns `model`."""
     for module in _bert_models(model):
         if type(module) is FastBertModel and module.__dict__.pop(_MARK, False):
-            module.__class__ = hf.BertModel
+            use_plain_forward(module)
             _drop_fused_qkv_caches(module)
     return model
 

@@ -15,7 +15,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 from transformers.models.bert import modeling_bert as hf
 
-from fastbert.models.encoder import encode
+from fastbert.models.encoder import FastBertLayer, encode
 from fastbert.models.validation import should_validate, validate_inputs
 
 _warned_reasons: set[str] = set()
@@ -117,6 +117,10 @@ class _StrictLoading:
 class BertModel(_StrictLoading, hf.BertModel):
     """transformers.BertModel with fastbert's fused, padding-free forward."""
 
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _swap_layer_classes(self, hf.BertLayer, FastBertLayer)
+
     def forward(
         self,
         input_ids=None,
@@ -202,10 +206,23 @@ def _register_output_capture(module: torch.nn.Module) -> None:
     _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
 
 
+def _swap_layer_classes(module: hf.BertModel, old: type, new: type) -> None:
+    for layer in module.encoder.layer:
+        if type(layer) is old:
+            layer.__class__ = new
+
+
 def use_fast_forward(module: hf.BertModel) -> None:
-    """Give a transformers BertModel instance fastbert's forward (same object, same weights)."""
+    """Give a transformers BertModel instance fastbert's forward (same objects, same weights)."""
     module.__class__ = BertModel
+    _swap_layer_classes(module, hf.BertLayer, FastBertLayer)
     _register_output_capture(module)
+
+
+def use_plain_forward(module: BertModel) -> None:
+    """Undo use_fast_forward: transformers' classes again."""
+    module.__class__ = hf.BertModel
+    _swap_layer_classes(module, FastBertLayer, hf.BertLayer)
 
 
 def _use_fast_encoder(model: torch.nn.Module) -> None:

@@ -11,12 +11,11 @@ the end. A batch without padding stays in its dense (batch, seq) layout and skip
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from transformers.models.bert import modeling_bert as hf
 
 from fastbert import backend
 from fastbert.ops import add_layer_norm, attention, bias_gelu, varlen_attention
@@ -158,20 +157,35 @@ def intermediate_forward(intermediate: nn.Module, x: torch.Tensor, approximate: 
     return bias_gelu(y, y_bias, approximate)
 
 
-def layer_forward(layer: nn.Module, hidden: torch.Tensor, layout: TokenLayout, approximate: str | None):
+def layer_forward(layer: nn.Module, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """One BertLayer on packed tokens (tokens, hidden)."""
+    hidden_act = layer.attention.self.config.hidden_act
+    approximate = GELU_APPROXIMATION.get(hidden_act) if isinstance(hidden_act, str) else None
     context = self_attention_forward(layer.attention.self, hidden, layout)
     hidden = dense_add_layer_norm(layer.attention.output, context, hidden)
     inner = intermediate_forward(layer.intermediate, hidden, approximate)
     return dense_add_layer_norm(layer.output, inner, hidden)
 
 
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, layout: TokenLayout, approximate: str | None):
-    """layer_forward, under activation checkpointing when the model enabled gradient checkpointing."""
-    if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-        run_checkpointed = getattr(layer, "_gradient_checkpointing_func", partial(checkpoint, use_reentrant=False))
-        return run_checkpointed(partial(layer_forward, layer, layout=layout, approximate=approximate), hidden)
-    return layer_forward(layer, hidden, layout, approximate)
+class FastBertLayer(hf.BertLayer):
+    """transformers.BertLayer that runs layer_forward when called with a TokenLayout.
+
+    The encoder calls each layer as a module, `layer(hidden, layout)`, so that module hooks run
+    (FSDP's per-layer unsharding, Accelerate's offloading, user hooks) and transformers' gradient
+    checkpointing wraps the layer as it wraps its own. Called with a mask, it is HF's layer.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        if isinstance(attention_mask, TokenLayout):
+            return layer_forward(self, hidden_states, attention_mask)
+        return super().forward(hidden_states, attention_mask, *args, **kwargs)
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    if isinstance(layer, FastBertLayer):
+        return layer(hidden, layout)
+    # A layer whose class fastbert did not set (e.g. wrapped by FSDP before patching): no hooks.
+    return layer_forward(layer, hidden, layout)
 
 
 def embeddings_forward(embeddings: nn.Module, inputs: dict, layout: TokenLayout) -> torch.Tensor:
@@ -215,11 +229,10 @@ def encode(bert: nn.Module, inputs: dict, keep: torch.Tensor | None, output_hidd
     reference = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
     batch, seqlen = reference.shape[:2]
     layout = TokenLayout.from_mask(keep, batch, seqlen)
-    approximate = GELU_APPROXIMATION.get(bert.config.hidden_act) if isinstance(bert.config.hidden_act, str) else None
     hidden = embeddings_forward(bert.embeddings, inputs, layout)
     all_hidden = [layout.unpack(hidden)] if output_hidden_states else None
     for layer in bert.encoder.layer:
-        hidden = _run_layer(layer, hidden, layout, approximate)
+        hidden = _run_layer(layer, hidden, layout)
         if all_hidden is not None:
             all_hidden.append(layout.unpack(hidden))
     return EncoderResult(
