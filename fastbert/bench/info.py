@@ -1,0 +1,63 @@
+"""`fastbert info`: what fastbert finds on this machine, and a quick fastbert-vs-HuggingFace check."""
+from __future__ import annotations
+
+import torch
+import transformers
+
+from fastbert.bench import environment
+
+# A small BERT for the quick comparison: a few forward passes take well under a second on CPU.
+QUICK_CONFIG = dict(
+    vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+    max_position_embeddings=128,
+)
+
+
+def _device_lines() -> list[str]:
+    lines = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            info = environment.device_info(torch.device("cuda", index))
+            lines.append(
+                f"  cuda:{index}: {info['name']}, capability {info['capability']}, {info['memory_gib']} GiB, "
+                f"driver {info['driver'] or 'unknown'}, CUDA runtime {info['cuda_runtime']}"
+            )
+    else:
+        lines.append("  cuda: none (torch.cuda.is_available() is False)")
+    cpu = environment.device_info(torch.device("cpu"))
+    lines.append(f"  cpu: {cpu['name']}, {cpu['cpu_count']} cores, torch threads {cpu['torch_threads']}")
+    return lines
+
+
+def quick_comparison() -> str:
+    """fastbert vs HF sdpa on QUICK_CONFIG, batch 4 x 64 with uniform lengths: diff and speedup."""
+    from fastbert.bench.run import BenchOptions, run_bench
+
+    options = BenchOptions(batch=[4], seq=[64], repeats=5, warmup=1, baselines=["hf-sdpa"], progress=False)
+    record = run_bench(options, config=transformers.BertConfig(**QUICK_CONFIG))
+    conf = record["configurations"][0]
+    fast, ref = conf["results"]["fastbert"], conf["results"][conf["reference"]]
+    return (
+        f"quick check ({record['options']['device']}, {record['options']['dtype']}, 4-layer hidden-256 BERT, "
+        f"batch 4 x {conf['width']}, {100 * conf['padding_fraction']:.0f}% padding): "
+        f"max abs diff vs HF {fast['max_abs_diff']:.2g}, fastbert {fast['median_ms']:.1f} ms vs "
+        f"hf-sdpa {ref['median_ms']:.1f} ms ({fast['speedup']:.2f}x). For real numbers: fastbert bench"
+    )
+
+
+def info_report(compare: bool = True) -> str:
+    versions = environment.versions()
+    lines = [
+        f"fastbert {versions['fastbert']}" + (f" (commit {versions['fastbert_commit']})" if versions["fastbert_commit"]
+                                               else " (not a git checkout)"),
+        f"python {versions['python']}, torch {versions['torch']}, triton {versions['triton']}, "
+        f"transformers {versions['transformers']}",
+        "devices:",
+        *_device_lines(),
+        "backends:",
+        *[f"  {name}: {'available' if ok is True else ok}" for name, ok in environment.backends().items()],
+        f"extension fastbert._C: {environment.extension_status()}",
+    ]
+    if compare:
+        lines.append(quick_comparison())
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""The `fastbert` command: `fastbert info` (environment report) and `fastbert bench` (speed comparison).
+
+This module only parses arguments; the work is in fastbert.bench.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+LENGTHS_HELP = (
+    "sequence lengths: full (no padding), uniform (one full-length sequence, the rest uniform in "
+    "[max(1, seq//8), seq]), lognormal (median seq/4, right-skewed), or FILE with one token count per "
+    "line (default: uniform)"
+)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastbert", description="fastbert: fast BERT encoder on fused kernels")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="versions, devices, backends, extension status, a quick comparison")
+    info.add_argument("--no-compare", action="store_true", help="skip the quick fastbert-vs-HF comparison")
+
+    bench = commands.add_parser(
+        "bench", help="time fastbert against HuggingFace (default: bert-base config, random weights)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bench.add_argument("--model", metavar="DIR", help="a local HuggingFace BERT directory (default: bert-base "
+                       "config, seeded random weights)")
+    bench.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    bench.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
+    bench.add_argument("--batch", type=_int_list, help="batch sizes, comma list (default: 8 on CPU, 8,32 on GPU)")
+    bench.add_argument("--seq", type=_int_list,
+                       help="sequence lengths (caps), comma list (default: 64,128,256 on CPU, 128,256,512 on GPU)")
+    bench.add_argument("--lengths", default="uniform", metavar="full|uniform|lognormal|FILE", help=LENGTHS_HELP)
+    bench.add_argument("--mode", choices=("inference", "training"), default="inference",
+                       help="training = forward + backward + AdamW step of BertForMaskedLM")
+    bench.add_argument("--baselines", type=_name_list,
+                       help="comma list of hf-eager, hf-sdpa, hf-compile (default: hf-sdpa on CPU, "
+                            "hf-sdpa,hf-compile on GPU)")
+    bench.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda", "cpp"),
+                       help="fastbert backend")
+    bench.add_argument("--repeats", type=int, help="timed calls per implementation (default: 10 CPU, 30 GPU)")
+    bench.add_argument("--warmup", type=int, help="untimed calls per implementation first (default: 2 CPU, 5 GPU)")
+    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the inputs")
+    bench.add_argument("--json", metavar="PATH", help="write the full record as JSON")
+    bench.add_argument("--csv", metavar="PATH", help="write one row per configuration and implementation")
+    bench.add_argument("--plot", metavar="PATH", help="PNG of speedup vs sequence length (needs matplotlib)")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_info(args) -> int:
+    from fastbert.bench.info import info_report
+
+    print(info_report(compare=not args.no_compare))
+    return 0
+
+
+def run_bench_command(args) -> int:
+    from fastbert.bench import report
+    from fastbert.bench.run import BenchOptions, run_bench
+
+    if args.plot:
+        report._pyplot()  # fail before the run, not after it
+    options = BenchOptions(
+        model=args.model, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq,
+        lengths=args.lengths, mode=args.mode, baselines=args.baselines, backend=args.backend,
+        repeats=args.repeats, warmup=args.warmup, threads=args.threads, seed=args.seed, progress=not args.quiet,
+    )
+    record = run_bench(options)
+    print(report.format_table(record))
+    for path, write in ((args.json, report.write_json), (args.csv, report.write_csv), (args.plot, report.write_plot)):
+        if path:
+            write(record, path)
+            print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from fastbert.bench.errors import USER_ERRORS
+
+    try:
+        return run_info(args) if args.command == "info" else run_bench_command(args)
+    except USER_ERRORS as exc:
+        print(f"fastbert {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

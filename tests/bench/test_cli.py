@@ -1,0 +1,129 @@
+"""`fastbert info` and `fastbert bench` end to end on a tiny random BERT (CPU, a few seconds each)."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+
+import pytest
+import torch
+import transformers
+
+import fastbert
+from fastbert.cli import main
+
+TINY = dict(
+    vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+    max_position_embeddings=64,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    transformers.BertModel(transformers.BertConfig(**TINY)).save_pretrained(path)
+    return path
+
+
+def bench(model_dir, *extra):
+    return main(["bench", "--model", str(model_dir), "--batch", "2", "--seq", "16", "--repeats", "2",
+                 "--warmup", "1", "--device", "cpu", "--quiet", *extra])
+
+
+def test_info_prints_backends(capsys, monkeypatch):
+    monkeypatch.setattr("fastbert.bench.info.QUICK_CONFIG", TINY)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in fastbert.available_backends():
+        assert f"  {name}: " in out
+    assert "torch " in out and "transformers " in out and "extension fastbert._C" in out
+    assert "quick check" in out and "max abs diff" in out
+
+
+def test_python_dash_m_runs_info(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fastbert", "info", "--no-compare"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "backends:" in done.stdout
+
+
+def test_bench_prints_table_and_writes_json_csv(tiny_model_dir, tmp_path, capsys):
+    json_path, csv_path = tmp_path / "out.json", tmp_path / "out.csv"
+    assert bench(tiny_model_dir, "--baselines", "hf-sdpa,hf-eager", "--json", str(json_path),
+                 "--csv", str(csv_path)) == 0
+    out = capsys.readouterr().out
+    assert "median ms" in out and "fastbert" in out and "hf-sdpa" in out and "hf-eager" in out
+
+    record = json.loads(json_path.read_text())
+    assert record["environment"]["torch"] == torch.__version__
+    assert record["environment"]["device"]["type"] == "cpu"
+    assert record["options"]["batch"] == [2] and record["options"]["lengths"] == "uniform"
+    (conf,) = record["configurations"]
+    assert conf["batch"] == 2 and conf["width"] == 16 and conf["real_tokens"] == sum(conf["lengths"])
+    fast = conf["results"]["fastbert"]
+    for key in ("median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "tokens_per_s", "speedup", "max_abs_diff"):
+        assert isinstance(fast[key], float), key
+    assert len(fast["times_ms"]) == 2 and fast["peak_memory_bytes"] is None
+    assert conf["results"]["hf-sdpa"]["speedup"] == pytest.approx(1.0)
+
+    table = list(csv.DictReader(csv_path.open()))
+    assert {row["implementation"] for row in table} == {"fastbert", "hf-sdpa", "hf-eager"}
+    assert all(float(row["median_ms"]) > 0 and float(row["tokens_per_s"]) > 0 for row in table)
+
+
+def test_cross_check_stops_a_wrong_answer(tiny_model_dir, monkeypatch, capsys):
+    original = fastbert.BertModel.forward
+
+    def off_by_one(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        output.last_hidden_state = output.last_hidden_state + 1
+        return output
+
+    monkeypatch.setattr(fastbert.BertModel, "forward", off_by_one)
+    assert bench(tiny_model_dir) == 1
+    err = capsys.readouterr().err
+    assert "fastbert disagrees with hf-sdpa" in err and "max abs diff" in err
+
+
+def test_lengths_file_and_sweep(tiny_model_dir, tmp_path, capsys):
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("# token counts\n3\n5\n\n7\n")
+    json_path = tmp_path / "out.json"
+    assert main(["bench", "--model", str(tiny_model_dir), "--batch", "2,3", "--seq", "6", "--repeats", "2",
+                 "--warmup", "0", "--lengths", str(lengths), "--json", str(json_path), "--quiet"]) == 0
+    record = json.loads(json_path.read_text())
+    assert [c["batch"] for c in record["configurations"]] == [2, 3]
+    for conf in record["configurations"]:
+        assert set(conf["lengths"]) <= {3, 5, 6}  # 7 truncated to the cap 6
+        assert conf["width"] == max(conf["lengths"])
+
+
+def test_bad_lengths_file_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("12\nabc\n")
+    assert bench(tiny_model_dir, "--lengths", str(lengths)) == 1
+    assert "expected a token count" in capsys.readouterr().err
+
+
+def test_training_mode_runs(tiny_model_dir, capsys):
+    assert bench(tiny_model_dir, "--mode", "training", "--lengths", "lognormal") == 0
+    out = capsys.readouterr().out
+    assert "training" in out and "fastbert" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
+def test_plot_writes_png(tiny_model_dir, tmp_path):
+    path = tmp_path / "speedup.png"
+    assert main(["bench", "--model", str(tiny_model_dir), "--batch", "2", "--seq", "8,16", "--repeats", "2",
+                 "--warmup", "0", "--quiet", "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
+def test_plot_without_matplotlib_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    assert bench(tiny_model_dir, "--plot", str(tmp_path / "speedup.png")) == 1
+    assert "--plot needs matplotlib" in capsys.readouterr().err
