@@ -1,7 +1,12 @@
-"""Loading of the compiled extension fastbert._C (CPU and CUDA kernels from csrc/).
+"""Loading of the compiled extension (kernels from csrc/, built by setup.py; see csrc/README.md).
+
+Two modules, neither linked against libtorch:
+  fastbert._C       CPU kernels; `_C.has_cuda()` says whether the same build also compiled
+  fastbert._C_cuda  the CUDA kernels (static cudart). It is imported only when torch sees a CUDA
+                    device, so machines without a GPU or driver never load CUDA code.
 
 A missing or broken extension never breaks `import fastbert`: the torch and triton paths carry on,
-and `load_problem()` says why the extension is absent (shown by `fastbert info`).
+and `load_problem()` / `cuda_load_problem()` say why the extension is absent (shown by `fastbert info`).
 """
 from __future__ import annotations
 
@@ -9,9 +14,13 @@ import functools
 import os
 
 
+def _disabled() -> bool:
+    return os.environ.get("FASTBERT_NO_EXT", "0") not in ("", "0")
+
+
 @functools.lru_cache(maxsize=None)
 def _load():
-    if os.environ.get("FASTBERT_NO_EXT", "0") not in ("", "0"):
+    if _disabled():
         return None, "disabled by FASTBERT_NO_EXT=1"
     try:
         from fastbert import _C
@@ -22,9 +31,34 @@ def _load():
     return _C, None
 
 
+@functools.lru_cache(maxsize=None)
+def _load_cuda():
+    ext, problem = _load()
+    if ext is None:
+        return None, problem
+    if not getattr(ext, "has_cuda", lambda: False)():
+        return None, "fastbert._C was built without CUDA kernels (no nvcc at build time)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    try:
+        from fastbert import _C_cuda
+    except ImportError as exc:
+        return None, f"fastbert._C_cuda is not built ({exc})"
+    except Exception as exc:
+        return None, f"fastbert._C_cuda failed to load: {exc}"
+    return _C_cuda, None
+
+
 def load_problem() -> str | None:
     """None if fastbert._C is usable, else why not."""
     return _load()[1]
+
+
+def cuda_load_problem() -> str | None:
+    """None if the CUDA kernels (fastbert._C_cuda) are usable, else why not."""
+    return _load_cuda()[1]
 
 
 def module():
@@ -35,6 +69,22 @@ def module():
     return ext
 
 
+def cuda_module():
+    """The loaded fastbert._C_cuda module (raises if unavailable)."""
+    ext, problem = _load_cuda()
+    if ext is None:
+        raise RuntimeError(problem)
+    return ext
+
+
 def has_cuda_kernels() -> bool:
+    """True when the build compiled the CUDA kernels (fastbert._C.has_cuda()) and, on a machine
+    with a CUDA device, fastbert._C_cuda loads."""
     ext, _ = _load()
-    return bool(ext is not None and getattr(ext, "has_cuda", lambda: False)())
+    if ext is None or not getattr(ext, "has_cuda", lambda: False)():
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        return True  # compiled in; never imported without a device
+    return _load_cuda()[0] is not None

@@ -70,8 +70,29 @@ def _packed_to_padded_index(cu_seqlens: torch.Tensor, max_seqlen: int, total: in
     return padded_row, mask
 
 
+def _per_sequence(attention_fn, q, k, v, cu_seqlens, *, softmax_scale=None, dropout_p=0.0):
+    """Packed attention as one padded-attention call per sequence (no mask needed)."""
+    outputs = []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        def one(t):
+            return t[start:end].transpose(0, 1)[None]  # (1, heads, length, head_dim)
+
+        out = attention_fn(one(q), one(k), one(v), softmax_scale=softmax_scale, dropout_p=dropout_p)
+        outputs.append(out[0].transpose(0, 1))
+    return torch.cat(outputs, dim=0) if outputs else q.new_zeros(q.shape)
+
+
 def _varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, dropout_p=0.0):
-    """The "torch" backend for packed tokens: scatter into a padded batch, run SDPA, gather back."""
+    """The "torch" backend for packed tokens.
+
+    On CPU, one unmasked SDPA call per sequence: reading cu_seqlens costs nothing there, and unmasked
+    SDPA takes PyTorch's fused CPU kernel (about 3x faster than a masked padded batch at BERT shapes).
+    On other devices, where reading cu_seqlens would be a host sync per layer: scatter into a padded
+    batch, run masked SDPA, gather back.
+    """
+    if q.device.type == "cpu":
+        return _per_sequence(_attention_sdpa, q, k, v, cu_seqlens, softmax_scale=softmax_scale, dropout_p=dropout_p)
     total, heads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
     padded_row, mask = _packed_to_padded_index(cu_seqlens, max_seqlen, total)
@@ -89,15 +110,7 @@ def _varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=Non
 
 def varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, dropout_p=0.0):
     """Reference: attention_ref on each sequence in turn."""
-    outputs = []
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        def one(t):
-            return t[start:end].transpose(0, 1)[None]  # (1, heads, length, head_dim)
-
-        out = attention_ref(one(q), one(k), one(v), softmax_scale=softmax_scale, dropout_p=dropout_p)
-        outputs.append(out[0].transpose(0, 1))
-    return torch.cat(outputs, dim=0) if outputs else q.new_zeros(q.shape)
+    return _per_sequence(attention_ref, q, k, v, cu_seqlens, softmax_scale=softmax_scale, dropout_p=dropout_p)
 
 
 _ATTENTION_IMPLEMENTATIONS = {

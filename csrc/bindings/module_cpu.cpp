@@ -1,0 +1,81 @@
+// fastbert._C: pybind11 bindings of the CPU kernels. Pointers arrive as Python ints (tensor.data_ptr()),
+// 0 meaning "absent"; fastbert/ops/compiled.py validates shapes, dtypes and devices before calling.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "fastbert_kernels.h"
+
+namespace py = pybind11;
+
+#ifndef FASTBERT_WITH_CUDA_MODULE
+#define FASTBERT_WITH_CUDA_MODULE 0
+#endif
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastbert CPU kernels (bias+GELU, add+dropout+LayerNorm); torch-independent, raw pointers";
+  m.def(
+      "has_cuda", [] { return FASTBERT_WITH_CUDA_MODULE != 0; },
+      "Whether the CUDA kernels (module fastbert._C_cuda) were compiled by the same build.");
+  m.attr("FLOAT32") = static_cast<int>(fastbert::kFloat32);
+  m.attr("FLOAT16") = static_cast<int>(fastbert::kFloat16);
+  m.attr("BFLOAT16") = static_cast<int>(fastbert::kBFloat16);
+  m.attr("GELU_ERF") = static_cast<int>(fastbert::kGeluErf);
+  m.attr("GELU_TANH") = static_cast<int>(fastbert::kGeluTanh);
+
+  m.def(
+      "bias_gelu_fwd",
+      [](uintptr_t x, uintptr_t bias, uintptr_t y, int64_t rows, int64_t cols, int dtype, int mode, int threads) {
+        fastbert::cpu::bias_gelu_fwd(ptr<const void>(x), ptr<const float>(bias), ptr<void>(y), rows, cols, dtype,
+                                     mode, threads);
+      },
+      py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("cols"), py::arg("dtype"),
+      py::arg("gelu_mode"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "bias_gelu_bwd",
+      [](uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dx, uintptr_t dbias, int64_t rows, int64_t cols,
+         int dtype, int mode, int threads) {
+        fastbert::cpu::bias_gelu_bwd(ptr<const void>(dy), ptr<const void>(x), ptr<const float>(bias), ptr<void>(dx),
+                                     ptr<float>(dbias), rows, cols, dtype, mode, threads);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("dx"), py::arg("dbias"), py::arg("rows"),
+      py::arg("cols"), py::arg("dtype"), py::arg("gelu_mode"), py::arg("num_threads"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "add_layer_norm_fwd",
+      [](uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t x_bias, uintptr_t y,
+         uintptr_t mean, uintptr_t rstd, int64_t rows, int64_t cols, int dtype, float eps, double dropout_p,
+         uint64_t seed, int threads) {
+        fastbert::cpu::add_layer_norm_fwd(ptr<const void>(x), ptr<const void>(residual), ptr<const float>(weight),
+                                          ptr<const float>(bias), ptr<const float>(x_bias), ptr<void>(y),
+                                          ptr<float>(mean), ptr<float>(rstd), rows, cols, dtype, eps, dropout_p,
+                                          seed, threads);
+      },
+      py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("x_bias"), py::arg("y"),
+      py::arg("mean"), py::arg("rstd"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("eps"),
+      py::arg("dropout_p"), py::arg("seed"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "add_layer_norm_bwd",
+      [](uintptr_t dy, uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t x_bias, uintptr_t mean,
+         uintptr_t rstd, uintptr_t dx, uintptr_t dresidual, uintptr_t dweight, uintptr_t dbias, uintptr_t dx_bias,
+         int64_t rows, int64_t cols, int dtype, double dropout_p, uint64_t seed, int threads) {
+        fastbert::cpu::add_layer_norm_bwd(ptr<const void>(dy), ptr<const void>(x), ptr<const void>(residual),
+                                          ptr<const float>(weight), ptr<const float>(x_bias),
+                                          ptr<const float>(mean), ptr<const float>(rstd), ptr<void>(dx),
+                                          ptr<void>(dresidual), ptr<float>(dweight), ptr<float>(dbias),
+                                          ptr<float>(dx_bias), rows, cols, dtype, dropout_p, seed, threads);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("x_bias"), py::arg("mean"),
+      py::arg("rstd"), py::arg("dx"), py::arg("dresidual"), py::arg("dweight"), py::arg("dbias"),
+      py::arg("dx_bias"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("dropout_p"),
+      py::arg("seed"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,72 @@
+// fastbert kernel library: the torch-independent C++ API of csrc/.
+//
+// Every function takes raw pointers to contiguous row-major arrays, sizes, a dtype code and (CUDA)
+// a cudaStream_t passed as an integer. Activations (x, residual, y, dy, dx, ...) have the dtype
+// `dtype`; parameter vectors (bias, weight, x_bias) and their gradients, and the saved statistics
+// (mean, rstd), are always float32. A null pointer means "absent" where the comment says optional.
+// Nothing here includes torch or CUDA headers: the Python side (fastbert/ops/compiled.py) validates
+// and allocates, these functions only compute.
+#pragma once
+
+#include <cstdint>
+
+namespace fastbert {
+
+// dtype codes shared with fastbert/ops/compiled.py
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// GELU approximations: exact erf ("none") and tanh ("tanh")
+enum GeluMode : int { kGeluErf = 0, kGeluTanh = 1 };
+
+namespace cpu {
+
+// y[r, c] = GELU(x[r, c] + bias[c]); bias optional. dtype: float32 or bfloat16.
+void bias_gelu_fwd(const void* x, const float* bias, void* y, int64_t rows, int64_t cols, int dtype,
+                   int gelu_mode, int num_threads);
+
+// dx = dy * GELU'(x + bias); dbias[c] = sum_r dx[r, c] (optional, float32 [cols]).
+void bias_gelu_bwd(const void* dy, const void* x, const float* bias, void* dx, float* dbias, int64_t rows,
+                   int64_t cols, int dtype, int gelu_mode, int num_threads);
+
+// h = dropout(x + x_bias) + residual; y = (h - mean) * rstd * weight + bias.
+// residual, bias, x_bias optional; mean/rstd: float32 [rows] outputs (saved for backward).
+void add_layer_norm_fwd(const void* x, const void* residual, const float* weight, const float* bias,
+                        const float* x_bias, void* y, float* mean, float* rstd, int64_t rows, int64_t cols,
+                        int dtype, float eps, double dropout_p, uint64_t seed, int num_threads);
+
+// Gradients of add_layer_norm_fwd; the dropout mask is regenerated from `seed`.
+// dresidual, dbias, dx_bias optional outputs; dweight required (float32 [cols]). Without dropout,
+// dresidual equals dx: callers may pass dresidual = null and use dx for both.
+void add_layer_norm_bwd(const void* dy, const void* x, const void* residual, const float* weight,
+                        const float* x_bias, const float* mean, const float* rstd, void* dx, void* dresidual,
+                        float* dweight, float* dbias, float* dx_bias, int64_t rows, int64_t cols, int dtype,
+                        double dropout_p, uint64_t seed, int num_threads);
+
+}  // namespace cpu
+
+namespace cuda {
+
+// Same contracts as the cpu:: functions, on device pointers, enqueued on `stream` (a cudaStream_t
+// as an integer; 0 = legacy default stream). dtype: float32, float16 or bfloat16.
+// Return 0 on success, else a cudaError_t code; cuda_error_string() names it.
+int bias_gelu_fwd(const void* x, const float* bias, void* y, int64_t rows, int64_t cols, int dtype,
+                  int gelu_mode, int64_t stream);
+// The backward passes reduce dbias / dweight / dbias / dx_bias through per-block partial sums held in
+// a caller-allocated float32 workspace of *_bwd_workspace(rows, cols, sm_count) elements, summed by a
+// second small kernel in a fixed order (deterministic, no atomics). sm_count: the device's SM count.
+int64_t bias_gelu_bwd_workspace(int64_t rows, int64_t cols, int sm_count);
+int bias_gelu_bwd(const void* dy, const void* x, const float* bias, void* dx, float* dbias, float* workspace,
+                  int64_t rows, int64_t cols, int dtype, int gelu_mode, int sm_count, int64_t stream);
+int add_layer_norm_fwd(const void* x, const void* residual, const float* weight, const float* bias,
+                       const float* x_bias, void* y, float* mean, float* rstd, int64_t rows, int64_t cols,
+                       int dtype, float eps, double dropout_p, uint64_t seed, int64_t stream);
+int64_t add_layer_norm_bwd_workspace(int64_t rows, int64_t cols, int sm_count);
+int add_layer_norm_bwd(const void* dy, const void* x, const void* residual, const float* weight,
+                       const float* x_bias, const float* mean, const float* rstd, void* dx, void* dresidual,
+                       float* dweight, float* dbias, float* dx_bias, float* workspace, int64_t rows, int64_t cols,
+                       int dtype, double dropout_p, uint64_t seed, int sm_count, int64_t stream);
+const char* cuda_error_string(int code);
+// Largest hidden size the CUDA LayerNorm kernels accept.
+constexpr int64_t kMaxLayerNormCols = 8192;
+
+}  // namespace cuda
+}  // namespace fastbert
