@@ -1,5 +1,5 @@
 """fastbert: a BERT encoder on fused Triton/CUDA kernels that loads HuggingFace weights unchanged."""
-from fastbert import hf_attention, ops  # hf_attention registers attn_implementation="fastbert"
+from fastbert import hf_attention, ops  # noqa: F401  (hf_attention registers attn_implementation="fastbert")
 from fastbert.backend import BackendUnavailableError, available_backends, current_backend, use_backend
 from fastbert.models.bert import (
     BertForMaskedLM,

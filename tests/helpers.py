@@ -15,10 +15,39 @@ def max_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 def assert_close_to_ref(fast: torch.Tensor, torch_same_dtype: torch.Tensor, ref64: torch.Tensor, atol=None, name=""):
     """err(fast, fp64 ref) <= 2 * err(torch in the same dtype, fp64 ref) + atol (flash-attention's rule)."""
     assert fast.shape == ref64.shape, f"{name}: shape {tuple(fast.shape)} != {tuple(ref64.shape)}"
+    assert fast.dtype == torch_same_dtype.dtype, f"{name}: dtype {fast.dtype} != {torch_same_dtype.dtype}"
     assert torch.isfinite(fast).all(), f"{name}: non-finite values"
     atol = ATOL[fast.dtype] if atol is None else atol
     fast_err, torch_err = max_error(fast, ref64), max_error(torch_same_dtype, ref64)
     assert fast_err <= 2 * torch_err + atol, f"{name}: error {fast_err:.3g} > 2 * {torch_err:.3g} + {atol:g}"
+
+
+def _leaves(inputs, dtype=None):
+    """Fresh leaf copies (optionally cast) of the tensor inputs that require grad; None stays None."""
+    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(t.is_floating_point())
+            for t in inputs]
+
+
+def _run(fn, inputs, grad_out):
+    output = fn(*inputs)
+    output.backward(grad_out.to(output.dtype))
+    return output, [None if t is None else t.grad for t in inputs]
+
+
+def check_against_reference(fast_fn, ref_fn, inputs, atol, names=None):
+    """Run fast_fn and ref_fn (same dtype, then on fp64 copies) forward and backward with one random
+    upstream gradient, and apply assert_close_to_ref to the output and every input gradient."""
+    names = names or [f"input {i}" for i in range(len(inputs))]
+    probe = ref_fn(*_leaves(inputs))
+    grad_out = torch.randn(probe.shape, device=probe.device, dtype=torch.float64)
+    fast, fast_grads = _run(fast_fn, _leaves(inputs), grad_out)
+    same, same_grads = _run(ref_fn, _leaves(inputs), grad_out)
+    ref, ref_grads = _run(ref_fn, _leaves(inputs, torch.float64), grad_out)
+    assert_close_to_ref(fast, same, ref, atol, "output")
+    for name, t, g_fast, g_same, g_ref in zip(names, inputs, fast_grads, same_grads, ref_grads):
+        if t is not None and t.is_floating_point():
+            assert g_fast is not None, f"grad of {name} is missing"
+            assert_close_to_ref(g_fast, g_same, g_ref, atol, f"grad of {name}")
 
 
 def small_config(**overrides) -> transformers.BertConfig:

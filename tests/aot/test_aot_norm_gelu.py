@@ -2,22 +2,9 @@
 every launch configuration compiles, spills no registers and fits in shared memory."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("triton", reason="triton is not installed: no ahead-of-time compile check")
-
-import fastbert  # noqa: E402
-
-if importlib.util.find_spec("fastbert.kernels") is None:  # source checkout without `pip install -e .`
-    _folder = Path(__file__).resolve().parents[2] / "kernels"
-    _spec = importlib.util.spec_from_file_location(
-        "fastbert.kernels", _folder / "__init__.py", submodule_search_locations=[str(_folder)])
-    sys.modules["fastbert.kernels"] = fastbert.kernels = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(fastbert.kernels)
 
 from fastbert.kernels import add_layer_norm, bias_gelu  # noqa: E402
 from fastbert.kernels.aot import CAPABILITIES, SHARED_LIMIT, aot_compile  # noqa: E402

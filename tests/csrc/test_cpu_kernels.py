@@ -18,8 +18,6 @@ import torch.nn.functional as F
 
 import fastbert
 from fastbert import extension, ops
-from fastbert.ops.add_layer_norm import add_layer_norm_ref
-from fastbert.ops.bias_gelu import bias_gelu_ref
 from tests.helpers import ATOL, assert_close_to_ref
 
 PROBLEM = extension.load_problem()

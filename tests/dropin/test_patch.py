@@ -10,7 +10,7 @@ from transformers.models.bert import modeling_bert as hf
 import fastbert
 import fastbert.models.bert as fast_bert
 from fastbert.patch import is_patched
-from tests.dropin._common import assert_grads_close, grads_of, hf_pair, loss_and_grads, real_tokens
+from tests.dropin._common import assert_grads_close, hf_pair, loss_and_grads, real_tokens
 from tests.helpers import max_error, random_batch, small_config
 
 HEADS = [

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fastbert
+from tests.helpers import ATOL, assert_close_to_ref, max_error
 from fastbert.ops.attention import attention_ref, varlen_attention_ref
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -29,20 +30,6 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 # bf16 tl.dot is wrong under the interpreter (the kernel upcasts there); bf16 is checked on CUDA and by AOT.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-# Local helpers (tests/kernels/conftest.py had no shared ones when this was written).
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def _assert_close_to_ref(fast, torch_same_dtype, ref64, atol, what=""):
-    assert torch.isfinite(fast).all(), f"{what}: non-finite values"
-    err, base = _max_err(fast, ref64), _max_err(torch_same_dtype, ref64)
-    assert err <= 2 * base + atol, f"{what}: err {err:.3g} > 2 * torch err {base:.3g} + atol {atol:g}"
-
-
 def _leaves(*tensors, dtype=None):
     return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
 
@@ -69,7 +56,7 @@ def _check(fn, ref_fn, inputs, dtype, **kwargs):
     base = _run("torch", fn, inputs, grad.to(dtype), **kwargs)
     for name, f, b, r in zip(("out", "dq", "dk", "dv"), fast, base, ref):
         assert f.dtype == dtype and f.shape == r.shape
-        _assert_close_to_ref(f, b, r, ATOL[dtype], f"{name} {dtype}")
+        assert_close_to_ref(f, b, r, ATOL[dtype], f"{name} {dtype}")
     return fast
 
 
@@ -198,7 +185,7 @@ def _recover_keep(run, q, k, mask, p):
     out = run(q, k, eye)[..., :seq].double()
     probs = _dropout_ref(q.double(), k.double(), eye.double()[..., :seq, :seq], 1.0, 0.0, mask)
     keep = out > 0.5 * probs / (1 - p)
-    assert _max_err(out, probs * keep / (1 - p)) < 1e-5
+    assert max_error(out, probs * keep / (1 - p)) < 1e-5
     return keep.double()
 
 
@@ -239,7 +226,7 @@ def test_dropout_matches_reference_with_recovered_mask(varlen):
     ref.backward(grad.double())
     for name, fast, r in (("out", out, ref), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad),
                           ("dv", v.grad, v64.grad)):
-        assert _max_err(fast * valid, r * valid) < 2e-5, name
+        assert max_error(fast * valid, r * valid) < 2e-5, name
     # Philox sanity: about 1 - p kept among attended pairs, different masks per head
     attended = mask[:, None, None, :].expand_as(keep) & valid
     assert abs(keep[attended].mean().item() - (1 - p)) < 0.06

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATOL, check_against_reference
+from tests.helpers import ATOL, check_against_reference
 
 import fastbert
 from fastbert.ops.bias_gelu import bias_gelu_ref
