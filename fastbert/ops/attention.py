@@ -88,10 +88,10 @@ def _varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=Non
 
     On CPU, one unmasked SDPA call per sequence: reading cu_seqlens costs nothing there, and unmasked
     SDPA takes PyTorch's fused CPU kernel (about 3x faster than a masked padded batch at BERT shapes).
-    On other devices, where reading cu_seqlens would be a host sync per layer: scatter into a padded
-    batch, run masked SDPA, gather back.
+    On other devices (a host sync per layer) and under torch.compile (a graph break per layer and a
+    recompile per batch size): scatter into a padded batch, run masked SDPA, gather back.
     """
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
         return _per_sequence(_attention_sdpa, q, k, v, cu_seqlens, softmax_scale=softmax_scale, dropout_p=dropout_p)
     total, heads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
