@@ -190,7 +190,7 @@ def add_layer_norm_bwd(grad, x, residual, weight, has_bias, x_bias, mean, rstd, 
 
 # torch.library registration: opaque ops with fake implementations, so torch.compile traces through
 # them without graph breaks, and autograd through register_autograd.
-@torch.library.custom_op("fastbert::add_layer_norm_fwd", mutates_args=())
+@torch.library.custom_op("fastbert::triton_add_layer_norm_fwd", mutates_args=())
 def _add_layer_norm_fwd_op(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
     eps: float, x_bias: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None,
@@ -205,7 +205,7 @@ def _(x, residual, weight, bias, eps, x_bias, dropout_p, seed):
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("fastbert::add_layer_norm_bwd", mutates_args=())
+@torch.library.custom_op("fastbert::triton_add_layer_norm_bwd", mutates_args=())
 def _add_layer_norm_bwd_op(
     grad: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
     has_bias: bool, x_bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,

@@ -413,7 +413,7 @@ def _seed_value(seed: Optional[torch.Tensor]) -> int:
     return int(seed.item()) if seed is not None else 0
 
 
-@torch.library.custom_op("fastbert::flash_attention_fwd", mutates_args=())
+@torch.library.custom_op("fastbert::triton_flash_attention_fwd", mutates_args=())
 def _flash_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
     cu_seqlens: Optional[torch.Tensor], max_seqlen: int, softmax_scale: float, dropout_p: float,
@@ -428,7 +428,7 @@ def _(q, k, v, key_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed)
     return _empty_out(q, is_varlen), q.new_empty(heads, rows, dtype=torch.float32)
 
 
-@torch.library.custom_op("fastbert::flash_attention_bwd", mutates_args=())
+@torch.library.custom_op("fastbert::triton_flash_attention_bwd", mutates_args=())
 def _flash_attention_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, key_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],

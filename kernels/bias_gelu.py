@@ -144,7 +144,7 @@ def bias_gelu_bwd(grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None
 
 # torch.library registration: opaque ops with fake implementations, so torch.compile traces through
 # them without graph breaks, and autograd through register_autograd.
-@torch.library.custom_op("fastbert::bias_gelu_fwd", mutates_args=())
+@torch.library.custom_op("fastbert::triton_bias_gelu_fwd", mutates_args=())
 def _bias_gelu_fwd_op(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
     return bias_gelu_fwd(x, bias, approximate)
 
@@ -154,7 +154,7 @@ def _(x, bias, approximate):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastbert::bias_gelu_bwd", mutates_args=())
+@torch.library.custom_op("fastbert::triton_bias_gelu_bwd", mutates_args=())
 def _bias_gelu_bwd_op(
     grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, approximate: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -128,7 +128,7 @@ def _empty(n: int, like: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # bias_gelu
 
-@torch.library.custom_op("fastbert::bias_gelu_fwd", mutates_args=())
+@torch.library.custom_op("fastbert::ext_bias_gelu_fwd", mutates_args=())
 def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
     _validate_bias_gelu(x, bias, approximate)
     x = x.contiguous()
@@ -154,7 +154,7 @@ def _(x, bias, approximate):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.custom_op("fastbert::bias_gelu_bwd", mutates_args=())
+@torch.library.custom_op("fastbert::ext_bias_gelu_bwd", mutates_args=())
 def bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str,
                   need_dbias: bool) -> Tuple[Tensor, Tensor]:
     _validate_bias_gelu(x, bias, approximate)
@@ -196,7 +196,7 @@ def _bias_gelu_setup(ctx, inputs, output):
 def _bias_gelu_backward(ctx, dy):
     x, bias = ctx.saved_tensors
     need_dbias = bias is not None and ctx.needs_input_grad[1]
-    dx, dbias = torch.ops.fastbert.bias_gelu_bwd(dy, x, bias, ctx.approximate, need_dbias)
+    dx, dbias = torch.ops.fastbert.ext_bias_gelu_bwd(dy, x, bias, ctx.approximate, need_dbias)
     return dx, (dbias.to(bias.dtype) if need_dbias else None), None
 
 
@@ -206,13 +206,13 @@ bias_gelu_fwd.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_se
 def bias_gelu_compiled(x: Tensor, bias: Optional[Tensor], approximate: str = "none") -> Tensor:
     """GELU(x + bias) on the compiled kernels (backends "cpp" and "cuda"); differentiable."""
     _validate_bias_gelu(x, bias, approximate)
-    return torch.ops.fastbert.bias_gelu_fwd(x.contiguous(), bias, approximate)
+    return torch.ops.fastbert.ext_bias_gelu_fwd(x.contiguous(), bias, approximate)
 
 
 # ----------------------------------------------------------------------------------------------
 # add_layer_norm
 
-@torch.library.custom_op("fastbert::add_layer_norm_fwd", mutates_args=())
+@torch.library.custom_op("fastbert::ext_add_layer_norm_fwd", mutates_args=())
 def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
                        x_bias: Optional[Tensor], eps: float, dropout_p: float,
                        seed: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -251,7 +251,7 @@ def _separate_dres(residual: Optional[Tensor], dropout_p: float) -> bool:
     return residual is not None and dropout_p > 0.0
 
 
-@torch.library.custom_op("fastbert::add_layer_norm_bwd", mutates_args=())
+@torch.library.custom_op("fastbert::ext_add_layer_norm_bwd", mutates_args=())
 def add_layer_norm_bwd(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Tensor, x_bias: Optional[Tensor],
                        mean: Tensor, rstd: Tensor, dropout_p: float, seed: int,
                        need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -308,7 +308,7 @@ def _add_layer_norm_backward(ctx, dy, _dmean, _drstd):
     if dy is None:
         dy = torch.zeros_like(x)
     need_dbias = ctx.bias_dtype is not None and ctx.needs_input_grad[3]
-    dx, dres, dweight, dbias, dxb = torch.ops.fastbert.add_layer_norm_bwd(
+    dx, dres, dweight, dbias, dxb = torch.ops.fastbert.ext_add_layer_norm_bwd(
         dy, x, residual, weight, x_bias, mean, rstd, ctx.dropout_p, ctx.seed, need_dbias)
     if residual is None:
         dres = None
@@ -339,6 +339,6 @@ def add_layer_norm_compiled(x: Tensor, residual: Optional[Tensor], weight: Tenso
     _validate_add_layer_norm(x, residual, weight, bias, x_bias, eps, dropout_p)
     seed = draw_seed() if dropout_p > 0.0 else 0
     residual = residual.contiguous() if residual is not None else None
-    y, _, _ = torch.ops.fastbert.add_layer_norm_fwd(x.contiguous(), residual, weight, bias, x_bias, float(eps),
+    y, _, _ = torch.ops.fastbert.ext_add_layer_norm_fwd(x.contiguous(), residual, weight, bias, x_bias, float(eps),
                                                     float(dropout_p), seed)
     return y

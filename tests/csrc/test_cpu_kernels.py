@@ -247,10 +247,10 @@ def test_opcheck_bias_gelu(dtype):
 
     x = torch.randn(3, 5, 40, dtype=dtype, requires_grad=True)
     b = torch.randn(40, dtype=dtype, requires_grad=True)
-    _opcheck(torch.ops.fastbert.bias_gelu_fwd.default, (x, b, "none"))
-    _opcheck(torch.ops.fastbert.bias_gelu_fwd.default, (x, None, "tanh"))
+    _opcheck(torch.ops.fastbert.ext_bias_gelu_fwd.default, (x, b, "none"))
+    _opcheck(torch.ops.fastbert.ext_bias_gelu_fwd.default, (x, None, "tanh"))
     dy = torch.randn(3, 5, 40, dtype=dtype)
-    _opcheck(torch.ops.fastbert.bias_gelu_bwd.default, (dy, x.detach(), b.detach(), "none", True))
+    _opcheck(torch.ops.fastbert.ext_bias_gelu_bwd.default, (dy, x.detach(), b.detach(), "none", True))
 
 
 @requires_ext
@@ -260,11 +260,11 @@ def test_opcheck_add_layer_norm(dtype):
 
     args = ln_inputs(dtype, 48, shape=(3, 4))
     ts = {k: v.requires_grad_() for k, v in args.items()}
-    op = torch.ops.fastbert.add_layer_norm_fwd.default
+    op = torch.ops.fastbert.ext_add_layer_norm_fwd.default
     _opcheck(op, (ts["x"], ts["residual"], ts["weight"], ts["bias"], ts["x_bias"], 1e-12, 0.0, 0))
     _opcheck(op, (ts["x"], None, ts["weight"], None, None, 1e-5, 0.25, 99))
     y, mean, rstd = op(*(t.detach() for t in ts.values()), 1e-12, 0.1, 5)
-    _opcheck(torch.ops.fastbert.add_layer_norm_bwd.default,
+    _opcheck(torch.ops.fastbert.ext_add_layer_norm_bwd.default,
              (torch.randn_like(y), ts["x"].detach(), ts["residual"].detach(), ts["weight"].detach(),
               ts["x_bias"].detach(), mean, rstd, 0.1, 5, True))
 
@@ -341,3 +341,16 @@ def test_missing_extension_leaves_torch_backend_working():
     env.pop("FASTBERT_BACKEND", None)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+
+
+def test_extension_and_triton_ops_have_their_own_names():
+    """torch.library lets a later custom_op silently replace one of the same name: the extension's
+    and the Triton kernels' ops must never share one."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    import fastbert.kernels.add_layer_norm  # noqa: F401
+    import fastbert.kernels.bias_gelu  # noqa: F401
+    import fastbert.ops.compiled  # noqa: F401
+
+    for op in ("bias_gelu_fwd", "bias_gelu_bwd", "add_layer_norm_fwd", "add_layer_norm_bwd"):
+        ext, triton_op = getattr(torch.ops.fastbert, f"ext_{op}"), getattr(torch.ops.fastbert, f"triton_{op}")
+        assert ext.default is not triton_op.default

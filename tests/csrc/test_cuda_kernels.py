@@ -122,9 +122,9 @@ def test_opcheck_on_cuda():
 
     x = rand(3, 40, dtype=torch.bfloat16).requires_grad_()
     b = rand(40, dtype=torch.bfloat16).requires_grad_()
-    torch.library.opcheck(torch.ops.fastbert.bias_gelu_fwd.default, (x, b, "none"))
+    torch.library.opcheck(torch.ops.fastbert.ext_bias_gelu_fwd.default, (x, b, "none"))
     w = rand(40, dtype=torch.float32).requires_grad_()
-    torch.library.opcheck(torch.ops.fastbert.add_layer_norm_fwd.default, (x, x.detach().clone().requires_grad_(), w,
+    torch.library.opcheck(torch.ops.fastbert.ext_add_layer_norm_fwd.default, (x, x.detach().clone().requires_grad_(), w,
                                                                             None, None, 1e-12, 0.1, 3))
 
 

@@ -290,7 +290,7 @@ def test_opcheck_and_compile_without_graph_breaks():
     torch.manual_seed(0)
     q, k, v = _leaves(*_packed_qkv(12, 2, 16))
     cu_seqlens = torch.tensor([0, 5, 12], dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(torch.ops.fastbert.flash_attention_fwd.default,
+    torch.library.opcheck(torch.ops.fastbert.triton_flash_attention_fwd.default,
                           (q, k, v, None, cu_seqlens, 7, 0.25, 0.0, None))
 
     def f(q, k, v, mask):
