@@ -36,6 +36,11 @@ DTYPES_BY_BACKEND = {
     "cpp": {torch.float32, torch.bfloat16},
 }
 
+# Widest last dimension a backend's kernel takes for an op (wider rows go to the next choice under
+# "auto"; an explicit choice raises). The Triton LayerNorm holds a row in registers and spills past 4096.
+MAX_WIDTH = {("triton", "add_layer_norm"): 4096}
+_WIDTH_LIMITED_OPS = {op for _, op in MAX_WIDTH}
+
 # "auto": for each device type and op, the order in which backends are tried. Decided by
 # measurement (docs/benchmarks.md): on CPU the Triton interpreter is never chosen automatically.
 # CPU bias_gelu / add_layer_norm: "cpp" (fastbert._C) first, measured faster than the torch reference
@@ -167,10 +172,11 @@ def resolve(op: str, tensor: torch.Tensor) -> str:
     The answer depends only on (selection, op, device type, dtype, interpreter flag), so it is
     memoized: the per-call cost is one dict lookup, which torch.compile traces as a constant.
     """
-    key = (_current, op, tensor.device.type, tensor.dtype, triton_interpreting())
+    width = tensor.shape[-1] if op in _WIDTH_LIMITED_OPS and tensor.dim() else 0
+    key = (_current, op, tensor.device.type, tensor.dtype, width, triton_interpreting())
     choice = _resolved.get(key)
     if choice is None:
-        choice = _resolve_uncached(op, tensor.device, tensor.dtype)
+        choice = _resolve_uncached(op, tensor.device, tensor.dtype, width)
         _resolved[key] = choice
     return choice
 
@@ -183,17 +189,28 @@ def _dtype_problem(name: str, dtype: torch.dtype) -> str | None:
     return f"its kernels take {names} inputs, got {str(dtype).replace('torch.', '')}"
 
 
-def _resolve_uncached(op: str, device: torch.device, dtype: torch.dtype) -> str:
+def _width_problem(name: str, op: str, width: int) -> str | None:
+    limit = MAX_WIDTH.get((name, op))
+    if limit is None or width <= limit:
+        return None
+    return f"its {op} kernel takes rows of at most {limit} elements, got {width}"
+
+
+def _problem(name: str, op: str, device: torch.device, dtype: torch.dtype, width: int) -> str | None:
+    return backend_problem(name, device) or _dtype_problem(name, dtype) or _width_problem(name, op, width)
+
+
+def _resolve_uncached(op: str, device: torch.device, dtype: torch.dtype, width: int) -> str:
     requested = _current
     if requested == "torch":
         return "torch"
     if requested != "auto" and op in OPS_BY_BACKEND[requested]:
-        problem = backend_problem(requested, device) or _dtype_problem(requested, dtype)
+        problem = _problem(requested, op, device, dtype, width)
         if problem is not None:
             raise BackendUnavailableError(f"backend {requested!r} cannot run {op} on {device}: {problem}")
         return requested
     # "auto", or an explicit backend that lacks this op: the first runnable choice in the auto order.
     for candidate in _auto_order(op, device.type):
-        if backend_problem(candidate, device) is None and _dtype_problem(candidate, dtype) is None:
+        if _problem(candidate, op, device, dtype, width) is None:
             return candidate
     return "torch"

@@ -114,12 +114,16 @@ def test_add_layer_norm_dropout_differs_between_calls_and_follows_manual_seed(de
     assert torch.equal(again_a, again_b)
 
 
-def test_add_layer_norm_rejects_too_wide_rows(device):
+def test_add_layer_norm_too_wide_rows_raise_when_chosen_and_fall_back_under_auto(device):
     from fastbert.kernels.add_layer_norm import MAX_WIDTH
 
-    x = torch.randn(1, MAX_WIDTH + 1, device=device)
-    with pytest.raises(ValueError, match="widths up to"):
-        _fast(x, None, torch.ones(MAX_WIDTH + 1, device=device), None, None)
+    x = torch.randn(2, MAX_WIDTH + 1, device=device)
+    weight = torch.ones(MAX_WIDTH + 1, device=device)
+    with pytest.raises(fastbert.BackendUnavailableError, match=f"at most {MAX_WIDTH} elements"):
+        _fast(x, None, weight, None, None)
+    with fastbert.use_backend("auto"):
+        out = fastbert.ops.add_layer_norm(x, None, weight, None, 1e-5)
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (MAX_WIDTH + 1,), eps=1e-5))
 
 
 def test_add_layer_norm_registered_ops_pass_opcheck(device):
