@@ -65,24 +65,30 @@ class MissingWeightsError(ValueError):
 
 
 def _check_loading_info(model, info: dict, init_new_head: bool) -> None:
-    """Raise unless every weight the model needs came from the checkpoint.
+    """Raise unless every weight the model needs came from the checkpoint, with the right shape.
 
     A headless BertModel drops a checkpoint's head weights quietly (as transformers does). With
-    init_new_head=True, task-head weights absent from the checkpoint are freshly initialized (the
-    fine-tuning case) and other heads' weights are dropped; encoder weights must always be there.
+    init_new_head=True, task-head weights that are absent or of another shape (another label count)
+    are freshly initialized and other heads' weights are dropped: the fine-tuning case. Encoder
+    weights must always be there.
     """
     prefix = model.base_model_prefix + "."
     headless = isinstance(model, hf.BertModel)
+
+    def in_encoder(key: str) -> bool:
+        return headless or key.startswith(prefix)
+
     missing = sorted(info.get("missing_keys", ()))
-    unexpected = sorted(info.get("unexpected_keys", ()))
-    mismatched = sorted(str(m) for m in info.get("mismatched_keys", ()))
+    unexpected = [] if headless else sorted(info.get("unexpected_keys", ()))
+    mismatched = sorted(info.get("mismatched_keys", ()))  # (key, checkpoint shape, model shape)
     if init_new_head:
-        missing = [k for k in missing if headless or k.startswith(prefix)]
-    if headless or init_new_head:
-        unexpected = [k for k in unexpected if k.startswith(prefix)] if not headless else []
+        missing = [k for k in missing if in_encoder(k)]
+        unexpected = [k for k in unexpected if k.startswith(prefix)]
+        mismatched = [m for m in mismatched if in_encoder(m[0])]
+    wrong_shape = [f"{key} {tuple(theirs)} in the checkpoint, {tuple(ours)} in the model" for key, theirs, ours in mismatched]
     problems = [
         f"{label} ({len(keys)}): {', '.join(keys)}"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
         if keys
     ]
     if problems:
