@@ -94,19 +94,21 @@ def _fused_qkv_parameters(self_attention: nn.Module):
     """One (3*hidden, hidden) weight and bias from the separate query/key/value Linears.
 
     PEFT targets query/key/value by name, so the modules stay separate and are fused here, at run
-    time. Without autograd the fused copy is cached until a parameter changes (version counter).
+    time. Without autograd the fused copy is cached until a parameter is replaced or changes
+    (identity and version counter; the entry holds the parameters, so no address is ever reused).
     """
     linears = (self_attention.query, self_attention.key, self_attention.value)
-    params = [p for lin in linears for p in (lin.weight, lin.bias)]
+    params = tuple(p for lin in linears for p in (lin.weight, lin.bias))
     caching = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    key = tuple((p.data_ptr(), p._version) for p in params) if caching else None
-    cached = getattr(self_attention, "_fastbert_qkv_cache", None)
-    if caching and cached is not None and cached[0] == key:
-        return cached[1], cached[2]
+    if caching:
+        versions = tuple(p._version for p in params)
+        cached = getattr(self_attention, "_fastbert_qkv_cache", None)
+        if cached is not None and cached[1] == versions and all(a is b for a, b in zip(cached[0], params)):
+            return cached[2], cached[3]
     weight = torch.cat([lin.weight for lin in linears])
     bias = torch.cat([lin.bias for lin in linears])
     if caching:
-        self_attention._fastbert_qkv_cache = (key, weight, bias)
+        self_attention._fastbert_qkv_cache = (params, versions, weight, bias)  # one assignment: thread-safe
     return weight, bias
 
 
