@@ -179,3 +179,19 @@ def test_sequence_length_one():
     batch = random_batch(config, 2, 1, lengths=[1, 1])
     with torch.no_grad():
         assert max_error(fast(**batch).last_hidden_state, reference(**batch).last_hidden_state) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float16, 5e-2)])
+def test_dtypes_without_compiled_kernels_run_under_auto(dtype, atol):
+    """fp64 and fp16 have no cpp kernels: "auto" must fall back to torch for them, not raise."""
+    config = small_config()
+    reference, fast = twin_models("BertModel", config)
+    reference, fast = reference.to(dtype), fast.to(dtype)
+    batch = random_batch(config, 2, 8, lengths=[8, 5])
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad(), fastbert.use_backend("auto"):
+        out = fast(**batch).last_hidden_state
+    with torch.no_grad():
+        ref = reference(**batch).last_hidden_state
+    assert out.dtype == dtype
+    assert max_error(out[keep], ref[keep]) <= atol
