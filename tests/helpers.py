@@ -84,3 +84,9 @@ def random_batch(config, batch: int, seqlen: int, lengths=None, side="right", ge
         lengths = torch.randint(1, seqlen + 1, (batch,), generator=generator)
     mask = padding_mask(lengths, seqlen, side)
     return dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=mask)
+
+
+def multiple_choice_batch(config):
+    """2 questions x 3 choices x 10 tokens with mixed padding, and the labels: (batch, labels)."""
+    batch = random_batch(config, 6, 10, lengths=[10, 4, 7, 10, 2, 9])
+    return {k: v.view(2, 3, 10) for k, v in batch.items()}, torch.tensor([0, 2])

@@ -10,8 +10,13 @@ from transformers.models.bert import modeling_bert as hf
 import fastbert
 import fastbert.models.bert as fast_bert
 from fastbert.patch import is_patched
-from tests.dropin._common import assert_grads_close, hf_pair, loss_and_grads, real_tokens
-from tests.helpers import max_error, random_batch, small_config
+from tests.dropin._common import (
+    assert_grads_close,
+    hf_pair,
+    loss_and_grads,
+    real_tokens,
+)
+from tests.helpers import max_error, multiple_choice_batch, random_batch, small_config
 
 HEADS = [
     "BertModel",
@@ -84,9 +89,7 @@ def test_patched_head_matches_and_unpatch_restores_bitwise(name, encode_calls):
 def test_multiple_choice_patched():
     config = small_config()
     model, reference = hf_pair("BertForMultipleChoice", config)
-    batch = random_batch(config, 6, 10, lengths=[10, 4, 7, 10, 2, 9])
-    batch = {k: v.view(2, 3, 10) for k, v in batch.items()}
-    labels = torch.tensor([0, 2])
+    batch, labels = multiple_choice_batch(config)
     fastbert.patch(model)
     with torch.no_grad():
         out, ref = model(**batch, labels=labels), reference(**batch, labels=labels)

@@ -4,7 +4,7 @@ import torch
 import transformers
 
 import fastbert
-from tests.helpers import max_error, random_batch, small_config
+from tests.helpers import max_error, multiple_choice_batch, random_batch, small_config
 
 HEADS = [
     ("BertModel", {}),
@@ -68,9 +68,7 @@ def test_every_head_matches_transformers_fp32(name, extra, padding):
 def test_multiple_choice_matches_transformers():
     config = small_config()
     reference, fast = twin_models("BertForMultipleChoice", config)
-    batch = random_batch(config, 6, 10, lengths=[10, 4, 7, 10, 2, 9])
-    batch = {k: v.view(2, 3, 10) for k, v in batch.items()}
-    labels = torch.tensor([0, 2])
+    batch, labels = multiple_choice_batch(config)
     with torch.no_grad():
         ref_out, fast_out = reference(**batch, labels=labels), fast(**batch, labels=labels)
     assert max_error(fast_out.logits, ref_out.logits) <= 1e-5
