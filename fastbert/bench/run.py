@@ -29,6 +29,7 @@ class MismatchError(BenchError):
 @dataclass
 class BenchOptions:
     model: str | None = None
+    arch: str | None = None  # a fastbert/presets.py name: that shape with seeded random weights
     device: str | None = None  # None: cuda if available, else cpu
     dtype: str | None = None  # None: bf16 on cuda, fp32 on cpu
     batch: list[int] | None = None
@@ -50,6 +51,7 @@ class BenchOptions:
         on_gpu = torch.device(device).type == "cuda"
         return BenchOptions(
             model=self.model,
+            arch=self.arch,
             device=device,
             dtype=self.dtype or ("bf16" if on_gpu else "fp32"),
             batch=self.batch or ([8, 32] if on_gpu else [8]),
@@ -131,7 +133,8 @@ def run_configuration(impls, config, options, batch, seq, dtype, device, matmul_
     results = {}
     for name, impl in impls.items():
         summary = summarize(times[name])
-        summary.update(_throughput_figures(config, workload, impl, summary["median_ms"] / 1e3, matmul_peak, options.mode))
+        median_s = summary["median_ms"] / 1e3
+        summary.update(_throughput_figures(config, workload, impl, median_s, matmul_peak, options.mode))
         summary["speedup"] = reference_ms / summary["median_ms"]
         summary["paired_speedup"] = paired_speedup(times[reference], times[name])
         summary["peak_memory_bytes"] = peak_memory(calls[name], device)
@@ -163,13 +166,13 @@ def _progress(total: int, enabled: bool):
 def run_bench(options: BenchOptions, config=None) -> dict:
     """Run the sweep; returns the JSON-ready record (environment, options, per-configuration results).
 
-    `config` (a transformers.BertConfig) overrides the model: random weights of that shape."""
+    `config` (a transformers config) overrides the model: random weights of that shape."""
     options = options.resolved()
     validate(options)
     if options.threads:
         torch.set_num_threads(options.threads)
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
-    config = config if config is not None else load_config(options.model)
+    config = config if config is not None else load_config(options.model, options.arch)
     impls = build_implementations(options, config, device, dtype)
     matmul_peak = environment.measure_matmul_peak(device, dtype) if device.type == "cuda" else None
     sweep = list(itertools.product(options.batch, options.seq))
@@ -194,10 +197,11 @@ def run_bench(options: BenchOptions, config=None) -> dict:
             "extension": environment.extension_status(),
         },
         "options": asdict(options),
-        "model_config": {k: getattr(config, k) for k in (
-            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")},
+        "model_config": {"model_type": config.model_type, **{k: getattr(config, k, None) for k in (
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")}},
         "matmul_peak_flops": matmul_peak,
         "implementations": list(impls),
+        "onnxruntime_fused_operators": getattr(impls.get("onnxruntime"), "fused_operators", None),
         "fastbert": FASTBERT,
         "configurations": configurations,
     }

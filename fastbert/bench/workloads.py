@@ -99,15 +99,14 @@ def make_workload(
     lengths = sample_lengths(kind, batch, seq, generator)
     width = int(lengths.max())
     keep = torch.arange(width)[None, :] < lengths[:, None]
-    input_ids = torch.randint(1, config.vocab_size, (batch, width), generator=generator).masked_fill(~keep, 0)
+    pad = config.pad_token_id or 0
+    input_ids = torch.randint(pad + 1, config.vocab_size, (batch, width), generator=generator).masked_fill(~keep, pad)
     chosen = (torch.rand(batch, width, generator=generator) < MLM_PROBABILITY) & keep
     chosen[0, 0] = True  # at least one prediction, so the loss is defined
     labels = input_ids.masked_fill(~chosen, -100)
-    inputs = {
-        "input_ids": input_ids.to(device),
-        "attention_mask": keep.long().to(device),
-        "token_type_ids": torch.zeros(batch, width, dtype=torch.long, device=device),
-    }
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": keep.long().to(device)}
+    if getattr(config, "type_vocab_size", 0):  # DistilBERT has no token types
+        inputs["token_type_ids"] = torch.zeros(batch, width, dtype=torch.long, device=device)
     return Workload(batch, seq, lengths, inputs, labels.to(device))
 
 

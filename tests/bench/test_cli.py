@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import sys
 import json
+import sys
 
 import pytest
 import torch
