@@ -7,6 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastbert.pretrain.cli import add_arguments as add_pretrain_arguments
+from fastbert.pretrain.cli import main as pretrain_main
+
 LENGTHS_HELP = (
     "sequence lengths: full (no padding), uniform (one full-length sequence, the rest uniform in "
     "[max(1, seq//8), seq]), lognormal (median seq/4, right-skewed), or FILE with one token count per "
@@ -65,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--csv", metavar="PATH", help="write one row per configuration and implementation")
     bench.add_argument("--plot", metavar="PATH", help="PNG of speedup vs sequence length (needs matplotlib)")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_pretrain_arguments(commands.add_parser("pretrain", help="pretrain BERT (MLM, NSP) on plain text"))
     return parser
 
 
@@ -97,6 +101,8 @@ def run_bench_command(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "pretrain":
+        return pretrain_main(args)
     from fastbert.bench.errors import USER_ERRORS
 
     try:
