@@ -5,11 +5,16 @@ Backends:
   "triton" the Triton kernels in fastbert.kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)
   "cuda"   the CUDA kernels of the compiled extension fastbert._C (CUDA tensors)
   "cpp"    the CPU kernels of the compiled extension fastbert._C (CPU tensors)
-  "auto"   per op and device, the fastest available one (see AUTO_PREFERENCE), else "torch"
+  "onednn" packed oneDNN GEMMs for the linear op (CPU tensors, inference)
+  "auto"   per op and device, the first backend in AUTO_PREFERENCE that can take the call, else "torch"
+
+What each backend can run is stated once, by the implementations themselves: every op module registers
+its implementations in REGISTRY (fastbert/registry.py) with their devices, dtypes and limits. This
+module keeps the selection, the machine-level probes per backend and the hand-kept auto order.
 
 An explicitly chosen backend that cannot run an op on the given tensor raises BackendUnavailableError
-with the reason. An op that a backend does not implement at all (attention in "cuda"/"cpp") runs on
-the next implementation in the auto order, so a model runs whole under any backend.
+with the reason. An op that a backend does not implement at all (attention under "cpp") runs on the
+first implementation in the auto order that can take it, so a model runs whole under any backend.
 """
 from __future__ import annotations
 
@@ -20,50 +25,39 @@ import os
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda", "cpp", "auto")
+from fastbert.kernels.host import triton_interpreting
+from fastbert.registry import BackendUnavailableError, Registry, Signature
 
-# Which backends implement which op (beyond "torch", which implements all of them).
-OPS_BY_BACKEND = {
-    "triton": {"bias_gelu", "add_layer_norm", "attention", "varlen_attention"},
-    "cuda": {"bias_gelu", "add_layer_norm"},
-    "cpp": {"bias_gelu", "add_layer_norm"},
-}
+__all__ = [
+    "AUTO_PREFERENCE", "BACKENDS", "REGISTRY", "BackendUnavailableError", "available_backends", "backend_problem",
+    "current_backend", "resolved_backend", "use_backend",
+]
 
-# Which input dtypes each backend's kernels take (the torch references take any float dtype).
-DTYPES_BY_BACKEND = {
-    "triton": {torch.float32, torch.float16, torch.bfloat16},
-    "cuda": {torch.float32, torch.float16, torch.bfloat16},
-    "cpp": {torch.float32, torch.bfloat16},
-}
+BACKENDS = ("torch", "triton", "cuda", "cpp", "onednn", "auto")
 
-# Widest last dimension a backend's kernel takes for an op (wider rows go to the next choice under
-# "auto"; an explicit choice raises). The Triton LayerNorm holds a row in registers and spills past 4096.
-MAX_WIDTH = {("triton", "add_layer_norm"): 4096}
-_WIDTH_LIMITED_OPS = {op for _, op in MAX_WIDTH}
-
-# "auto": for each device type and op, the order in which backends are tried. Decided by
-# measurement (docs/benchmarks.md): on CPU the Triton interpreter is never chosen automatically.
-# CPU bias_gelu / add_layer_norm: "cpp" (fastbert._C) first, measured faster than the torch reference
-# forward and forward+backward at 4096 x 768 and 4096 x 3072, fp32 and bf16 (docs/benchmarks.md,
-# "CPU kernels (fastbert._C, backend cpp)"); without the extension "auto" falls back to torch.
+# "auto": for each device type and op, the order in which backends are tried; backends without a
+# registration for the op are skipped, and "torch" ends every list. Decided by measurement
+# (docs/benchmarks.md): on CPU the Triton interpreter is never chosen automatically. CPU bias_gelu /
+# add_layer_norm: "cpp" (fastbert._C) measured faster than the torch reference forward and
+# forward+backward at 4096 x 768 and 4096 x 3072, fp32 and bf16 ("CPU kernels (fastbert._C, backend cpp)").
 AUTO_PREFERENCE = {
     "cuda": {
         "bias_gelu": ("triton", "cuda", "torch"),
         "add_layer_norm": ("triton", "cuda", "torch"),
         "attention": ("triton", "torch"),
         "varlen_attention": ("triton", "torch"),
+        "linear": ("torch",),
     },
     "cpu": {
         "bias_gelu": ("cpp", "torch"),
         "add_layer_norm": ("cpp", "torch"),
         "attention": ("torch",),
         "varlen_attention": ("torch",),
+        "linear": ("onednn", "torch"),
     },
 }
 
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run here; the message says why."""
+REGISTRY = Registry(AUTO_PREFERENCE)
 
 
 def _validate_name(name: str) -> str:
@@ -81,26 +75,46 @@ def current_backend() -> str:
 
 
 class use_backend(contextlib.ContextDecorator):
-    """Select the backend. `fastbert.use_backend("triton")` sets it for the process;
-    `with fastbert.use_backend("torch"): ...` sets it for a block and restores the previous one."""
+    """Select the backend, three ways:
+      `fastbert.use_backend("triton")`            for the process, from now on;
+      `with fastbert.use_backend("torch"): ...`   for the block, then the previous one again;
+      `@fastbert.use_backend("torch")`            for each call of the function, then the previous one again.
+    """
 
     def __init__(self, name: str):
         global _current
-        self._previous = _current
-        _current = _validate_name(name)
+        self._name = _validate_name(name)
+        self._before_creation: str | None = _current  # restored by the `with` form and by decorating
+        self._outer: list[str] = []  # selections to restore, one per active entry (recursion, threads aside)
+        _current = self._name  # the plain call sets it for the process
+
+    def __call__(self, function):
+        # Decorating is not selecting: undo what __init__ set; each call selects on entry instead.
+        global _current
+        if self._before_creation is not None:
+            _current, self._before_creation = self._before_creation, None
+        return super().__call__(function)
 
     def __enter__(self):
+        global _current
+        previous = _current if self._before_creation is None else self._before_creation
+        self._before_creation = None
+        self._outer.append(previous)
+        _current = self._name
         return self
 
     def __exit__(self, *exc):
         global _current
-        _current = self._previous
+        _current = self._outer.pop()
         return False
 
 
-def triton_interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# ---------------------------------------------------------------------------------------------------
+# Machine-level probes: device type -> None if the backend's code and device are there, else why not.
+
+def runs_anywhere(device: str) -> None:
+    """The torch references need nothing."""
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,103 +128,70 @@ def _triton_import_problem() -> str | None:
     return None
 
 
-def _extension_problem(need_cuda: bool) -> str | None:
-    from fastbert import extension
-
-    problem = extension.load_problem()
-    if problem is not None:
-        return problem
-    if need_cuda and not extension.has_cuda_kernels():
-        return "fastbert._C was built without CUDA kernels (no nvcc at build time)"
+def _cuda_device_problem(device: str) -> str | None:
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
     return None
 
 
+def triton_probe(device: str) -> str | None:
+    """Triton importable, and a CUDA device for CUDA tensors (CPU tensors: see kernels/limits.cpu_problem)."""
+    return _triton_import_problem() or _cuda_device_problem(device)
+
+
+def cpp_probe(device: str) -> str | None:
+    from fastbert import extension
+
+    return extension.load_problem()
+
+
+def cuda_probe(device: str) -> str | None:
+    from fastbert import extension
+
+    problem = _cuda_device_problem(device) or extension.load_problem()
+    if problem is None and not extension.has_cuda_kernels():
+        return "fastbert._C was built without CUDA kernels (no nvcc at build time)"
+    return problem
+
+
+# ---------------------------------------------------------------------------------------------------
+# Derived from the registry.
+
 def backend_problem(name: str, device: torch.device | str | None = None) -> str | None:
-    """Why backend `name` cannot run on `device` (None = on this machine at all); None if it can."""
+    """Why backend `name` cannot run on `device` (None: on any device here); None if it can."""
+    _validate_name(name)
+    if name in ("torch", "auto"):
+        return None
     device_type = torch.device(device).type if device is not None else None
-    if name == "torch":
-        return None
-    if name == "triton":
-        problem = _triton_import_problem()
-        if problem:
-            return problem
-        if device_type == "cpu" and not triton_interpreting():
-            return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
-        if device_type is None and not (torch.cuda.is_available() or triton_interpreting()):
-            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in the CPU interpreter)"
-        return None
-    if name == "cuda":
-        if device_type == "cpu":
-            return "the cuda backend needs CUDA tensors"
-        if device_type is None and not torch.cuda.is_available():
-            return "no CUDA device"
-        return _extension_problem(need_cuda=True)
-    if name == "cpp":
-        if device_type not in (None, "cpu"):
-            return f"the cpp backend runs on CPU tensors, got a {device_type} tensor"
-        return _extension_problem(need_cuda=False)
-    if name == "auto":
-        return None
-    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    takes = REGISTRY.devices_of(name)
+    if device_type is not None and takes and device_type not in takes:
+        return f"the {name} backend runs on {', '.join(sorted(takes))} tensors, got {device_type}"
+    return REGISTRY.availability(name, triton_interpreting(), device_type)
 
 
 def available_backends() -> dict[str, bool | str]:
-    """For each backend: True if it can run on this machine, else the reason it cannot."""
+    """For each backend: True if it can run some op on this machine, else the reason it cannot."""
     return {name: backend_problem(name) or True for name in BACKENDS}
 
 
-def _auto_order(op: str, device_type: str) -> tuple[str, ...]:
-    return AUTO_PREFERENCE.get(device_type, {}).get(op, ("torch",))
+def signature(op: str, x: torch.Tensor, width: int = 0, head_dim: int = 0, grad: bool = False) -> Signature:
+    """What resolution looks at in a call of `op` on `x`."""
+    return Signature(op, x.device.type, x.dtype, width, head_dim, grad, triton_interpreting())
 
 
-_resolved: dict[tuple, str] = {}
+@torch.compiler.assume_constant_result
+def _resolve_name(requested: str, op: str, device: str, dtype: torch.dtype, width: int, head_dim: int,
+                  grad: bool) -> str:
+    """The backend that runs the call under the selection `requested`.
 
-
-def resolve(op: str, tensor: torch.Tensor) -> str:
-    """The concrete backend that runs `op` on `tensor` under the current selection.
-
-    The answer depends only on (selection, op, device type, dtype, interpreter flag), so it is
-    memoized: the per-call cost is one dict lookup, which torch.compile traces as a constant.
+    torch.compile runs this once while tracing and keeps the answer as a constant: the probes, the
+    environment and the memo dict stay out of the graph. (Plain arguments: dynamo passes a NamedTuple
+    to such a function as a bare tuple.) A new selection is a new argument, hence a recompile.
     """
-    width = tensor.shape[-1] if op in _WIDTH_LIMITED_OPS and tensor.dim() else 0
-    key = (_current, op, tensor.device.type, tensor.dtype, width, triton_interpreting())
-    choice = _resolved.get(key)
-    if choice is None:
-        choice = _resolve_uncached(op, tensor.device, tensor.dtype, width)
-        _resolved[key] = choice
-    return choice
+    call = Signature(op, device, dtype, width, head_dim, grad, triton_interpreting())
+    return REGISTRY.resolve(requested, call).backend
 
 
-def _dtype_problem(name: str, dtype: torch.dtype) -> str | None:
-    supported = DTYPES_BY_BACKEND.get(name)
-    if supported is None or dtype in supported:
-        return None
-    names = ", ".join(sorted(str(d).replace("torch.", "") for d in supported))
-    return f"its kernels take {names} inputs, got {str(dtype).replace('torch.', '')}"
-
-
-def _width_problem(name: str, op: str, width: int) -> str | None:
-    limit = MAX_WIDTH.get((name, op))
-    if limit is None or width <= limit:
-        return None
-    return f"its {op} kernel takes rows of at most {limit} elements, got {width}"
-
-
-def _problem(name: str, op: str, device: torch.device, dtype: torch.dtype, width: int) -> str | None:
-    return backend_problem(name, device) or _dtype_problem(name, dtype) or _width_problem(name, op, width)
-
-
-def _resolve_uncached(op: str, device: torch.device, dtype: torch.dtype, width: int) -> str:
-    requested = _current
-    if requested == "torch":
-        return "torch"
-    if requested != "auto" and op in OPS_BY_BACKEND[requested]:
-        problem = _problem(requested, op, device, dtype, width)
-        if problem is not None:
-            raise BackendUnavailableError(f"backend {requested!r} cannot run {op} on {device}: {problem}")
-        return requested
-    # "auto", or an explicit backend that lacks this op: the first runnable choice in the auto order.
-    for candidate in _auto_order(op, device.type):
-        if _problem(candidate, op, device, dtype, width) is None:
-            return candidate
-    return "torch"
+def resolved_backend(op: str, x: torch.Tensor, *, width: int = 0, head_dim: int = 0, grad: bool = False) -> str:
+    """The backend name that would run `op` on `x` under the current selection."""
+    return _resolve_name(_current, op, x.device.type, x.dtype, width, head_dim, grad)

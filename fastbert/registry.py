@@ -2,23 +2,24 @@
 
 Every implementation of an op registers an `Implementation`: the op, the backend it belongs to,
 where its code lives ("module:attribute", imported only when first run), the device types and dtypes
-it takes, a machine-level probe (can this backend run here at all?) and an optional `supports` check
-that looks at one call's `Signature` (device type, dtype, width, head_dim, autograd) and returns None
-or the reason it cannot take that call.
+it takes, a machine-level probe (can this backend run on this device type here at all?) and an
+optional `supports` check that looks at one call's `Signature` (device type, dtype, width, head_dim,
+autograd, interpreter) and returns None or the reason it cannot take that call.
 
 Everything else is derived from the registrations:
   - `Registry.resolve(requested, signature)`: which implementation runs a call (memoized);
-  - `Registry.problems(...)`: why each backend can or cannot run an op, for `available_backends()`
-    and `fastbert info`.
+  - `Registry.availability(backend, devices, interpreting)`: whether a backend can run anything on
+    this machine, else why not, for `available_backends()` and `fastbert info`.
 Only the "auto" preference order (`AUTO_PREFERENCE` in fastbert/backend.py) is kept by hand.
 
 The resolver is pure logic over signatures and probes, so tests can hand it fake CUDA signatures
-and fake probes and cover the GPU-only branches on a CPU machine.
+(and probes that report a GPU) and cover the GPU-only branches on a CPU machine.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 
@@ -50,16 +51,16 @@ class Implementation:
     op: str
     backend: str
     target: str  # "module:attribute" of the callable; imported lazily, so `import fastbert` stays light
-    devices: frozenset[str]
-    dtypes: frozenset[torch.dtype]
+    devices: frozenset[str] | None  # device types it takes; None: any (the torch references)
+    dtypes: frozenset[torch.dtype] | None  # input dtypes it takes; None: any
     probe: Probe  # machine-level: is the code there, is the device there
     supports: Check | None = None  # per-call limits (width, head_dim, autograd, ...)
 
     def problem(self, signature: Signature) -> str | None:
         """None if this implementation can run the call described by `signature`, else why not."""
-        if signature.device not in self.devices:
+        if self.devices is not None and signature.device not in self.devices:
             return f"it runs on {', '.join(sorted(self.devices))} tensors, got a {signature.device} tensor"
-        if signature.dtype not in self.dtypes:
+        if self.dtypes is not None and signature.dtype not in self.dtypes:
             names = ", ".join(sorted(_dtype_name(d) for d in self.dtypes))
             return f"it takes {names} inputs, got {_dtype_name(signature.dtype)}"
         return self.probe(signature.device) or (self.supports(signature) if self.supports else None)
@@ -94,6 +95,45 @@ class Registry:
     def backends_of(self, op: str) -> list[str]:
         return [backend for o, backend in self._implementations if o == op]
 
+    def implementations(self) -> list[Implementation]:
+        return list(self._implementations.values())
+
+    def devices_of(self, backend: str) -> set[str] | None:
+        """The device types some implementation of `backend` takes (None: any)."""
+        devices: set[str] = set()
+        for implementation in self._implementations.values():
+            if implementation.backend == backend:
+                if implementation.devices is None:
+                    return None
+                devices |= implementation.devices
+        return devices
+
+    def with_probe(self, probe: Probe) -> Registry:
+        """A copy whose every implementation uses `probe`: what would resolve on another machine (tests)."""
+        copy = Registry(self.auto_preference)
+        for implementation in self._implementations.values():
+            copy.register(dataclasses.replace(implementation, probe=probe))
+        return copy
+
+    def availability(self, backend: str, interpreting: bool, device: str | None = None) -> str | None:
+        """None if some op of `backend` can run here (on `device`, or on any device type it takes),
+        else every reason it cannot, each once. The probes say which devices this machine lacks."""
+        reasons = []
+        for implementation in self._implementations.values():
+            if implementation.backend != backend:
+                continue
+            devices = sorted(implementation.devices) if implementation.devices is not None else ["cpu"]
+            for device_type in devices if device is None else [device]:
+                dtype = min(implementation.dtypes or {torch.float32}, key=str)
+                call = Signature(implementation.op, device_type, dtype, interpreting=interpreting)
+                reason = implementation.problem(call)
+                if reason is None:
+                    return None
+                reasons.append(reason)
+        if not reasons:
+            return f"no op is registered for backend {backend!r}"
+        return "; ".join(dict.fromkeys(reasons))
+
     def auto_order(self, op: str, device: str) -> tuple[str, ...]:
         return self.auto_preference.get(device, {}).get(op, ("torch",))
 
@@ -112,7 +152,9 @@ class Registry:
         return found
 
     def _resolve_uncached(self, requested: str, signature: Signature) -> Implementation:
-        reference = self._implementations[(signature.op, "torch")]
+        reference = self.get(signature.op, "torch")
+        if reference is None:
+            raise KeyError(f"no torch implementation is registered for op {signature.op!r} (ops: {self.ops()})")
         if requested == "torch":
             return reference
         explicit = self.get(signature.op, requested) if requested != "auto" else None

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fastbert.kernels.host import triton_interpreting
 
 # Programs per SM for the kernels that loop over a block of rows and write per-program partial sums.
 PROGRAMS_PER_SM = 4
@@ -15,7 +16,7 @@ INTERPRETER_PROGRAMS = 3
 
 # The triton 3.9 interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even): when
 # interpreting, kernels round by hand before the cast so that interpreter tests see GPU numerics.
-ROUND_BF16_BY_HAND = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+ROUND_BF16_BY_HAND = tl.constexpr(triton_interpreting())
 
 # torch dtype -> triton signature type, for the AOT cases.
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -40,11 +41,6 @@ def row_blocks(rows: int, device: torch.device, block_rows: int = 1) -> tuple[in
         target = INTERPRETER_PROGRAMS
     rows_per_program = triton.cdiv(triton.cdiv(max(rows, 1), target), block_rows) * block_rows
     return triton.cdiv(max(rows, 1), rows_per_program), rows_per_program
-
-
-def draw_seed() -> torch.Tensor:
-    """A dropout seed from torch's default CPU generator: a CPU tensor, so reading it never syncs."""
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
 
 
 def optional_grad(t: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor | None:

@@ -13,12 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert.backend import MAX_WIDTH as MAX_WIDTH_BY_BACKEND
-from fastbert.kernels._common import cast_for_store, as_rows, draw_seed, optional_grad, row_blocks
+from fastbert.kernels._common import as_rows, cast_for_store, optional_grad, row_blocks
+from fastbert.kernels.host import draw_seed, seed_value
+from fastbert.kernels.limits import LAYER_NORM_MAX_WIDTH as MAX_WIDTH
+from fastbert.kernels.limits import layer_norm_width_problem
 
-# Widths up to 4096: at 8192 the backward's register-resident row + three column sums spill even at
-# 32 warps (AOT: ~400-700 bytes); wider rows need memory-resident partial sums (not done yet).
-MAX_WIDTH = MAX_WIDTH_BY_BACKEND[("triton", "add_layer_norm")]  # spills past this (see fastbert/backend.py)
 NUM_STAGES = 1
 
 
@@ -76,8 +75,9 @@ def _add_layer_norm_fwd_kernel(
 def _launch_config(width: int, backward: bool = False) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for a width: the whole row, about 8 elements per thread; the backward at
     4096 (three column-sum accumulators on top of the row) takes 32 warps to avoid spills."""
-    if width > MAX_WIDTH:
-        raise ValueError(f"the Triton add_layer_norm supports widths up to {MAX_WIDTH}, got {width}")
+    problem = layer_norm_width_problem(width)
+    if problem is not None:
+        raise ValueError(f"Triton add_layer_norm: {problem}")
     block_n = triton.next_power_of_2(width)
     return block_n, min(max(block_n // (128 if backward and block_n >= 4096 else 256), 1), 32)
 
@@ -85,10 +85,6 @@ def _launch_config(width: int, backward: bool = False) -> tuple[int, int]:
 def _flags(residual, has_bias: bool, x_bias, dropout_p) -> dict:
     return {"HAS_RESIDUAL": residual is not None, "HAS_BIAS": has_bias,
             "HAS_X_BIAS": x_bias is not None, "HAS_DROPOUT": dropout_p > 0.0}
-
-
-def _seed_value(seed: torch.Tensor | None) -> int:
-    return int(seed.item()) if seed is not None else 0
 
 
 def add_layer_norm_fwd(x, residual, weight, bias, eps, x_bias, dropout_p, seed):
@@ -102,7 +98,7 @@ def add_layer_norm_fwd(x, residual, weight, bias, eps, x_bias, dropout_p, seed):
     block_n, num_warps = _launch_config(width)
     _add_layer_norm_fwd_kernel[(rows,)](
         x2, res2, weight, bias if bias is not None else weight, x_bias if x_bias is not None else weight,
-        y, mean, rstd, width, eps, dropout_p, _seed_value(seed),
+        y, mean, rstd, width, eps, dropout_p, seed_value(seed),
         BLOCK_N=block_n, **_flags(residual, bias is not None, x_bias, dropout_p),
         num_warps=num_warps, num_stages=NUM_STAGES,
     )
@@ -182,7 +178,7 @@ def add_layer_norm_bwd(grad, x, residual, weight, has_bias, x_bias, mean, rstd, 
     _add_layer_norm_bwd_kernel[(programs,)](
         dy, x2, res2, weight, x_bias if x_bias is not None else weight, mean, rstd,
         dx, dres, dw_part, db_part, dxb_part,
-        rows, width, rows_per_program, dropout_p, _seed_value(seed),
+        rows, width, rows_per_program, dropout_p, seed_value(seed),
         BLOCK_N=block_n, **flags, num_warps=num_warps, num_stages=NUM_STAGES,
     )
     dres = dres.view(x.shape) if dres.numel() else dres

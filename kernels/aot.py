@@ -21,9 +21,8 @@ from pathlib import Path
 CAPABILITIES = (80, 90)
 # Usable shared memory per block (bytes): A100 163 KB, H100 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-# Modules that may define AOT_CASES; a missing or broken optional module is skipped.
+# The modules that define AOT_CASES.
 KERNEL_MODULES = ("fastbert.kernels.bias_gelu", "fastbert.kernels.add_layer_norm", "fastbert.kernels.attention")
-OPTIONAL_MODULES = ("fastbert.kernels.attention",)
 
 _REGISTERS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -65,17 +64,8 @@ def aot_compile(fn, signature: dict, constexprs: dict, capability: int, num_warp
 
 
 def collect_cases() -> list[tuple]:
-    """AOT_CASES of every kernel module that exists and imports."""
-    cases = []
-    for module_name in KERNEL_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except Exception:
-            if module_name in OPTIONAL_MODULES:
-                continue
-            raise
-        cases.extend(getattr(module, "AOT_CASES", ()))
-    return cases
+    """AOT_CASES of every kernel module."""
+    return [case for module_name in KERNEL_MODULES for case in importlib.import_module(module_name).AOT_CASES]
 
 
 def _describe(constexprs: dict, num_warps: int, num_stages: int) -> str:

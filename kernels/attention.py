@@ -31,14 +31,14 @@ torch.use_deterministic_algorithms is on, at the price of recomputing QK^T and d
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from fastbert.kernels._common import draw_seed
+from fastbert.kernels.host import draw_seed, seed_value, triton_interpreting
+from fastbert.kernels.limits import attention_head_dim_problem
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
 
@@ -56,19 +56,15 @@ _CONFIGS = {
 # The CPU interpreter: small tiles so that tiny test shapes still cross several blocks (and tl.dot
 # keeps every dim >= 16).
 _INTERPRETER_CONFIG = ((16, 16, 1, 1),) * 3
-HEAD_DIMS = (16, 32, 64, 80, 96, 128)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _config(head_dim: int):
     """(BLOCK_D, forward config, dq config, dk/dv config) for this head_dim."""
+    problem = attention_head_dim_problem(head_dim)
+    if problem is not None:
+        raise ValueError(f"Triton attention: {problem}")
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if block_d not in _CONFIGS:
-        raise ValueError(f"head_dim must be in 1..128 for the triton attention, got {head_dim}")
-    return (block_d, *(_INTERPRETER_CONFIG if _interpreting() else _CONFIGS[block_d]))
+    return (block_d, *(_INTERPRETER_CONFIG if triton_interpreting() else _CONFIGS[block_d]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +241,7 @@ def _flags(q, cu_seqlens, key_mask, dropout_p) -> dict:
         IS_VARLEN=cu_seqlens is not None,
         HAS_MASK=key_mask is not None,
         HAS_DROPOUT=dropout_p > 0.0,
-        UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16,
+        UPCAST_DOT=triton_interpreting() and q.dtype == torch.bfloat16,
     )
 
 
@@ -409,17 +405,13 @@ def attention_bwd(dout, q, k, v, out, lse, key_mask, cu_seqlens, max_seqlen, sof
 # ----------------------------------------------------------------------------------------------
 # torch.library registration (torch.compile traces these as opaque ops, no graph break)
 # ----------------------------------------------------------------------------------------------
-def _seed_value(seed: Optional[torch.Tensor]) -> int:
-    return int(seed.item()) if seed is not None else 0
-
-
 @torch.library.custom_op("fastbert::triton_flash_attention_fwd", mutates_args=())
 def _flash_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
     cu_seqlens: Optional[torch.Tensor], max_seqlen: int, softmax_scale: float, dropout_p: float,
     seed: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_fwd(q, k, v, key_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, _seed_value(seed))
+    return attention_fwd(q, k, v, key_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed_value(seed))
 
 
 @_flash_attention_fwd.register_fake
@@ -435,7 +427,7 @@ def _flash_attention_bwd(
     max_seqlen: int, softmax_scale: float, dropout_p: float, seed: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_bwd(dout, q, k, v, out, lse, key_mask, cu_seqlens, max_seqlen, softmax_scale,
-                         dropout_p, _seed_value(seed))
+                         dropout_p, seed_value(seed))
 
 
 @_flash_attention_bwd.register_fake
@@ -468,8 +460,9 @@ _flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _prepare(q, softmax_scale, dropout_p):
     """(scale, seed): the default scale 1/sqrt(head_dim); when dropout is on, a Philox seed drawn from
     torch's default generator as a CPU tensor (no sync, and torch.compile keeps it in the graph)."""
-    if q.shape[-1] > 128:
-        raise ValueError(f"the triton attention supports head_dim <= 128, got {q.shape[-1]}")
+    problem = attention_head_dim_problem(q.shape[-1])
+    if problem is not None:
+        raise ValueError(f"Triton attention: {problem}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return scale, (draw_seed() if dropout_p > 0.0 else None)
 

@@ -1,5 +1,5 @@
 // fastbert._C: pybind11 bindings of the CPU kernels. Pointers arrive as Python ints (tensor.data_ptr()),
-// 0 meaning "absent"; fastbert/ops/compiled.py validates shapes, dtypes and devices before calling.
+// 0 meaning "absent"; fastbert/ops/extension/ validates shapes, dtypes and devices before calling.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -31,6 +31,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("BFLOAT16") = static_cast<int>(fastbert::kBFloat16);
   m.attr("GELU_ERF") = static_cast<int>(fastbert::kGeluErf);
   m.attr("GELU_TANH") = static_cast<int>(fastbert::kGeluTanh);
+  // The CUDA LayerNorm's widest row, exported here too: the backend registry checks it on any machine.
+  m.attr("CUDA_MAX_LAYER_NORM_COLS") = fastbert::cuda::kMaxLayerNormCols;
 
   m.def(
       "bias_gelu_fwd",

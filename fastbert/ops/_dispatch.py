@@ -1,4 +1,4 @@
-"""Shared dispatch: map the backend chosen by fastbert.backend.resolve to an op's implementation."""
+"""Shared dispatch: the callable that runs an op, chosen by the registry (fastbert/registry.py)."""
 from __future__ import annotations
 
 import importlib
@@ -9,24 +9,38 @@ import torch
 from fastbert import backend
 
 
-_loaded: dict[str, Callable] = {}
+class _Loaded:
+    """The imported implementations, one attribute "<op>__<backend>" each. An object, not a
+    dict: dynamo reads an object's attributes live, while it would keep a stale copy of a dict (or of
+    sys.modules) taken before an import that happened during tracing."""
 
 
-def implementation(op: str, tensor: torch.Tensor, table: dict[str, str | Callable]) -> Callable:
-    """The callable that runs `op` on `tensor`.
+_loaded = _Loaded()
 
-    `table` maps a backend name to the implementation, or to "module:attribute" imported lazily
-    (so that importing fastbert never imports triton or the extension). Imports are memoized, so
-    after the first call this is two dict lookups, which torch.compile traces without a break.
+
+@torch.compiler.assume_constant_result
+def _import_target(op: str, backend_name: str) -> str:
+    """Import `op`'s implementation on `backend_name` into _loaded; returns its attribute name there.
+
+    Lazy, so that `import fastbert` never imports triton or the extension. Outside the traced code:
+    torch.compile runs this once while tracing (dynamo cannot trace importlib) and keeps the string.
     """
-    target = table[backend.resolve(op, tensor)]
-    if callable(target):
-        return target
-    loaded = _loaded.get(target)
-    if loaded is None:
-        module_name, attribute = target.split(":")
-        loaded = _loaded[target] = getattr(importlib.import_module(module_name), attribute)
-    return loaded
+    name = f"{op}__{backend_name}"
+    if not hasattr(_loaded, name):
+        module_name, attribute = backend.REGISTRY.get(op, backend_name).target.split(":")
+        setattr(_loaded, name, getattr(importlib.import_module(module_name), attribute))
+    return name
+
+
+def implementation(op: str, x: torch.Tensor, *, width: int = 0, head_dim: int = 0, grad: bool = False) -> Callable:
+    """The callable that runs `op` on `x` under the current backend selection.
+
+    width: the row width for row-wise ops, head_dim for attention (0: not relevant to the op);
+    grad: autograd records this call. Resolution and import are memoized, so after the first call
+    this is a few dict lookups.
+    """
+    backend_name = backend.resolved_backend(op, x, width=width, head_dim=head_dim, grad=grad)
+    return getattr(_loaded, _import_target(op, backend_name))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -9,7 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastbert.backend import REGISTRY, runs_anywhere, triton_probe
+from fastbert.kernels import limits as triton_limits
+from fastbert.ops import extension
 from fastbert.ops._dispatch import compute_dtype, implementation
+from fastbert.registry import Implementation, Signature
 
 
 def add_layer_norm_ref(
@@ -36,12 +40,23 @@ def add_layer_norm_ref(
     return F.layer_norm(h, (h.shape[-1],), w, b, eps).to(x.dtype)
 
 
-_IMPLEMENTATIONS = {
-    "torch": add_layer_norm_ref,
-    "triton": "fastbert.kernels.add_layer_norm:add_layer_norm_triton",
-    "cuda": "fastbert.ops.compiled:add_layer_norm_compiled",
-    "cpp": "fastbert.ops.compiled:add_layer_norm_compiled",
-}
+def _triton_supports(call: Signature) -> str | None:
+    return triton_limits.cpu_problem(call.device, call.interpreting) or triton_limits.layer_norm_width_problem(call.width)
+
+
+REGISTRY.register(Implementation(
+    op="add_layer_norm", backend="torch", target="fastbert.ops.add_layer_norm:add_layer_norm_ref",
+    devices=None, dtypes=None, probe=runs_anywhere,
+))
+REGISTRY.register(Implementation(
+    op="add_layer_norm", backend="triton", target="fastbert.kernels.add_layer_norm:add_layer_norm_triton",
+    devices=triton_limits.DEVICES, dtypes=triton_limits.DTYPES, probe=triton_probe, supports=_triton_supports,
+))
+for _implementation in extension.implementations(
+    "add_layer_norm", "fastbert.ops.extension.add_layer_norm:add_layer_norm_extension",
+    cuda_supports=extension.layer_norm_width_problem,
+):
+    REGISTRY.register(_implementation)
 
 
 def _check_vector(name: str, value: torch.Tensor | None, width: int) -> None:
@@ -74,5 +89,5 @@ def add_layer_norm(
 ) -> torch.Tensor:
     """LayerNorm(dropout(x + x_bias) + residual) over the last dimension. Pass dropout_p=0 in eval."""
     _check_arguments(x, residual, weight, bias, eps, x_bias, dropout_p)
-    run = implementation("add_layer_norm", x, _IMPLEMENTATIONS)
+    run = implementation("add_layer_norm", x, width=x.shape[-1])
     return run(x, residual, weight, bias, eps, x_bias=x_bias, dropout_p=dropout_p)

@@ -12,7 +12,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastbert.backend import REGISTRY, runs_anywhere, triton_probe
+from fastbert.kernels import limits as triton_limits
 from fastbert.ops._dispatch import compute_dtype, implementation
+from fastbert.registry import Implementation, Signature
 
 
 def _keep_mask(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,14 +116,24 @@ def varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None,
     return _per_sequence(attention_ref, q, k, v, cu_seqlens, softmax_scale=softmax_scale, dropout_p=dropout_p)
 
 
-_ATTENTION_IMPLEMENTATIONS = {
-    "torch": _attention_sdpa,
-    "triton": "fastbert.kernels.attention:attention_triton",
-}
-_VARLEN_IMPLEMENTATIONS = {
-    "torch": _varlen_attention_sdpa,
-    "triton": "fastbert.kernels.attention:varlen_attention_triton",
-}
+def _triton_supports(call: Signature) -> str | None:
+    return triton_limits.cpu_problem(call.device, call.interpreting) or triton_limits.attention_head_dim_problem(
+        call.head_dim
+    )
+
+
+for _op, _torch_target, _triton_target in (
+    ("attention", "_attention_sdpa", "attention_triton"),
+    ("varlen_attention", "_varlen_attention_sdpa", "varlen_attention_triton"),
+):
+    REGISTRY.register(Implementation(
+        op=_op, backend="torch", target=f"fastbert.ops.attention:{_torch_target}",
+        devices=None, dtypes=None, probe=runs_anywhere,
+    ))
+    REGISTRY.register(Implementation(
+        op=_op, backend="triton", target=f"fastbert.kernels.attention:{_triton_target}",
+        devices=triton_limits.DEVICES, dtypes=triton_limits.DTYPES, probe=triton_probe, supports=_triton_supports,
+    ))
 
 
 def _check_qkv(q, k, v, rank: int, layout: str) -> None:
@@ -148,7 +161,7 @@ def attention(q, k, v, attention_mask=None, *, softmax_scale=None, dropout_p=0.0
             f"attention_mask must have shape (batch, seq) = {(q.shape[0], q.shape[2])}, "
             f"got {tuple(attention_mask.shape)}"
         )
-    run = implementation("attention", q, _ATTENTION_IMPLEMENTATIONS)
+    run = implementation("attention", q, head_dim=q.shape[-1])
     return run(q, k, v, attention_mask, softmax_scale=softmax_scale, dropout_p=dropout_p)
 
 
@@ -164,5 +177,5 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, dro
         )
     if int(max_seqlen) < 0:
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
-    run = implementation("varlen_attention", q, _VARLEN_IMPLEMENTATIONS)
+    run = implementation("varlen_attention", q, head_dim=q.shape[-1])
     return run(q, k, v, cu_seqlens, int(max_seqlen), softmax_scale=softmax_scale, dropout_p=dropout_p)

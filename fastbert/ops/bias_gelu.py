@@ -4,7 +4,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastbert.backend import REGISTRY, runs_anywhere, triton_probe
+from fastbert.kernels import limits as triton_limits
+from fastbert.ops import extension
 from fastbert.ops._dispatch import compute_dtype, implementation
+from fastbert.registry import Implementation
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -18,12 +22,17 @@ def bias_gelu_ref(x: torch.Tensor, bias: torch.Tensor | None, approximate: str =
     return F.gelu(pre_activation, approximate=approximate).to(x.dtype)
 
 
-_IMPLEMENTATIONS = {
-    "torch": bias_gelu_ref,
-    "triton": "fastbert.kernels.bias_gelu:bias_gelu_triton",
-    "cuda": "fastbert.ops.compiled:bias_gelu_compiled",
-    "cpp": "fastbert.ops.compiled:bias_gelu_compiled",
-}
+REGISTRY.register(Implementation(
+    op="bias_gelu", backend="torch", target="fastbert.ops.bias_gelu:bias_gelu_ref",
+    devices=None, dtypes=None, probe=runs_anywhere,
+))
+REGISTRY.register(Implementation(
+    op="bias_gelu", backend="triton", target="fastbert.kernels.bias_gelu:bias_gelu_triton",
+    devices=triton_limits.DEVICES, dtypes=triton_limits.DTYPES, probe=triton_probe,
+    supports=lambda call: triton_limits.cpu_problem(call.device, call.interpreting),
+))
+for _implementation in extension.implementations("bias_gelu", "fastbert.ops.extension.bias_gelu:bias_gelu_extension"):
+    REGISTRY.register(_implementation)
 
 
 def _check_arguments(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> None:
@@ -39,4 +48,4 @@ def _check_arguments(x: torch.Tensor, bias: torch.Tensor | None, approximate: st
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:
     """GELU(x + bias) over the last dimension, on the backend selected by fastbert.use_backend."""
     _check_arguments(x, bias, approximate)
-    return implementation("bias_gelu", x, _IMPLEMENTATIONS)(x, bias, approximate)
+    return implementation("bias_gelu", x, width=x.shape[-1])(x, bias, approximate)
