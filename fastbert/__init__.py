@@ -1,32 +1,35 @@
-"""fastbert: a BERT encoder on fused Triton/CUDA kernels that loads HuggingFace weights unchanged."""
+"""fastbert: a BERT-family encoder on fused Triton/CUDA kernels that loads HuggingFace weights unchanged."""
 from fastbert import hf_attention, ops  # noqa: F401  (hf_attention registers attn_implementation="fastbert")
 from fastbert.backend import BackendUnavailableError, available_backends, current_backend, use_backend
-from fastbert.models.bert import (
-    BertForMaskedLM,
-    BertForMultipleChoice,
-    BertForNextSentencePrediction,
-    BertForPreTraining,
-    BertForQuestionAnswering,
-    BertForSequenceClassification,
-    BertForTokenClassification,
-    BertModel,
-    MissingWeightsError,
+from fastbert.models.auto import (
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
 )
-from fastbert.patch import patch, unpatch
+from fastbert.models.catalog import CLASSES as _NATIVE_CLASSES
+from fastbert.models.loading import CorruptCheckpointError, MissingWeightsError
+from fastbert.patch import UnsupportedModelError, patch, unpatch
 
 __version__ = "0.1.0"
 
+# The native classes under transformers' names: BertModel, BertForMaskedLM, ..., RobertaModel,
+# XLMRobertaForSequenceClassification, CamembertForMaskedLM, ElectraForPreTraining,
+# DistilBertForQuestionAnswering, AlbertForPreTraining, ... (fastbert.models.catalog builds them).
+globals().update(_NATIVE_CLASSES)
+
 __all__ = [
-    "BertForMaskedLM",
-    "BertForMultipleChoice",
-    "BertForNextSentencePrediction",
-    "BertForPreTraining",
-    "BertForQuestionAnswering",
-    "BertForSequenceClassification",
-    "BertForTokenClassification",
-    "BertModel",
-    "MissingWeightsError",
+    *_NATIVE_CLASSES,
+    "AutoModel",
+    "AutoModelForMaskedLM",
+    "AutoModelForQuestionAnswering",
+    "AutoModelForSequenceClassification",
+    "AutoModelForTokenClassification",
     "BackendUnavailableError",
+    "CorruptCheckpointError",
+    "MissingWeightsError",
+    "UnsupportedModelError",
     "__version__",
     "available_backends",
     "current_backend",

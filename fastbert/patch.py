@@ -1,62 +1,74 @@
 """fastbert.patch / fastbert.unpatch: the fast encoder path in an existing HuggingFace model, in place.
 
-One generic driver: walk model.modules() and give every module whose type is exactly
-transformers.BertModel the class fastbert.models.bert.BertModel, a subclass that adds no state and
-only replaces forward. So this works on a bare BertModel, any Bert*For* head, and anything that holds
-one (a sentence-transformers SentenceTransformer, a PEFT PeftModel, a user's own nn.Module).
+One generic driver for every family in fastbert.models.families: walk model.modules() and give every
+module whose type is exactly a supported transformers base model (BertModel, RobertaModel,
+XLMRobertaModel, CamembertModel, ElectraModel, DistilBertModel, AlbertModel) fastbert's subclass of
+it, which adds no state and only replaces forward. So this works on a bare base model, any head,
+and anything that holds one (a sentence-transformers SentenceTransformer, a PEFT PeftModel, a user's
+own nn.Module).
 
 Nothing else changes: the module objects, parameters (same tensors, same ids, requires_grad, device,
 dtype), buffers, state_dict keys, hooks and the optimizer state that refers to them all stay as they
-were. Swapped modules are marked, so unpatch() swaps back exactly those, and a native
-fastbert.BertModel (which is not a patched one) is left alone by both.
+were. Swapped modules are marked, so unpatch() swaps back exactly those, and a native fastbert model
+(which is not a patched one) is left alone by both.
 """
 from __future__ import annotations
 
 from torch import nn
-from transformers.models.bert import modeling_bert as hf
 
-from fastbert.models.bert import BertModel as FastBertModel
-from fastbert.models.bert import use_fast_forward, use_plain_forward
+from fastbert.models.encoder import clear_fused_qkv_cache
+from fastbert.models.families import base_classes, family_of_base, supported_names
+from fastbert.models.native import FastEncoder, reads_first_column, use_fast_forward, use_plain_forward
 
 _MARK = "_fastbert_patched"
 
 
-def _bert_models(model: nn.Module):
+class UnsupportedModelError(ValueError):
+    """patch() was given a model that holds no model of a family fastbert supports."""
+
+
+def _base_models(model: nn.Module) -> list[nn.Module]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    return [m for m in model.modules() if isinstance(m, hf.BertModel)]
+    return [m for m in model.modules() if isinstance(m, base_classes())]
+
+
+def _bases_read_by_first_column(model: nn.Module) -> set[int]:
+    """ids of base models inside heads that read [:, 0] of the padded output themselves."""
+    return {id(getattr(m, m.base_model_prefix)) for m in model.modules() if reads_first_column(m)}
 
 
 def patch(model: nn.Module) -> nn.Module:
-    """Run every transformers BertModel inside `model` on fastbert's fast path; returns `model`.
+    """Run every supported transformers base model inside `model` on fastbert's fast path; returns `model`.
 
-    In place and reversible (unpatch). Raises ValueError if `model` holds no BertModel at all.
-    Subclasses of transformers.BertModel other than fastbert's are left alone (their forward may differ).
+    In place and reversible (unpatch). Raises UnsupportedModelError, listing the supported families,
+    if `model` holds none. Subclasses of the transformers base classes other than fastbert's are
+    left alone (their forward may differ); so are modules inside them of classes fastbert does not
+    know, which make the model run transformers' forward with one warning.
     """
-    found = _bert_models(model)
+    found = _base_models(model)
     if not found:
-        raise ValueError(f"fastbert.patch: {type(model).__name__} contains no transformers BertModel")
+        raise UnsupportedModelError(
+            f"fastbert.patch: {type(model).__name__} contains no model of a family fastbert supports. "
+            f"Supported: {supported_names()}"
+        )
+    first_column = _bases_read_by_first_column(model)
     for module in found:
-        if type(module) is hf.BertModel:
-            use_fast_forward(module)
+        if family_of_base(type(module)) is not None:
+            use_fast_forward(module, first_token_at_column_0=id(module) in first_column)
             module.__dict__[_MARK] = True
     return model
 
 
-def _drop_fused_qkv_caches(module: nn.Module) -> None:
-    for sub in module.modules():
-        sub.__dict__.pop("_fastbert_qkv_cache", None)
-
-
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo patch(): the modules it swapped get transformers.BertModel back; returns `model`."""
-    for module in _bert_models(model):
-        if type(module) is FastBertModel and module.__dict__.pop(_MARK, False):
+    """Undo patch(): the modules it swapped get transformers' classes back; returns `model`."""
+    for module in _base_models(model):
+        if isinstance(module, FastEncoder) and module.__dict__.pop(_MARK, False):
             use_plain_forward(module)
-            _drop_fused_qkv_caches(module)
+            clear_fused_qkv_cache(module)
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
-    """True if patch() swapped at least one BertModel inside `model` (and unpatch has not undone it)."""
-    return any(type(m) is FastBertModel and m.__dict__.get(_MARK, False) for m in model.modules())
+    """True if patch() swapped at least one base model inside `model` (and unpatch has not undone it)."""
+    return any(isinstance(m, FastEncoder) and m.__dict__.get(_MARK, False) for m in model.modules())

@@ -1,8 +1,7 @@
-"""The fast BERT forward, written against HuggingFace's module tree.
+"""The one fast encoder forward, for every family in fastbert.models.families.
 
-These functions read the parameters of HuggingFace-structured modules (BertEmbeddings, BertLayer,
-BertPooler, with HF's attribute names) and run them on fastbert's fused ops. The native
-fastbert.BertModel and fastbert.patch() both use them, so there is one fast path.
+These functions read the parameters of transformers' modules (found through the family's attribute
+paths) and run them on fastbert's fused ops. The native classes and fastbert.patch() both use them.
 
 Padding is removed once, right after the mask is read (even the embedding lookups skip padding),
 the layers run on packed tokens described by cu_seqlens/max_seqlen, and padding is restored once at
@@ -10,19 +9,19 @@ the end. A batch without padding stays in its dense (batch, seq) layout and skip
 """
 from __future__ import annotations
 
+import operator
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.bert import modeling_bert as hf
 
 from fastbert import backend
+from fastbert.models.families import Family, LayerPieces
+from fastbert.models.support import embeddings_known, gelu_approximation
 from fastbert.ops import add_layer_norm, attention, bias_gelu, varlen_attention
-from fastbert.ops.padding import packing_from_mask
-
-# config.hidden_act -> bias_gelu's `approximate`; other activations run through the module's own.
-GELU_APPROXIMATION = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+from fastbert.ops.padding import gather_rows, packing_from_mask, pad_input
 
 
 @dataclass
@@ -50,16 +49,15 @@ class TokenLayout:
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """(batch, seq, ...) -> (tokens, ...)."""
-        flat = padded.reshape(self.batch * self.seqlen, *padded.shape[2:])
-        return flat if self.dense else flat.index_select(0, self.indices)
+        if self.dense:
+            return padded.reshape(self.batch * self.seqlen, *padded.shape[2:])
+        return gather_rows(padded, self.indices)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """(tokens, ...) -> (batch, seq, ...), zeros at padding."""
-        rest = packed.shape[1:]
         if self.dense:
-            return packed.view(self.batch, self.seqlen, *rest)
-        padded = packed.new_zeros(self.batch * self.seqlen, *rest)
-        return padded.index_copy(0, self.indices, packed).view(self.batch, self.seqlen, *rest)
+            return packed.view(self.batch, self.seqlen, *packed.shape[1:])
+        return pad_input(packed, self.indices, self.batch, self.seqlen)
 
     def first_tokens(self, packed: torch.Tensor) -> torch.Tensor:
         """(batch, hidden): each sequence's first real token ([CLS]); zeros for empty sequences."""
@@ -74,6 +72,9 @@ class TokenLayout:
         return torch.where(nonempty, packed.index_select(0, starts), torch.zeros((), dtype=packed.dtype))
 
 
+# ---- the three GEMM call sites, each in one function -------------------------------------------------
+
+
 def linear_for_fusion(linear: nn.Module, x: torch.Tensor, fused_op: str):
     """Run `linear` on x, leaving its bias to the following fused op when that op can take it.
 
@@ -81,52 +82,83 @@ def linear_for_fusion(linear: nn.Module, x: torch.Tensor, fused_op: str):
     wrapper runs whole) and only when `fused_op` runs on a fused backend: PyTorch's own addmm adds
     the bias for free, so on the torch backend it stays in the GEMM.
     """
-    if type(linear) is nn.Linear and linear.bias is not None and backend.resolve(fused_op, x) != "torch":
+    width = linear.out_features if type(linear) is nn.Linear else 0
+    if width and linear.bias is not None and backend.resolved_backend(fused_op, x, width=width) != "torch":
         return F.linear(x, linear.weight), linear.bias
     return linear(x), None
 
 
-def _dropout_p(module: nn.Module) -> float:
-    return module.p if module.training else 0.0
+# Fused QKV weights per attention module. Kept outside the modules, so deepcopy, pickling and
+# torch.save(model) never carry them; weak keys, so a dropped model takes its entry with it.
+_QKV_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _fused_qkv_parameters(self_attention: nn.Module):
+def clear_fused_qkv_cache(module: nn.Module) -> None:
+    """Forget the fused QKV weights of every attention module inside `module`."""
+    for sub in module.modules():
+        _QKV_CACHE.pop(sub, None)
+
+
+def _fused_qkv_parameters(owner: nn.Module, linears: tuple[nn.Linear, nn.Linear, nn.Linear]):
     """One (3*hidden, hidden) weight and bias from the separate query/key/value Linears.
 
-    PEFT targets query/key/value by name, so the modules stay separate and are fused here, at run
+    PEFT targets the projections by name, so the modules stay separate and are fused here, at run
     time. Without autograd the fused copy is cached until a parameter is replaced or changes
     (identity and version counter; the entry holds the parameters, so no address is ever reused).
     """
-    linears = (self_attention.query, self_attention.key, self_attention.value)
     params = tuple(p for lin in linears for p in (lin.weight, lin.bias))
     caching = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
     if caching:
         versions = tuple(p._version for p in params)
-        cached = getattr(self_attention, "_fastbert_qkv_cache", None)
+        cached = _QKV_CACHE.get(owner)
         if cached is not None and cached[1] == versions and all(a is b for a, b in zip(cached[0], params)):
             return cached[2], cached[3]
     weight = torch.cat([lin.weight for lin in linears])
     bias = torch.cat([lin.bias for lin in linears])
     if caching:
-        self_attention._fastbert_qkv_cache = (params, versions, weight, bias)  # one assignment: thread-safe
+        _QKV_CACHE[owner] = (params, versions, weight, bias)  # one assignment: thread-safe
     return weight, bias
 
 
-def _project_qkv(self_attention: nn.Module, hidden: torch.Tensor):
-    """query, key, value projections of (tokens, hidden), each (tokens, heads * head_dim)."""
-    linears = (self_attention.query, self_attention.key, self_attention.value)
+def project_qkv(owner: nn.Module, linears: tuple, hidden: torch.Tensor):
+    """GEMM 1: query, key, value projections of (tokens, hidden), each (tokens, heads * head_dim)."""
     if all(type(lin) is nn.Linear and lin.bias is not None for lin in linears):
-        weight, bias = _fused_qkv_parameters(self_attention)
+        weight, bias = _fused_qkv_parameters(owner, linears)
         return F.linear(hidden, weight, bias).chunk(3, dim=-1)
     return tuple(lin(hidden) for lin in linears)
 
 
-def self_attention_forward(self_attention: nn.Module, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """BertSelfAttention on packed tokens: (tokens, hidden) -> context (tokens, heads * head_dim)."""
-    heads, head_dim = self_attention.num_attention_heads, self_attention.attention_head_size
-    scale = getattr(self_attention, "scaling", head_dim**-0.5)
-    dropout_p = _dropout_p(self_attention.dropout)
-    q, k, v = _project_qkv(self_attention, hidden)
+def ffn_in_activation(dense: nn.Module, activation: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """GEMM 2: activation(dense(x)), bias+GELU fused when the activation is a GELU fastbert knows."""
+    approximate = gelu_approximation(activation)
+    if approximate is None:
+        return activation(dense(x))
+    y, y_bias = linear_for_fusion(dense, x, "bias_gelu")
+    return bias_gelu(y, y_bias, approximate)
+
+
+def dense_add_layer_norm(dense: nn.Module, dropout, norm: nn.LayerNorm, x, residual) -> torch.Tensor:
+    """GEMM 3: LayerNorm(dropout(dense(x)) + residual), bias, dropout, residual and norm in one op."""
+    y, y_bias = linear_for_fusion(dense, x, "add_layer_norm")
+    p = _dropout_p(dropout)
+    return add_layer_norm(y, residual, norm.weight, norm.bias, norm.eps, x_bias=y_bias, dropout_p=p)
+
+
+def _dropout_p(module: nn.Module | None) -> float:
+    return module.p if module is not None and module.training else 0.0
+
+
+# ---- one layer ---------------------------------------------------------------------------------------
+
+
+def self_attention_forward(layer: nn.Module, pieces: LayerPieces, hidden: torch.Tensor, layout: TokenLayout):
+    """Self-attention on packed tokens: (tokens, hidden) -> context (tokens, heads * head_dim)."""
+    owner = pieces.get(layer, "attention")
+    heads, head_dim = getattr(owner, pieces.heads_attribute), owner.attention_head_size
+    scale = getattr(owner, "scaling", head_dim**-0.5)
+    dropout_p = _dropout_p(pieces.get(layer, "attention_dropout"))
+    linears = (pieces.get(layer, "query"), pieces.get(layer, "key"), pieces.get(layer, "value"))
+    q, k, v = project_qkv(owner, linears, hidden)
     tokens = hidden.shape[0]
     if layout.dense:
         def split_heads(t):
@@ -141,104 +173,131 @@ def self_attention_forward(self_attention: nn.Module, hidden: torch.Tensor, layo
     return context.reshape(tokens, heads * head_dim)
 
 
-def dense_add_layer_norm(output: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """BertSelfOutput / BertOutput: LayerNorm(dropout(dense(x)) + residual) with bias, dropout,
-    residual and LayerNorm in one fused op."""
-    y, y_bias = linear_for_fusion(output.dense, x, "add_layer_norm")
-    norm = output.LayerNorm
-    return add_layer_norm(
-        y, residual, norm.weight, norm.bias, norm.eps, x_bias=y_bias, dropout_p=_dropout_p(output.dropout)
+def layer_forward(layer: nn.Module, hidden: torch.Tensor, layout: TokenLayout, pieces: LayerPieces) -> torch.Tensor:
+    """One post-LayerNorm encoder layer on packed tokens (tokens, hidden), any family."""
+    def get(name):
+        return pieces.get(layer, name)
+
+    context = self_attention_forward(layer, pieces, hidden, layout)
+    hidden = dense_add_layer_norm(
+        get("attention_dense"), get("attention_dense_dropout"), get("attention_norm"), context, hidden
     )
+    inner = ffn_in_activation(get("ffn_in"), get("activation"), hidden)
+    return dense_add_layer_norm(get("ffn_out"), get("ffn_out_dropout"), get("ffn_norm"), inner, hidden)
 
 
-def intermediate_forward(intermediate: nn.Module, x: torch.Tensor, approximate: str | None) -> torch.Tensor:
-    """BertIntermediate: activation(dense(x)), bias+GELU fused when the activation is a GELU."""
-    if approximate is None:
-        return intermediate.intermediate_act_fn(intermediate.dense(x))
-    y, y_bias = linear_for_fusion(intermediate.dense, x, "bias_gelu")
-    return bias_gelu(y, y_bias, approximate)
-
-
-def layer_forward(layer: nn.Module, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """One BertLayer on packed tokens (tokens, hidden)."""
-    hidden_act = layer.attention.self.config.hidden_act
-    approximate = GELU_APPROXIMATION.get(hidden_act) if isinstance(hidden_act, str) else None
-    context = self_attention_forward(layer.attention.self, hidden, layout)
-    hidden = dense_add_layer_norm(layer.attention.output, context, hidden)
-    inner = intermediate_forward(layer.intermediate, hidden, approximate)
-    return dense_add_layer_norm(layer.output, inner, hidden)
-
-
-class FastBertLayer(hf.BertLayer):
-    """transformers.BertLayer that runs layer_forward when called with a TokenLayout.
+class FastLayer:
+    """Mixed into a transformers layer class: runs layer_forward when called with a TokenLayout.
 
     The encoder calls each layer as a module, `layer(hidden, layout)`, so that module hooks run
     (FSDP's per-layer unsharding, Accelerate's offloading, user hooks) and transformers' gradient
-    checkpointing wraps the layer as it wraps its own. Called with a mask, it is HF's layer.
+    checkpointing wraps the layer as it wraps its own. Called with a mask, it is transformers' layer.
     """
+
+    _fastbert_pieces: LayerPieces
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         if isinstance(attention_mask, TokenLayout):
-            return layer_forward(self, hidden_states, attention_mask)
+            return layer_forward(self, hidden_states, attention_mask, self._fastbert_pieces)
         return super().forward(hidden_states, attention_mask, *args, **kwargs)
 
 
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    if isinstance(layer, FastBertLayer):
+_FAST_LAYER_CLASSES: dict[type, type] = {}
+
+
+def fast_layer_class(family: Family) -> type:
+    """Fast<Layer>: the family's layer class with FastLayer's forward (no new state: a class swap)."""
+    if family.layer not in _FAST_LAYER_CLASSES:
+        name = f"Fast{family.layer.__name__}"
+        cls = type(name, (FastLayer, family.layer), {"_fastbert_pieces": family.pieces, "__module__": __name__})
+        globals()[name] = cls  # importable by name, so pickle and torch.save find it
+        _FAST_LAYER_CLASSES[family.layer] = cls
+    return _FAST_LAYER_CLASSES[family.layer]
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, layout: TokenLayout, family: Family) -> torch.Tensor:
+    if isinstance(layer, FastLayer):
         return layer(hidden, layout)
     # A layer whose class fastbert did not set (e.g. wrapped by FSDP before patching): no hooks.
-    return layer_forward(layer, hidden, layout)
+    return layer_forward(layer, hidden, layout, family.pieces)
 
 
-def embeddings_forward(embeddings: nn.Module, inputs: dict, layout: TokenLayout) -> torch.Tensor:
-    """BertEmbeddings on the real tokens only: (tokens, hidden).
+# ---- embeddings and the whole encoder ----------------------------------------------------------------
+
+
+def _own_embeddings(family: Family, embeddings: nn.Module, inputs: dict, layout: TokenLayout) -> torch.Tensor:
+    """An embeddings module fastbert does not know runs its own forward on the padded inputs."""
+    arguments = {k: v for k, v in inputs.items() if v is not None}
+    if not family.token_types:
+        arguments.pop("token_type_ids", None)
+    return layout.pack(embeddings(**arguments))
+
+
+def embeddings_forward(family: Family, embeddings: nn.Module, inputs: dict, layout: TokenLayout) -> torch.Tensor:
+    """The family's embeddings on the real tokens only: (tokens, embedding width).
 
     `inputs` holds input_ids or inputs_embeds, token_type_ids and position_ids, each (batch, seq)
-    (or None). Positions default to the column index, as in HuggingFace, left padding included.
+    (or None). Positions default to what the family's embeddings compute (see families.py).
     """
+    if not embeddings_known(family, embeddings):
+        return _own_embeddings(family, embeddings, inputs, layout)
     batch, seqlen = layout.batch, layout.seqlen
     position_ids = inputs.get("position_ids")
     if position_ids is None:
-        position_ids = embeddings.position_ids[:, :seqlen]
-    token_type_ids = inputs.get("token_type_ids")
-    if token_type_ids is None:
-        token_type_ids = torch.zeros((), dtype=torch.long, device=position_ids.device)
-    position_ids = position_ids.expand(batch, seqlen)
-    token_type_ids = token_type_ids.expand(batch, seqlen)
+        position_ids = family.positions(embeddings, inputs.get("input_ids"), batch, seqlen)
     if inputs.get("input_ids") is not None:
         words = embeddings.word_embeddings(layout.pack(inputs["input_ids"]))
     else:
         words = layout.pack(inputs["inputs_embeds"])
-    words_and_types = words + embeddings.token_type_embeddings(layout.pack(token_type_ids))
-    positions = embeddings.position_embeddings(layout.pack(position_ids))
+    if family.token_types:
+        token_type_ids = inputs.get("token_type_ids")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros((), dtype=torch.long, device=position_ids.device)
+        words = words + embeddings.token_type_embeddings(layout.pack(token_type_ids.expand(batch, seqlen)))
+    positions = embeddings.position_embeddings(layout.pack(position_ids.expand(batch, seqlen)))
     norm = embeddings.LayerNorm
-    hidden = add_layer_norm(words_and_types, positions, norm.weight, norm.bias, norm.eps)
+    hidden = add_layer_norm(words, positions, norm.weight, norm.bias, norm.eps)
     return F.dropout(hidden, p=embeddings.dropout.p, training=embeddings.training)
+
+
+def _projection(family: Family, model: nn.Module) -> nn.Module | None:
+    if family.projection is None:
+        return None
+    try:
+        return operator.attrgetter(family.projection)(model)
+    except AttributeError:  # ELECTRA has embeddings_project only when embedding_size != hidden_size
+        return None
 
 
 @dataclass
 class EncoderResult:
-    last_hidden_state: torch.Tensor  # (batch, seq, hidden), zeros at padding
+    last_hidden_state: torch.Tensor  # (batch, seq, hidden), zeros at padding (but see encode)
     first_tokens: torch.Tensor  # (batch, hidden): each sequence's first real token, for the pooler
-    hidden_states: tuple[torch.Tensor, ...] | None  # embeddings + each layer, padded, if asked
+    hidden_states: tuple[torch.Tensor, ...] | None  # input of the first layer + each layer, padded, if asked
 
 
-def encode(bert: nn.Module, inputs: dict, keep: torch.Tensor | None, output_hidden_states: bool) -> EncoderResult:
-    """Embeddings + every layer of a HuggingFace-structured BertModel on the fast path.
+def encode(model: nn.Module, family: Family, inputs: dict, keep: torch.Tensor | None, options: dict) -> EncoderResult:
+    """Embeddings, projection and every layer call of a transformers base model on the fast path.
 
     keep: (batch, seq) bool key-padding mask (True = real token) or None for no padding.
+    options: output_hidden_states (bool) and first_token_at_column_0 (bool): for heads that read
+    [:, 0] of the padded output themselves, column 0 of a left-padded sequence holds its first real
+    token instead of zeros.
     """
     reference = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
-    batch, seqlen = reference.shape[:2]
-    layout = TokenLayout.from_mask(keep, batch, seqlen)
-    hidden = embeddings_forward(bert.embeddings, inputs, layout)
-    all_hidden = [layout.unpack(hidden)] if output_hidden_states else None
-    for layer in bert.encoder.layer:
-        hidden = _run_layer(layer, hidden, layout)
+    layout = TokenLayout.from_mask(keep, *reference.shape[:2])
+    hidden = embeddings_forward(family, model.embeddings, inputs, layout)
+    projection = _projection(family, model)
+    if projection is not None:
+        hidden = projection(hidden)
+    all_hidden = [layout.unpack(hidden)] if options.get("output_hidden_states") else None
+    for layer in family.schedule(model):
+        hidden = _run_layer(layer, hidden, layout, family)
         if all_hidden is not None:
             all_hidden.append(layout.unpack(hidden))
-    return EncoderResult(
-        last_hidden_state=all_hidden[-1] if all_hidden else layout.unpack(hidden),
-        first_tokens=layout.first_tokens(hidden),
-        hidden_states=tuple(all_hidden) if all_hidden else None,
-    )
+    first_tokens = layout.first_tokens(hidden)
+    fill = options.get("first_token_at_column_0") and not layout.dense and layout.seqlen > 0
+    last = all_hidden[-1] if all_hidden and not fill else layout.unpack(hidden)
+    if fill:
+        last[:, 0] = first_tokens
+    return EncoderResult(last, first_tokens, tuple(all_hidden) if all_hidden else None)

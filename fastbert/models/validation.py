@@ -111,12 +111,18 @@ def validate_inputs(
     token_type_ids=None,
     position_ids=None,
     inputs_embeds=None,
+    *,
+    position_offset: int = 0,
+    embedding_width: int | None = None,
 ) -> None:
     """Raise ValueError / TypeError naming the argument, the value and the limit if the inputs do not
     fit the model. Call it before the embeddings.
 
-    model_config: the model's BertConfig (vocab_size, type_vocab_size, max_position_embeddings,
-    hidden_size). embedding_device: the device of the word embedding weights.
+    model_config: the model's config (vocab_size, type_vocab_size if it has token types,
+    max_position_embeddings, hidden_size). embedding_device: the device of the word embedding weights.
+    position_offset: the position id of the first token (RoBERTa: padding_idx + 1), so a sequence
+    holds at most max_position_embeddings - position_offset tokens. embedding_width: the width of
+    inputs_embeds (ALBERT, ELECTRA: embedding_size), hidden_size by default.
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -132,10 +138,11 @@ def validate_inputs(
         _require_tensor("inputs_embeds", inputs_embeds)
         if not inputs_embeds.dtype.is_floating_point:
             raise TypeError(f"inputs_embeds must be a floating-point tensor, got dtype {inputs_embeds.dtype}")
-        hidden = model_config.hidden_size
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden:
+        width, width_name = (embedding_width, "embedding_size") if embedding_width else (
+            model_config.hidden_size, "hidden_size")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
             raise ValueError(
-                f"inputs_embeds must have shape (batch, seq, hidden_size={hidden}), got {_shape(inputs_embeds)}"
+                f"inputs_embeds must have shape (batch, seq, {width_name}={width}), got {_shape(inputs_embeds)}"
             )
         batch, seqlen = inputs_embeds.shape[:2]
         tensors["inputs_embeds"] = inputs_embeds
@@ -145,10 +152,11 @@ def validate_inputs(
         ranges.append(("input_ids", input_ids, 0, model_config.vocab_size, "vocab_size"))
     max_positions = model_config.max_position_embeddings
     if position_ids is None:
-        if seqlen > max_positions:
+        if seqlen > max_positions - position_offset:
+            offset_note = f" - {position_offset} (positions start at {position_offset})" if position_offset else ""
             raise ValueError(
                 f"the sequence length is {seqlen} but this model takes at most "
-                f"max_position_embeddings={max_positions} tokens: truncate the input"
+                f"max_position_embeddings={max_positions}{offset_note} tokens: truncate the input"
             )
     else:
         _require_tensor("position_ids", position_ids)
@@ -161,7 +169,8 @@ def validate_inputs(
         _require_integer("token_type_ids", token_type_ids)
         _require_ids_shape("token_type_ids", token_type_ids, batch, seqlen)
         tensors["token_type_ids"] = token_type_ids
-        ranges.append(("token_type_ids", token_type_ids, 0, model_config.type_vocab_size, "type_vocab_size"))
+        type_vocab_size = getattr(model_config, "type_vocab_size", 0)  # DistilBERT has no token types
+        ranges.append(("token_type_ids", token_type_ids, 0, type_vocab_size, "type_vocab_size"))
     if attention_mask is not None:
         _require_tensor("attention_mask", attention_mask)
         if _check_mask(attention_mask, batch, seqlen):

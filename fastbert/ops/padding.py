@@ -41,8 +41,12 @@ def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor):
     """
     _check_mask(attention_mask, hidden)
     indices, cu_seqlens, max_seqlen, _ = packing_from_mask(attention_mask.bool())
-    flat = hidden.reshape(-1, *hidden.shape[2:])
-    return flat.index_select(0, indices), indices, cu_seqlens, max_seqlen
+    return gather_rows(hidden, indices), indices, cu_seqlens, max_seqlen
+
+
+def gather_rows(padded: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """(batch, seq, ...) -> (len(indices), ...): the rows of batch*seq that `indices` names."""
+    return padded.reshape(-1, *padded.shape[2:]).index_select(0, indices)
 
 
 def pad_input(hidden_unpadded: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:

@@ -128,7 +128,7 @@ def test_output_attentions_runs_the_plain_path_with_one_warning():
     reference.set_attn_implementation("eager")
     fast.set_attn_implementation("eager")
     batch = random_batch(config, 2, 6, lengths=[6, 3])
-    fastbert.models.bert._warned_reasons.clear()
+    fastbert.models.native._warned_reasons.clear()
     with torch.no_grad(), pytest.warns(UserWarning, match="output_attentions=True is not on the fast path"):
         out = fast(**batch, output_attentions=True)
     ref = reference(**batch, output_attentions=True)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fastbert
+from fastbert.models.encoder import clear_fused_qkv_cache
 from tests.helpers import random_batch, small_config
 
 THREADS = 4
@@ -43,8 +44,7 @@ def test_threads_match_serial(cpu_backend, cold_cache):
     batches = _batches(24)
     serial = [_infer(model, batch) for batch in batches]
     if cold_cache:  # every thread races to build the fused QKV weights
-        for layer in model.encoder.layer:
-            layer.attention.self.__dict__.pop("_fastbert_qkv_cache", None)
+        clear_fused_qkv_cache(model)
     start = threading.Barrier(THREADS)
 
     def work(offset):
@@ -70,7 +70,6 @@ def test_fused_qkv_cache_follows_weight_updates_between_calls():
     with torch.no_grad():
         model.encoder.layer[0].attention.self.key.weight.mul_(2.0)
     after = _infer(model, batch)[0]
-    for layer in model.encoder.layer:
-        layer.attention.self.__dict__.pop("_fastbert_qkv_cache", None)
+    clear_fused_qkv_cache(model)
     assert not torch.equal(before, after)
     assert torch.equal(after, _infer(model, batch)[0])

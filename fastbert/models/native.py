@@ -1,0 +1,219 @@
+"""fastbert's native classes, built from the family table: transformers' classes with the fast forward.
+
+Every class subclasses its transformers counterpart, so the module tree, the parameter names,
+from_pretrained/save_pretrained, Trainer, Accelerate and PEFT behave exactly as with transformers.
+Only the base model's forward changes: it runs fastbert.models.encoder on fused ops, and hands what
+the fast path does not cover (decoder, cross-attention, KV cache, output_attentions, per-query
+masks, modules of classes fastbert does not know) to transformers' own forward with one warning,
+so nothing is ever silently wrong. A head class is the transformers head whose base model gets the
+fast class (a subclass that adds no state, so the swap is a pointer change).
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+from fastbert.models.encoder import encode, fast_layer_class
+from fastbert.models.families import FAMILIES, Family, family_of_base
+from fastbert.models.loading import StrictLoading
+from fastbert.models.support import unsupported_module
+from fastbert.models.validation import should_validate, validate_inputs
+
+_warned_reasons: set[str] = set()
+
+# Set on a base model whose head reads [:, 0] of the padded output itself (see encoder.encode).
+FIRST_TOKEN_MARK = "_fastbert_first_token_at_column_0"
+
+# Arguments the fast path reads; any other argument with a value goes to transformers' forward.
+_FAST_ARGUMENTS = frozenset(
+    {"input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "output_hidden_states",
+     "output_attentions", "return_dict", "encoder_attention_mask", "use_cache"}
+)
+
+
+def warn_plain_path(reason: str) -> None:
+    if reason not in _warned_reasons:
+        _warned_reasons.add(reason)
+        warnings.warn(
+            f"fastbert: {reason} is not on the fast path; running transformers' forward instead", stacklevel=4
+        )
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None | str:
+    """(batch, seq) bool keep-mask from a HuggingFace attention_mask, or a string saying why not.
+
+    Accepts 2-D masks (1/True = token, 0/False = padding) and 4-D masks that broadcast over heads and
+    queries, (batch, 1, 1, seq): bool (True = attend) or additive float (0 = attend).
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask != 0
+    if attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1:
+        row = attention_mask[:, 0, 0, :]
+        return row if row.dtype == torch.bool else row == 0
+    return f"an attention_mask of shape {tuple(attention_mask.shape)} (per-query masks)"
+
+
+def plain_path_reason(model: nn.Module, arguments: dict) -> str | None:
+    """Why this call cannot take the fast path, or None if it can."""
+    config = model.config
+    if getattr(config, "is_decoder", False):
+        return f"a decoder (causal) {type(model).__name__}"
+    if arguments.get("encoder_hidden_states") is not None:
+        return "cross-attention (encoder_hidden_states)"
+    if arguments.get("past_key_values") is not None or arguments.get("use_cache"):
+        return "a key/value cache (past_key_values, use_cache)"
+    if arguments.get("output_attentions", getattr(config, "output_attentions", False)):
+        return "output_attentions=True"
+    others = [name for name, value in arguments.items() if name not in _FAST_ARGUMENTS and value is not None]
+    if others:
+        return f"the argument {others[0]}"
+    family = model._fastbert_family
+    return unsupported_module(family, model, (family.layer, fast_layer_class(family)))
+
+
+def _validate(model: nn.Module, arguments: dict) -> None:
+    config, family = model.config, model._fastbert_family
+    validate_inputs(
+        config,
+        model.get_input_embeddings().weight.device,
+        *(arguments.get(name) for name in ("input_ids", "attention_mask", "token_type_ids", "position_ids")),
+        arguments.get("inputs_embeds"),
+        position_offset=family.first_position(config),
+        embedding_width=getattr(config, "embedding_size", None),
+    )
+
+
+class FastEncoder:
+    """Mixed in before a transformers base model class: its forward runs the fast encoder."""
+
+    _fastbert_family: Family
+    _fastbert_argument_names: tuple[str, ...]  # transformers' forward parameters, in positional order
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        swap_layer_classes(self, to_fast=True)
+
+    def forward(self, *args, validate=None, **kwargs):
+        arguments = {**dict(zip(self._fastbert_argument_names, args)), **kwargs}
+        if should_validate(self.config, validate):
+            _validate(self, arguments)
+        keep = key_padding_mask(arguments.get("attention_mask"))
+        reason = plain_path_reason(self, arguments) or (keep if isinstance(keep, str) else None)
+        if reason is not None:
+            warn_plain_path(reason)
+            return super().forward(*args, **kwargs)
+        return self._fast_forward(arguments, keep)
+
+    def _fast_forward(self, arguments: dict, keep):
+        if (arguments.get("input_ids") is None) == (arguments.get("inputs_embeds") is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        family = self._fastbert_family
+        names = ("input_ids", "inputs_embeds", "token_type_ids", "position_ids")
+        inputs = {name: arguments.get(name) for name in names}
+        options = {
+            "output_hidden_states": _config_default(self.config, arguments, "output_hidden_states", False),
+            "first_token_at_column_0": self.__dict__.get(FIRST_TOKEN_MARK, False),
+        }
+        result = encode(self, family, inputs, keep, options)
+        fields = {"last_hidden_state": result.last_hidden_state, "hidden_states": result.hidden_states}
+        if "pooler_output" in family.output_class.__dataclass_fields__:
+            fields["pooler_output"] = family.pool(self, result.first_tokens)
+        output = family.output_class(**fields)
+        return output if _config_default(self.config, arguments, "return_dict", True) else output.to_tuple()
+
+
+def _config_default(config, arguments: dict, name: str, default):
+    value = arguments.get(name)
+    return bool(getattr(config, name, default) if value is None else value)
+
+
+def swap_layer_classes(model: nn.Module, to_fast: bool) -> None:
+    family = model._fastbert_family
+    hf_class, fast_class = family.layer, fast_layer_class(family)
+    old, new = (hf_class, fast_class) if to_fast else (fast_class, hf_class)
+    for layer in family.schedule(model):
+        if type(layer) is old:
+            layer.__class__ = new
+
+
+def _register_output_capture(module: nn.Module) -> None:
+    """Let HF's output capturing (output_attentions/output_hidden_states on the plain path) see the new class.
+
+    transformers >= 5 keys the `_can_record_outputs` registry by module, filled in post_init; a
+    module whose class was swapped afterwards would otherwise silently return None there.
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # other transformers versions: try the older home, else there is nothing to do
+        try:
+            from transformers.utils.generic import _CAN_RECORD_REGISTRY
+        except ImportError:
+            return
+    _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+
+
+_NATIVE_BASES: dict[type, type] = {}  # transformers base model class -> fastbert's
+
+
+def _register(cls: type) -> type:
+    """Make a generated class importable by name (pickle and torch.save look classes up by name)."""
+    setattr(sys.modules[__name__], cls.__name__, cls)
+    return cls
+
+
+def native_base_class(family: Family) -> type:
+    if family.base not in _NATIVE_BASES:
+        names = tuple(inspect.signature(family.base.forward).parameters)[1:]
+        attributes = {
+            "_fastbert_family": family,
+            "_fastbert_argument_names": names,
+            "__module__": __name__,
+            "__doc__": f"transformers.{family.base.__name__} with fastbert's fused, padding-free forward.",
+        }
+        cls = type(family.base.__name__, (StrictLoading, FastEncoder, family.base), attributes)
+        _NATIVE_BASES[family.base] = _register(cls)
+    return _NATIVE_BASES[family.base]
+
+
+def use_fast_forward(module: nn.Module, first_token_at_column_0: bool = False) -> None:
+    """Give a transformers base model instance fastbert's forward (same objects, same weights)."""
+    module.__class__ = native_base_class(family_of_base(type(module)))
+    swap_layer_classes(module, to_fast=True)
+    _register_output_capture(module)
+    if first_token_at_column_0:
+        module.__dict__[FIRST_TOKEN_MARK] = True
+
+
+def use_plain_forward(module: nn.Module) -> None:
+    """Undo use_fast_forward: transformers' classes again."""
+    swap_layer_classes(module, to_fast=False)
+    module.__class__ = module._fastbert_family.base
+    module.__dict__.pop(FIRST_TOKEN_MARK, None)
+
+
+def reads_first_column(head: nn.Module) -> bool:
+    """True for a head that reads [:, 0] of its base model's padded output itself."""
+    return any(isinstance(head, family.hf_class(suffix)) for family in FAMILIES for suffix in family.first_token_heads)
+
+
+def native_head_class(hf_head: type, extra_bases: tuple[type, ...] = ()) -> type:
+    """A fastbert head class: the transformers head whose base model runs the fast forward.
+
+    extra_bases are mixed in first (e.g. a head that computes its loss on masked positions only).
+    """
+    def __init__(self, config, *args, **kwargs):
+        super(cls, self).__init__(config, *args, **kwargs)
+        base = getattr(self, self.base_model_prefix)
+        if family_of_base(type(base)) is not None:
+            use_fast_forward(base, first_token_at_column_0=reads_first_column(self))
+
+    doc = f"transformers.{hf_head.__name__} whose encoder runs fastbert's fused, padding-free forward."
+    attributes = {"__init__": __init__, "__doc__": doc, "__module__": __name__}
+    cls = type(hf_head.__name__, (*extra_bases, StrictLoading, hf_head), attributes)
+    return _register(cls)

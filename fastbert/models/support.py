@@ -1,0 +1,118 @@
+"""Which modules the fast path may take over: exactly the classes it knows, nothing derived from them.
+
+The fast path reads a module's parameters and runs fastbert's code in place of the module's own, so a
+user's subclass (an entity-type embedding added in BertEmbeddings.forward, a scaled BertOutput), a
+swapped activation or a LayerNorm replaced by an RMSNorm would be silently ignored. So:
+- embeddings of an unknown class run their own forward on the padded inputs (see encoder);
+- any other unknown module in the encoder makes the model run HuggingFace's forward, with one
+  warning naming the module (see `unsupported_module`).
+Linear layers are always called as modules (LoRA and quantized wrappers run their own code), so any
+Linear-like class is accepted.
+"""
+from __future__ import annotations
+
+import operator
+
+from torch import nn
+from transformers import activations
+
+from fastbert.models.families import Family
+
+# Activation classes whose math bias_gelu implements, with its `approximate` argument.
+_FUSED_GELU = {activations.GELUActivation: "none", activations.NewGELUActivation: "tanh", activations.GELUTanh: "tanh"}
+# transformers' own elementwise activations: run as modules on packed tokens, which is exact.
+_ELEMENTWISE = frozenset(
+    entry[0] if isinstance(entry, tuple) else entry for entry in activations.ACT2CLS.values()
+) | {nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.LeakyReLU}
+
+
+def gelu_approximation(activation: nn.Module) -> str | None:
+    """bias_gelu's `approximate` for a known GELU module; None for any other activation."""
+    if type(activation) is nn.GELU:
+        return activation.approximate
+    return _FUSED_GELU.get(type(activation))
+
+
+def _is_layer_norm(module) -> bool:
+    return type(module) is nn.LayerNorm and module.weight is not None and module.bias is not None
+
+
+def _is_dropout(module) -> bool:
+    return module is None or type(module) is nn.Dropout
+
+
+def embeddings_known(family: Family, embeddings: nn.Module) -> bool:
+    """True when the fused embeddings forward computes exactly what this module's forward does."""
+    return (
+        type(embeddings) is family.embeddings
+        and _is_layer_norm(embeddings.LayerNorm)
+        and _is_dropout(embeddings.dropout)
+        and all(type(getattr(embeddings, name)) is nn.Embedding for name in _embedding_tables(family))
+    )
+
+
+def _embedding_tables(family: Family) -> tuple[str, ...]:
+    tables = ("word_embeddings", "position_embeddings")
+    return (*tables, "token_type_embeddings") if family.token_types else tables
+
+
+def _is_fsdp_wrapper(layer: nn.Module, expected: tuple[type, ...]) -> bool:
+    """FSDP2's fully_shard gives a module the class FSDP<Name>(FSDPModule, <its class>): same forward."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    bases = type(layer).__bases__
+    return len(bases) == 2 and bases[0] is FSDPModule and bases[1] in expected
+
+
+def layer_problem(family: Family, layer: nn.Module, layer_classes: tuple[type, ...]) -> tuple[nn.Module, str] | None:
+    """(module, what is unknown about it) for the first piece of `layer` the fused forward cannot run."""
+    if type(layer) not in layer_classes and not _is_fsdp_wrapper(layer, layer_classes):
+        return layer, f"its class {type(layer).__name__} is not transformers' {family.layer.__name__}"
+    pieces = family.pieces
+    for path, cls in pieces.containers:
+        module = operator.attrgetter(path)(layer)
+        if type(module) is not cls:
+            return module, f"its class {type(module).__name__} is not transformers' {cls.__name__}"
+    for name in ("attention_norm", "ffn_norm"):
+        norm = pieces.get(layer, name)
+        if not _is_layer_norm(norm):
+            return norm, f"{type(norm).__name__} is not an nn.LayerNorm with weight and bias"
+    for name in ("attention_dropout", "attention_dense_dropout", "ffn_out_dropout"):
+        dropout = pieces.get(layer, name)
+        if not _is_dropout(dropout):
+            return dropout, f"{type(dropout).__name__} is not an nn.Dropout"
+    activation = pieces.get(layer, "activation")
+    if gelu_approximation(activation) is None and type(activation) not in _ELEMENTWISE:
+        return activation, f"the activation {type(activation).__name__} is not one fastbert knows"
+    return None
+
+
+def model_problem(family: Family, model: nn.Module, layer_classes: tuple[type, ...]) -> tuple[nn.Module, str] | None:
+    """(module, what is unknown) for the first module of the base model the fast encoder cannot run."""
+    attribute, encoder_class = family.encoder
+    encoder = getattr(model, attribute)
+    if type(encoder) is not encoder_class:
+        return encoder, f"its class {type(encoder).__name__} is not transformers' {encoder_class.__name__}"
+    for group in family.container_modules(model):
+        if type(group) is not family.groups:
+            return group, f"its class {type(group).__name__} is not transformers' {family.groups.__name__}"
+    pooler = getattr(model, "pooler", None)
+    if family.pooler is not None and pooler is not None and type(pooler) is not family.pooler:
+        return pooler, f"its class {type(pooler).__name__} is not transformers' {family.pooler.__name__}"
+    for layer in dict.fromkeys(family.schedule(model)):  # shared ALBERT layers once
+        problem = layer_problem(family, layer, layer_classes)
+        if problem is not None:
+            return problem
+    return None
+
+
+def unsupported_module(family: Family, model: nn.Module, layer_classes: tuple[type, ...]) -> str | None:
+    """A sentence naming the first module the fast path would silently misrun, or None."""
+    problem = model_problem(family, model, layer_classes)
+    if problem is None:
+        return None
+    module, why = problem
+    name = next((n for n, m in model.named_modules() if m is module), type(module).__name__)
+    return f"the module {name} ({why})"
