@@ -243,38 +243,40 @@ def _opcheck(op, args):
 @requires_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck_bias_gelu(dtype):
-    from fastbert.ops import compiled  # noqa: F401  (registers the ops)
+    import fastbert.ops.extension.bias_gelu  # noqa: F401  (registers the ops)
 
     x = torch.randn(3, 5, 40, dtype=dtype, requires_grad=True)
     b = torch.randn(40, dtype=dtype, requires_grad=True)
-    _opcheck(torch.ops.fastbert.ext_bias_gelu_fwd.default, (x, b, "none"))
-    _opcheck(torch.ops.fastbert.ext_bias_gelu_fwd.default, (x, None, "tanh"))
+    _opcheck(torch.ops.fastbert.extension_bias_gelu_fwd.default, (x, b, "none"))
+    _opcheck(torch.ops.fastbert.extension_bias_gelu_fwd.default, (x, None, "tanh"))
     dy = torch.randn(3, 5, 40, dtype=dtype)
-    _opcheck(torch.ops.fastbert.ext_bias_gelu_bwd.default, (dy, x.detach(), b.detach(), "none", True))
+    _opcheck(torch.ops.fastbert.extension_bias_gelu_bwd.default, (dy, x.detach(), b.detach(), "none", True))
 
 
 @requires_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck_add_layer_norm(dtype):
-    from fastbert.ops import compiled  # noqa: F401
+    import fastbert.ops.extension.add_layer_norm  # noqa: F401  (registers the ops)
 
     args = ln_inputs(dtype, 48, shape=(3, 4))
     ts = {k: v.requires_grad_() for k, v in args.items()}
-    op = torch.ops.fastbert.ext_add_layer_norm_fwd.default
-    _opcheck(op, (ts["x"], ts["residual"], ts["weight"], ts["bias"], ts["x_bias"], 1e-12, 0.0, 0))
-    _opcheck(op, (ts["x"], None, ts["weight"], None, None, 1e-5, 0.25, 99))
-    y, mean, rstd = op(*(t.detach() for t in ts.values()), 1e-12, 0.1, 5)
-    _opcheck(torch.ops.fastbert.ext_add_layer_norm_bwd.default,
+    op = torch.ops.fastbert.extension_add_layer_norm_fwd.default
+    seed = torch.tensor([99])
+    _opcheck(op, (ts["x"], ts["residual"], ts["weight"], ts["bias"], ts["x_bias"], 1e-12, 0.0, None))
+    _opcheck(op, (ts["x"], None, ts["weight"], None, None, 1e-5, 0.25, seed))
+    y, mean, rstd = op(*(t.detach() for t in ts.values()), 1e-12, 0.1, seed)
+    _opcheck(torch.ops.fastbert.extension_add_layer_norm_bwd.default,
              (torch.randn_like(y), ts["x"].detach(), ts["residual"].detach(), ts["weight"].detach(),
-              ts["x_bias"].detach(), mean, rstd, 0.1, 5, True))
+              ts["x_bias"].detach(), mean, rstd, 0.1, seed, True))
 
 
 @requires_ext
 def test_torch_compile_has_no_graph_break():
-    from fastbert.ops.compiled import add_layer_norm_compiled, bias_gelu_compiled
+    from fastbert.ops.extension.add_layer_norm import add_layer_norm_extension
+    from fastbert.ops.extension.bias_gelu import bias_gelu_extension
 
     def f(x, b, r, w):
-        return add_layer_norm_compiled(bias_gelu_compiled(x, b), r, w, None, 1e-12)
+        return add_layer_norm_extension(bias_gelu_extension(x, b), r, w, None, 1e-12)
 
     args = (torch.randn(4, 32), torch.randn(32), torch.randn(4, 32), torch.randn(32))
     explanation = torch._dynamo.explain(f)(*args)
@@ -286,11 +288,12 @@ def test_torch_compile_has_no_graph_break():
 
 @requires_ext
 def test_clear_errors_before_cpp():
-    from fastbert.ops.compiled import add_layer_norm_compiled, bias_gelu_compiled
+    from fastbert.ops.extension.add_layer_norm import add_layer_norm_extension as add_layer_norm_compiled
+    from fastbert.ops.extension.bias_gelu import bias_gelu_extension as bias_gelu_compiled
 
-    with pytest.raises(TypeError, match="float32, bfloat16"):
+    with pytest.raises(ValueError, match="backend 'cpp' cannot take this call: it takes bfloat16, float32 inputs"):
         bias_gelu_compiled(torch.randn(2, 4, dtype=torch.float16), None)
-    with pytest.raises(TypeError, match="float32, bfloat16"):
+    with pytest.raises(ValueError, match="bfloat16, float32"):
         bias_gelu_compiled(torch.randn(2, 4, dtype=torch.float64), None)
     with pytest.raises(ValueError, match="bias must have shape"):
         bias_gelu_compiled(torch.randn(2, 4), torch.randn(5))
@@ -302,7 +305,7 @@ def test_clear_errors_before_cpp():
         add_layer_norm_compiled(torch.randn(2, 4), torch.randn(2, 4, dtype=torch.bfloat16), torch.ones(4), None, 1e-5)
     with pytest.raises(ValueError, match="dropout_p"):
         add_layer_norm_compiled(torch.randn(2, 4), None, torch.ones(4), None, 1e-5, dropout_p=1.0)
-    with pytest.raises(ValueError, match="the compiled kernels run on CPU or CUDA"):
+    with pytest.raises(ValueError, match="the extension kernels run on CPU or CUDA"):
         bias_gelu_compiled(torch.randn(2, 4, device="meta"), None)
 
 
@@ -343,14 +346,51 @@ def test_missing_extension_leaves_torch_backend_working():
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
 
 
-def test_extension_and_triton_ops_have_their_own_names():
-    """torch.library lets a later custom_op silently replace one of the same name: the extension's
-    and the Triton kernels' ops must never share one."""
+def test_every_backend_registers_its_own_op_names():
+    """torch.library lets a later custom_op silently replace one of the same name: every custom op of the
+    Triton kernels and of the extension carries its backend's prefix, and no two share a name."""
     pytest.importorskip("triton", reason="triton is not installed")
-    import fastbert.kernels.add_layer_norm  # noqa: F401
-    import fastbert.kernels.bias_gelu  # noqa: F401
-    import fastbert.ops.compiled  # noqa: F401
+    import importlib
 
-    for op in ("bias_gelu_fwd", "bias_gelu_bwd", "add_layer_norm_fwd", "add_layer_norm_bwd"):
-        ext, triton_op = getattr(torch.ops.fastbert, f"ext_{op}"), getattr(torch.ops.fastbert, f"triton_{op}")
-        assert ext.default is not triton_op.default
+    from torch._library.custom_ops import CustomOpDef
+
+    prefixes = {"fastbert.kernels": "fastbert::triton_", "fastbert.ops.extension": "fastbert::extension_"}
+    names = []
+    for package, prefix in prefixes.items():
+        for op in ("bias_gelu", "add_layer_norm", "attention"):
+            if package.endswith("extension") and op == "attention":
+                continue
+            module = importlib.import_module(f"{package}.{op}")
+            defined = [value._qualname for value in vars(module).values() if isinstance(value, CustomOpDef)]
+            assert defined, f"{module.__name__} defines no custom op"
+            assert all(name.startswith(prefix) for name in defined), defined
+            names += defined
+    assert len(names) == len(set(names)), sorted(names)
+
+
+@requires_ext
+def test_codes_come_from_the_extension():
+    from fastbert import _C
+    from fastbert.ops.extension import _common
+
+    assert _common.dtype_code(torch.bfloat16) == _C.BFLOAT16 and _common.dtype_code(torch.float32) == _C.FLOAT32
+    assert _common.gelu_code("tanh") == _C.GELU_TANH and _common.gelu_code("none") == _C.GELU_ERF
+    assert _C.CUDA_MAX_LAYER_NORM_COLS == 8192  # kMaxLayerNormCols in csrc/include/fastbert_kernels.h
+
+
+@requires_ext
+def test_dropout_compiles_fullgraph_with_a_reproducible_seed():
+    """The dropout seed is a CPU tensor from the one seed helper: no .item() in traced code."""
+    x, w = torch.randn(4, 32), torch.ones(32)
+
+    def f(x):
+        return ops.add_layer_norm(x, None, w, None, 1e-5, dropout_p=0.5)
+
+    compiled = torch.compile(f, fullgraph=True)
+    with fastbert.use_backend("cpp"):
+        torch.manual_seed(11)
+        first = compiled(x)
+        torch.manual_seed(11)
+        again = compiled(x)
+        later = compiled(x)
+    assert torch.equal(first, again) and not torch.equal(first, later)

@@ -118,19 +118,20 @@ def test_dropout_backward_uses_the_forward_mask():
 
 
 def test_opcheck_on_cuda():
-    from fastbert.ops import compiled  # noqa: F401
+    import fastbert.ops.extension.add_layer_norm  # noqa: F401  (registers the ops)
+    import fastbert.ops.extension.bias_gelu  # noqa: F401
 
     x = rand(3, 40, dtype=torch.bfloat16).requires_grad_()
     b = rand(40, dtype=torch.bfloat16).requires_grad_()
-    torch.library.opcheck(torch.ops.fastbert.ext_bias_gelu_fwd.default, (x, b, "none"))
+    torch.library.opcheck(torch.ops.fastbert.extension_bias_gelu_fwd.default, (x, b, "none"))
     w = rand(40, dtype=torch.float32).requires_grad_()
-    torch.library.opcheck(torch.ops.fastbert.ext_add_layer_norm_fwd.default, (x, x.detach().clone().requires_grad_(), w,
-                                                                            None, None, 1e-12, 0.1, 3))
+    torch.library.opcheck(torch.ops.fastbert.extension_add_layer_norm_fwd.default,
+                          (x, x.detach().clone().requires_grad_(), w, None, None, 1e-12, 0.1, torch.tensor([3])))
 
 
 def test_width_limit_is_a_clear_error():
-    from fastbert.ops.compiled import add_layer_norm_compiled
+    from fastbert.ops.extension.add_layer_norm import add_layer_norm_extension
 
-    with pytest.raises(ValueError, match="up to 8192"):
-        add_layer_norm_compiled(rand(2, 8200, dtype=torch.float32), None,
-                                torch.ones(8200, device=DEVICE), None, 1e-5)
+    with pytest.raises(ValueError, match="rows of at most 8192 elements, got 8200"):
+        add_layer_norm_extension(rand(2, 8200, dtype=torch.float32), None,
+                                 torch.ones(8200, device=DEVICE), None, 1e-5)

@@ -216,20 +216,3 @@ def test_bad_arguments_name_the_argument_and_the_limit():
     with pytest.raises(ValueError, match="attention_mask must have shape \\(batch, seq\\) = \\(1, 3\\)"):
         q = torch.randn(1, 2, 3, 8)
         ops.attention(q, q, q, torch.ones(1, 4))
-
-
-def test_width_limits_steer_auto_and_refuse_an_explicit_backend(monkeypatch):
-    """Rows wider than a backend's kernel takes go to the next choice under "auto"; an explicit
-    choice of that backend raises and says why (here with a stand-in limit on the torch-free path)."""
-    from fastbert import backend
-
-    monkeypatch.setitem(backend.MAX_WIDTH, ("cpp", "add_layer_norm"), 16)
-    monkeypatch.setattr(backend, "_WIDTH_LIMITED_OPS", {"add_layer_norm"})
-    monkeypatch.setattr(backend, "_resolved", {})
-    monkeypatch.setattr(backend, "backend_problem", lambda name, device=None: None)
-    narrow, wide = torch.randn(2, 16), torch.randn(2, 17)
-    assert backend.resolve("add_layer_norm", narrow) == "cpp"
-    assert backend.resolve("add_layer_norm", wide) == "torch"
-    with fastbert.use_backend("cpp"):
-        with pytest.raises(fastbert.BackendUnavailableError, match="rows of at most 16 elements, got 17"):
-            backend.resolve("add_layer_norm", wide)
