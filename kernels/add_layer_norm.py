@@ -1,6 +1,6 @@
 """Triton add + LayerNorm: y = LayerNorm(dropout(x + x_bias) + residual), forward and backward.
 
-Tensors are viewed as (rows, width) row-major, one row held whole in registers (width <= MAX_WIDTH).
+Tensors are viewed as (rows, width) row-major, one row held whole in registers (width <= kernels/limits.py LAYER_NORM_MAX_WIDTH).
 Forward: one program per row; mean and rstd are saved in fp32. Dropout keeps an element when
 tl.rand(seed, flat offset) >= p, the seed drawn on the host; the backward regenerates the mask from the
 seed and recomputes the pre-norm sum from (x, x_bias, residual), so neither mask nor sum is stored.
@@ -15,7 +15,6 @@ import triton.language as tl
 
 from fastbert.kernels._common import as_rows, cast_for_store, optional_grad, row_blocks
 from fastbert.kernels.host import draw_seed, seed_value
-from fastbert.kernels.limits import LAYER_NORM_MAX_WIDTH as MAX_WIDTH
 from fastbert.kernels.limits import layer_norm_width_problem
 
 NUM_STAGES = 1
@@ -263,7 +262,7 @@ def _signatures(type_name: str) -> tuple[dict, dict]:
 
 
 def _aot_cases() -> list[tuple]:
-    """Every launch config (BLOCK_N, num_warps) for the hidden sizes up to MAX_WIDTH with every flag on
+    """Every launch config (BLOCK_N, num_warps) for the hidden sizes up to LAYER_NORM_MAX_WIDTH with every flag on
     (the heaviest variant) in bf16, plus fp32 / fp16 and the flag-free variant at BERT's 768."""
     all_on = {"HAS_RESIDUAL": True, "HAS_BIAS": True, "HAS_X_BIAS": True, "HAS_DROPOUT": True}
     all_off = dict.fromkeys(all_on, False)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert.kernels._common import cast_for_store, TRITON_TYPES, as_rows, row_blocks
+from fastbert.kernels._common import TRITON_TYPES, as_rows, cast_for_store, row_blocks
 
 SQRT_1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
@@ -191,7 +191,7 @@ def _aot_cases() -> list[tuple]:
     """Every (dtype, approximation) at the widest tile BERT launches (width >= 513), with bias, plus a
     narrow bias-free tile; one launch config (NUM_WARPS, NUM_STAGES) for all."""
     cases = []
-    for dtype, type_name in TRITON_TYPES.items():
+    for type_name in TRITON_TYPES.values():
         for is_tanh in (False, True):
             for width in (1024, 16):
                 block_m, block_n = _blocks(width)

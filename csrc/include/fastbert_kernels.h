@@ -4,7 +4,7 @@
 // a cudaStream_t passed as an integer. Activations (x, residual, y, dy, dx, ...) have the dtype
 // `dtype`; parameter vectors (bias, weight, x_bias) and their gradients, and the saved statistics
 // (mean, rstd), are always float32. A null pointer means "absent" where the comment says optional.
-// Nothing here includes torch or CUDA headers: the Python side (fastbert/ops/compiled.py) validates
+// Nothing here includes torch or CUDA headers: the Python side (fastbert/ops/extension/) validates
 // and allocates, these functions only compute.
 #pragma once
 
@@ -12,7 +12,7 @@
 
 namespace fastbert {
 
-// dtype codes shared with fastbert/ops/compiled.py
+// dtype codes, exported by fastbert._C (FLOAT32, ...) for fastbert/ops/extension/
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // GELU approximations: exact erf ("none") and tanh ("tanh")
 enum GeluMode : int { kGeluErf = 0, kGeluTanh = 1 };

@@ -29,6 +29,29 @@ def _device_lines() -> list[str]:
     return lines
 
 
+def _names(values, name) -> str:
+    return ", ".join(sorted(name(value) for value in values))
+
+
+def _op_lines() -> list[str]:
+    """Per op, from the capability registry: each backend's devices and dtypes, and the auto order."""
+    from fastbert.backend import REGISTRY
+
+    lines = []
+    for op in REGISTRY.ops():
+        lines.append(f"  {op}:")
+        for name in REGISTRY.backends_of(op):
+            implementation = REGISTRY.get(op, name)
+            devices = _names(implementation.devices, str) if implementation.devices else "any device"
+            dtypes = _names(implementation.dtypes, lambda d: str(d).replace("torch.", "")) if implementation.dtypes \
+                else "any dtype"
+            lines.append(f"    {name}: {devices}; {dtypes}")
+        order = "; ".join(f"{device} {' > '.join(REGISTRY.auto_order(op, device))}"
+                          for device in sorted(REGISTRY.auto_preference))
+        lines.append(f"    auto: {order}")
+    return lines
+
+
 def quick_comparison() -> str:
     """fastbert vs HF sdpa on QUICK_CONFIG, batch 4 x 64 with uniform lengths: diff and speedup."""
     from fastbert.bench.run import BenchOptions, run_bench
@@ -57,6 +80,8 @@ def info_report(compare: bool = True) -> str:
         "backends:",
         *[f"  {name}: {'available' if ok is True else ok}" for name, ok in environment.backends().items()],
         f"extension fastbert._C: {environment.extension_status()}",
+        "ops (backend: devices; dtypes, per-call limits aside):",
+        *_op_lines(),
     ]
     if compare:
         lines.append(quick_comparison())

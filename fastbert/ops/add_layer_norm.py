@@ -41,7 +41,8 @@ def add_layer_norm_ref(
 
 
 def _triton_supports(call: Signature) -> str | None:
-    return triton_limits.cpu_problem(call.device, call.interpreting) or triton_limits.layer_norm_width_problem(call.width)
+    on_cpu = triton_limits.cpu_problem(call.device, call.interpreting)
+    return on_cpu or triton_limits.layer_norm_width_problem(call.width)
 
 
 REGISTRY.register(Implementation(
@@ -73,8 +74,8 @@ def _check_arguments(x, residual, weight, bias, eps, x_bias, dropout_p) -> None:
     _check_vector("x_bias", x_bias, width)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if not eps > 0.0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    if not eps >= 0.0:  # 0 is allowed: one public ELECTRA checkpoint has layer_norm_eps=0.0
+        raise ValueError(f"eps must be >= 0, got {eps}")
 
 
 def add_layer_norm(

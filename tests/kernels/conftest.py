@@ -7,14 +7,14 @@ interpreter: run them in their own invocation, `TRITON_INTERPRET=1 python -m pyt
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from fastbert.kernels.host import triton_interpreting
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETING = triton_interpreting()
 TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 
 

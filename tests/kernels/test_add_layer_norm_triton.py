@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.helpers import ATOL, check_against_reference
 
 import fastbert
 from fastbert.ops._dispatch import compute_dtype
 from fastbert.ops.add_layer_norm import add_layer_norm_ref
+from tests.helpers import ATOL, check_against_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NAMES = ["x", "residual", "weight", "bias", "x_bias"]
@@ -115,7 +115,7 @@ def test_add_layer_norm_dropout_differs_between_calls_and_follows_manual_seed(de
 
 
 def test_add_layer_norm_too_wide_rows_raise_when_chosen_and_fall_back_under_auto(device):
-    from fastbert.kernels.add_layer_norm import MAX_WIDTH
+    from fastbert.kernels.limits import LAYER_NORM_MAX_WIDTH as MAX_WIDTH
 
     x = torch.randn(2, MAX_WIDTH + 1, device=device)
     weight = torch.ones(MAX_WIDTH + 1, device=device)

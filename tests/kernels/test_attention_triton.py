@@ -9,16 +9,15 @@ fp64 ref) + atol, with atol per dtype in ATOL, for the output and dq, dk, dv.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import fastbert
-from tests.helpers import ATOL, assert_close_to_ref, max_error
+from fastbert.kernels.host import triton_interpreting
 from fastbert.ops.attention import attention_ref, varlen_attention_ref
+from tests.helpers import ATOL, assert_close_to_ref, max_error
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = triton_interpreting()
 if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip(
         "Triton attention tests need CUDA or TRITON_INTERPRET=1 (run them in their own invocation: "

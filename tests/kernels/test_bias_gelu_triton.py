@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.helpers import ATOL, check_against_reference
 
 import fastbert
 from fastbert.ops.bias_gelu import bias_gelu_ref
+from tests.helpers import ATOL, check_against_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (shape, has_bias): odd widths, one row, many rows (several programs, uneven split), 3-D, no bias.
