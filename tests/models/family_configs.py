@@ -7,7 +7,7 @@ import transformers
 from tests.helpers import padding_mask
 
 _SIZE = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
 # roberta-base / xlm-roberta-base / camembert-base: eps 1e-5, one token type, positions offset by pad_token_id + 1.
 _FAIRSEQ = dict(max_position_embeddings=34, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1,
                 bos_token_id=0, eos_token_id=2)
@@ -28,7 +28,7 @@ def family_config(model_type: str, **overrides) -> transformers.PretrainedConfig
     elif model_type == "distilbert":
         config = transformers.DistilBertConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                                                max_position_embeddings=32, dropout=0.0, attention_dropout=0.0,
-                                               num_labels=3)
+                                               num_labels=2)
     elif model_type == "albert":  # albert-base-v2: factorized embeddings, one shared layer, gelu_new
         config = transformers.AlbertConfig(**_SIZE, embedding_size=16, max_position_embeddings=32,
                                            hidden_act="gelu_new", classifier_dropout_prob=0.0)
