@@ -66,8 +66,13 @@ def _customize(model: nn.Module, case: str) -> None:
 
 
 # case -> the module the warning must name (None: the module's own code runs, no warning)
-CASES = {"embeddings": None, "output": "encoder.layer.1.output", "layer": "encoder.layer.1",
-         "activation": "encoder.layer.1.intermediate.intermediate_act_fn", "rmsnorm": "encoder.layer.1.output.LayerNorm"}
+CASES = {
+    "embeddings": None,
+    "output": "encoder.layer.1.output",
+    "layer": "encoder.layer.1",
+    "activation": "encoder.layer.1.intermediate.intermediate_act_fn",
+    "rmsnorm": "encoder.layer.1.output.LayerNorm",
+}
 
 
 @pytest.mark.parametrize("case", CASES)
