@@ -21,6 +21,8 @@ from fastbert import backend
 from fastbert.models.families import Family, LayerPieces
 from fastbert.models.support import embeddings_known, gelu_approximation
 from fastbert.ops import add_layer_norm, attention, bias_gelu, varlen_attention
+from fastbert.ops.linear import GELU_ACTIVATION, fuses_epilogue
+from fastbert.ops.linear import linear as linear_op
 from fastbert.ops.padding import gather_rows, packing_from_mask, pad_input
 
 
@@ -80,9 +82,12 @@ def linear_for_fusion(linear: nn.Module, x: torch.Tensor, fused_op: str):
 
     Returns (y, bias or None). The bias is split off only for a plain nn.Linear (a LoRA or quantized
     wrapper runs whole) and only when `fused_op` runs on a fused backend: PyTorch's own addmm adds
-    the bias for free, so on the torch backend it stays in the GEMM.
+    the bias for free, so on the torch backend it stays in the GEMM. When linear runs on a GEMM library
+    that applies the bias in its epilogue (oneDNN, fp32 CPU inference), the bias stays there too.
     """
     width = linear.out_features if type(linear) is nn.Linear else 0
+    if width and fuses_epilogue(x, linear.weight, linear.bias):  # the GEMM library adds the bias itself
+        return linear_op(x, linear.weight, linear.bias), None
     if width and linear.bias is not None and backend.resolved_backend(fused_op, x, width=width) != "torch":
         return F.linear(x, linear.weight), linear.bias
     return linear(x), None
@@ -124,7 +129,7 @@ def project_qkv(owner: nn.Module, linears: tuple, hidden: torch.Tensor):
     """GEMM 1: query, key, value projections of (tokens, hidden), each (tokens, heads * head_dim)."""
     if all(type(lin) is nn.Linear and lin.bias is not None for lin in linears):
         weight, bias = _fused_qkv_parameters(owner, linears)
-        return F.linear(hidden, weight, bias).chunk(3, dim=-1)
+        return linear_op(hidden, weight, bias).chunk(3, dim=-1)
     return tuple(lin(hidden) for lin in linears)
 
 
@@ -133,6 +138,8 @@ def ffn_in_activation(dense: nn.Module, activation: nn.Module, x: torch.Tensor) 
     approximate = gelu_approximation(activation)
     if approximate is None:
         return activation(dense(x))
+    if type(dense) is nn.Linear and fuses_epilogue(x, dense.weight, dense.bias):  # GELU as the GEMM's epilogue
+        return linear_op(x, dense.weight, dense.bias, activation=GELU_ACTIVATION[approximate])
     y, y_bias = linear_for_fusion(dense, x, "bias_gelu")
     return bias_gelu(y, y_bias, approximate)
 

@@ -2,6 +2,7 @@
 from fastbert.ops.add_layer_norm import add_layer_norm, add_layer_norm_ref
 from fastbert.ops.attention import attention, attention_ref, varlen_attention, varlen_attention_ref
 from fastbert.ops.bias_gelu import bias_gelu, bias_gelu_ref
+from fastbert.ops.linear import linear, linear_ref
 from fastbert.ops.padding import pad_input, unpad_input
 
 __all__ = [
@@ -11,6 +12,8 @@ __all__ = [
     "attention_ref",
     "bias_gelu",
     "bias_gelu_ref",
+    "linear",
+    "linear_ref",
     "pad_input",
     "unpad_input",
     "varlen_attention",

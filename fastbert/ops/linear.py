@@ -1,0 +1,80 @@
+"""linear: y = activation(x @ weight.T + bias), with activation None, "gelu" (erf) or "gelu_tanh".
+
+The encoder's GEMMs (fused QKV projection, FFN-in with its GELU, the output projections feeding
+add_layer_norm) go through this op, so the registry picks their implementation: the torch reference
+(F.linear, MKL on CPU) or, for fp32 CPU inference, oneDNN on pre-packed weights
+(fastbert/ops/onednn_linear.py), which refuses calls that autograd records.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastbert import backend
+from fastbert.backend import REGISTRY, runs_anywhere
+from fastbert.ops import onednn_linear
+from fastbert.ops._dispatch import implementation
+from fastbert.registry import Implementation, Signature
+
+# activation -> F.gelu's `approximate`
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
+# bias_gelu's / F.gelu's `approximate` -> activation
+GELU_ACTIVATION = {approximate: activation for activation, approximate in ACTIVATIONS.items()}
+
+
+def linear_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
+    """Reference: F.linear, then GELU if asked. The fallback and the test oracle."""
+    y = F.linear(x, weight, bias)
+    return y if activation is None else F.gelu(y, approximate=ACTIVATIONS[activation])
+
+
+def _refuse_autograd(signature: Signature) -> str | None:
+    return "the packed oneDNN GEMM has no backward (autograd is recording)" if signature.grad else None
+
+
+REGISTRY.register(Implementation(
+    op="linear", backend="torch", target="fastbert.ops.linear:linear_ref", devices=None, dtypes=None,
+    probe=runs_anywhere,
+))
+REGISTRY.register(Implementation(
+    op="linear", backend="onednn", target="fastbert.ops.onednn_linear:linear_onednn",
+    devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
+    probe=onednn_linear.problem, supports=_refuse_autograd,
+))
+
+
+def _records_autograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+
+
+def _check_arguments(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation) -> None:
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must have shape (out, {x.shape[-1]}) for x {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def linear_implementation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """The callable that runs linear on these tensors under the current backend selection."""
+    return implementation("linear", x, grad=_records_autograd(x, weight, bias))
+
+
+def fuses_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """True when linear runs these tensors on a GEMM library that applies bias and GELU itself (oneDNN),
+    so callers should hand it the bias and activation rather than split them into a fused op after it."""
+    return backend.resolved_backend("linear", x, grad=_records_autograd(x, weight, bias)) != "torch"
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str | None = None
+) -> torch.Tensor:
+    """activation(x @ weight.T + bias) on the implementation the registry picks for this call."""
+    _check_arguments(x, weight, bias, activation)
+    return linear_implementation(x, weight, bias)(x, weight, bias, activation)

@@ -1,0 +1,112 @@
+"""CPU inference GEMMs on oneDNN with pre-packed weights, and the cache that holds the packed copies.
+
+torch's fp32 F.linear goes to MKL; oneDNN on a weight reordered once into its blocked layout
+(`torch.ops.mkldnn._reorder_linear_weight`, then `torch.ops.mkldnn._linear_pointwise`) is faster
+on this project's CPUs (docs/perf-notes.md), and it applies GELU (erf or tanh) as an epilogue.
+
+These are private torch ops: `problem()` says why they cannot run (absent in this torch build,
+oneDNN off, packing switched off) and the registry then falls back to the torch reference.
+
+Packed weights live in a process-wide cache keyed on the weight tensor's identity (weakly: an entry
+dies with its weight) and checked against the weight's version counter and storage address, so a
+replaced or changed parameter is repacked on its next use. The cache is not module state: it never
+appears in state_dict, deepcopy or pickles. It costs one extra copy of every packed weight
+(`cache_bytes()`); `set_packing(False)` (or FASTBERT_PACKED_WEIGHTS=0) turns the path off and
+empties the cache. Inference only: the packed GEMM has no backward, so the registration refuses
+calls that autograd records.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+# activation name -> (oneDNN post-op attribute, its algorithm)
+POST_OPS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+_REQUIRED_OPS = ("_reorder_linear_weight", "_linear_pointwise")
+
+_packing_enabled = os.environ.get("FASTBERT_PACKED_WEIGHTS", "1").strip() not in ("0", "false", "off")
+_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_cache_lock = threading.Lock()
+
+
+def mkldnn_problem() -> str | None:
+    """Why this torch cannot run packed oneDNN linears; None if it can."""
+    if not getattr(torch._C, "_has_mkldnn", False) or not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN (mkldnn)"
+    if not torch.backends.mkldnn.enabled:
+        return "oneDNN is disabled (torch.backends.mkldnn.enabled is False)"
+    missing = [name for name in _REQUIRED_OPS if not hasattr(torch.ops.mkldnn, name)]
+    if missing:
+        names = ", ".join(f"torch.ops.mkldnn.{name}" for name in missing)
+        return f"torch {torch.__version__} has no {names} (private ops)"
+    return None
+
+
+def problem(device: str) -> str | None:
+    """The registry probe: None if packed oneDNN linears can run on `device`, else why not."""
+    if device != "cpu":
+        return f"oneDNN packed linears run on CPU tensors, got {device}"
+    if not _packing_enabled:
+        return "packed oneDNN weights are switched off (fastbert.ops.onednn_linear.set_packing(False))"
+    return mkldnn_problem()
+
+
+def set_packing(enabled: bool) -> None:
+    """Turn the packed-weight path on or off for the process; off also frees every packed copy."""
+    global _packing_enabled
+    _packing_enabled = bool(enabled)
+    clear_cache()
+    from fastbert.backend import REGISTRY
+
+    REGISTRY.clear_cache()  # resolution is memoized; the probe's answer just changed
+
+
+def packing_enabled() -> bool:
+    return _packing_enabled
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+def cache_bytes() -> int:
+    """Memory held by packed weights now (the size of the fp32 weights they copy)."""
+    with _cache_lock:
+        entries = list(_cache.values())
+    return sum(entry[2] for entry in entries)
+
+
+def _version(weight: torch.Tensor) -> int | None:
+    """The version counter; None for inference tensors, which have none (an inference tensor changed in
+    place inside inference_mode is not noticed: fastbert's own fused QKV weight is rebuilt, never changed)."""
+    return None if weight.is_inference() else weight._version
+
+
+def packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight reordered for oneDNN, from the cache while the weight is the same tensor, unchanged."""
+    stamp = (_version(weight), weight.data_ptr())
+    with _cache_lock:
+        entry = _cache.get(weight)
+    if entry is not None and entry[0] == stamp:
+        return entry[1]
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    with _cache_lock:
+        _cache[weight] = (stamp, packed, weight.numel() * weight.element_size())
+    return packed
+
+
+def linear_onednn(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
+    """activation(x @ weight.T + bias) on oneDNN with the packed weight; fp32 CPU, no autograd."""
+    if torch.compiler.is_compiling():  # the cache is Python state; let the compiler see plain ops
+        y = F.linear(x, weight, bias)
+        return y if activation is None else F.gelu(y, approximate=POST_OPS[activation][1])
+    attribute, algorithm = POST_OPS[activation]
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, attribute, [], algorithm)
