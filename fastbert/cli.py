@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--baselines", type=_name_list,
                        help="comma list of hf-eager, hf-sdpa, hf-compile, onnxruntime (CPU fp32 inference; "
                             "pip install 'fastbert[onnx]') (default: hf-sdpa on CPU, hf-sdpa,hf-compile on GPU)")
-    bench.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda", "cpp"),
+    bench.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda", "cpp", "onednn"),
                        help="fastbert backend")
     bench.add_argument("--repeats", type=int, help="timed calls per implementation (default: 10 CPU, 30 GPU)")
     bench.add_argument("--warmup", type=int, help="untimed calls per implementation first (default: 2 CPU, 5 GPU)")
