@@ -79,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and checkpoint is None:
         raise PretrainError(f"--resume: no checkpoint-<step> directory in {output}")
     training_args = _training_arguments(args)
+    if training_args.world_size > 1 and training_args.parallel_mode.value != "distributed":
+        raise PretrainError(f"{training_args.world_size} processes but no distributed data parallel; "
+                            f"launch with torchrun (parallel mode: {training_args.parallel_mode.value})")
     transformers.set_seed(args.seed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
     try:
@@ -135,6 +138,7 @@ def _training_arguments(args):
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,  # the collator needs special_tokens_mask, offset_mapping, example_id
         label_names=["labels", "next_sentence_label"] if args.nsp else ["labels"],
+        use_cpu=not on_gpu,  # without it, accelerate runs torchrun's CPU processes unsynchronized (no DDP)
         ddp_backend=("nccl" if on_gpu else "gloo") if distributed else None,
         ddp_find_unused_parameters=False,
         dataloader_pin_memory=on_gpu,
