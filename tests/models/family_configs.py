@@ -28,7 +28,7 @@ def family_config(model_type: str, **overrides) -> transformers.PretrainedConfig
     elif model_type == "distilbert":
         config = transformers.DistilBertConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                                                max_position_embeddings=32, dropout=0.0, attention_dropout=0.0,
-                                               num_labels=2)
+                                               seq_classif_dropout=0.0, qa_dropout=0.0, num_labels=2)
     elif model_type == "albert":  # albert-base-v2: factorized embeddings, one shared layer, gelu_new
         config = transformers.AlbertConfig(**_SIZE, embedding_size=16, max_position_embeddings=32,
                                            hidden_act="gelu_new", classifier_dropout_prob=0.0)
