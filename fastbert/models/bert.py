@@ -11,12 +11,14 @@ from transformers.models.bert import modeling_bert as hf
 from fastbert.models.families import FAMILIES
 from fastbert.models.loading import MissingWeightsError  # noqa: F401  (historical home of the error)
 from fastbert.models.native import native_base_class, native_head_class
+from fastbert.models.sparse_mlm import SparseMLMHeadMixin
 
 BERT = FAMILIES[0]
 
 BertModel = native_base_class(BERT)
-BertForPreTraining = native_head_class(hf.BertForPreTraining)
-BertForMaskedLM = native_head_class(hf.BertForMaskedLM)
+# model.sparse_mlm_head = True: the MLM head only at labelled positions (fastbert.models.sparse_mlm)
+BertForPreTraining = native_head_class(hf.BertForPreTraining, (SparseMLMHeadMixin,))
+BertForMaskedLM = native_head_class(hf.BertForMaskedLM, (SparseMLMHeadMixin,))
 BertForNextSentencePrediction = native_head_class(hf.BertForNextSentencePrediction)
 BertForSequenceClassification = native_head_class(hf.BertForSequenceClassification)
 BertForTokenClassification = native_head_class(hf.BertForTokenClassification)
