@@ -27,8 +27,8 @@ def _validate(x, residual, weight, bias, x_bias, eps, dropout_p) -> None:
         raise ValueError(f"{OP}: weight is required")
     for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
         common.check_vector(OP, name, t, x.shape[-1])
-    if not eps > 0.0:
-        raise ValueError(f"{OP}: eps must be > 0, got {eps}")
+    if not eps >= 0.0:  # 0 is allowed: one public ELECTRA checkpoint has layer_norm_eps=0.0
+        raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
     common.check_dropout(OP, dropout_p)
 
 
