@@ -103,3 +103,16 @@ def test_two_process_torchrun(tokenizer_dir, corpus, tiny_config_dir, cache_dir,
     steps_per_epoch = -(-examples // 16)  # batches of 8 on each of 2 processes
     assert log[0]["epoch"] == pytest.approx(1 / steps_per_epoch)
     assert_loads_in_transformers(output, transformers.BertForPreTraining)
+
+
+def test_continue_pretraining_from_an_encoder_checkpoint(tokenizer_dir, corpus, tiny_config_dir, cache_dir, tmp_path,
+                                                         capsys):
+    """A checkpoint without pretraining heads: its encoder weights are the start, the heads start fresh (listed)."""
+    start = tmp_path / "encoder"
+    transformers.BertModel(transformers.BertConfig.from_pretrained(tiny_config_dir)).save_pretrained(start)
+    output = tmp_path / "out"
+    run_pretrain(tokenizer_dir, corpus, str(start), output, cache_dir, "--max-steps", "1", "--learning-rate", "0")
+    assert "cls.seq_relationship.weight" in capsys.readouterr().out
+    before = transformers.BertModel.from_pretrained(start).state_dict()
+    after = transformers.BertForPreTraining.from_pretrained(output).bert.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
