@@ -6,8 +6,10 @@ tokenizes each document's lines once into a memory-mapped, cached Arrow table; a
 the examples:
 - with NSP, sentence pairs as BERT's create_pretraining_data.py does: chunks of whole sentences up to a
   target length (10% of them shorter), split at a random sentence into A and B; B is the true
-  continuation (label 0) or a span of another document (label 1) on a fair coin; the pair is
-  truncated to fit by dropping tokens from the front or back of the longer side at random;
+  continuation (label 0) or a span of another document (label 1) on a fair coin (where BERT's script
+  forces a random B for a one-sentence chunk, a true pair here splits that sentence in two, which
+  keeps the labels 50/50 on short documents); the pair is truncated to fit by dropping tokens from
+  the front or back of the longer side at random;
 - without NSP, whole sentences of one document packed up to the maximum length.
 Every random choice is drawn from a generator seeded by (seed, document index), so the examples do
 not depend on the number of map processes and the cache is reused across runs and ranks.
