@@ -52,7 +52,7 @@ AUTO_PREFERENCE = {
         "bias_gelu": ("cpp", "torch"),
         "add_layer_norm": ("cpp", "torch"),
         "attention": ("torch",),
-        "varlen_attention": ("torch",),
+        "varlen_attention": ("cpp", "torch"),
         "linear": ("onednn", "torch"),
     },
 }

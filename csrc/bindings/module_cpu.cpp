@@ -80,4 +80,15 @@ PYBIND11_MODULE(_C, m) {
       py::arg("rstd"), py::arg("dx"), py::arg("dresidual"), py::arg("dweight"), py::arg("dbias"),
       py::arg("dx_bias"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("dropout_p"),
       py::arg("seed"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "varlen_attention_fwd",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t cu_seqlens, int64_t batch, int64_t heads,
+         int64_t head_dim, int64_t row_stride, int64_t max_seqlen, float scale, int threads) {
+        fastbert::cpu::varlen_attention_fwd(ptr<const float>(q), ptr<const float>(k), ptr<const float>(v),
+                                            ptr<float>(out), ptr<const int32_t>(cu_seqlens), batch, heads, head_dim,
+                                            row_stride, max_seqlen, scale, threads);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("cu_seqlens"), py::arg("batch"),
+      py::arg("heads"), py::arg("head_dim"), py::arg("row_stride"), py::arg("max_seqlen"), py::arg("softmax_scale"),
+      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
 }

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastbert.backend import REGISTRY, runs_anywhere, triton_probe
+from fastbert.backend import REGISTRY, cpp_probe, runs_anywhere, triton_probe
 from fastbert.kernels import limits as triton_limits
 from fastbert.ops._dispatch import compute_dtype, implementation
 from fastbert.registry import Implementation, Signature
@@ -136,6 +136,16 @@ for _op, _torch_target, _triton_target in (
     ))
 
 
+def _refuse_autograd(call: Signature) -> str | None:
+    return "the CPU attention kernel has no backward (autograd is recording)" if call.grad else None
+
+
+REGISTRY.register(Implementation(
+    op="varlen_attention", backend="cpp", target="fastbert.ops.cpu_attention:varlen_attention_cpp",
+    devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}), probe=cpp_probe, supports=_refuse_autograd,
+))
+
+
 def _check_qkv(q, k, v, rank: int, layout: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != rank:
@@ -177,5 +187,6 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, dro
         )
     if int(max_seqlen) < 0:
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
-    run = implementation("varlen_attention", q, head_dim=q.shape[-1])
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    run = implementation("varlen_attention", q, head_dim=q.shape[-1], grad=grad)
     return run(q, k, v, cu_seqlens, int(max_seqlen), softmax_scale=softmax_scale, dropout_p=dropout_p)

@@ -1,0 +1,160 @@
+// CPU self-attention on packed variable-length sequences (fp32, inference), one (sequence, head) per task.
+//
+// For each task: K is transposed once into a [head_dim x len] buffer, then query tiles of kQueryTile rows
+// sweep the keys in tiles of kKeyTile columns with an online softmax (running max and sum per row, the
+// output accumulator rescaled when the max grows), so no [len x len] score matrix is ever stored.
+// The inner loops run over contiguous floats (a key tile's columns, a head's dims) and are compiled for
+// AVX-512, AVX2+FMA and baseline x86-64, picked at run time like the other CPU kernels.
+#include <vector>
+
+#include "cpu_common.h"
+
+namespace fastbert {
+namespace cpu {
+namespace {
+
+constexpr int64_t kQueryTile = 8;
+constexpr int64_t kKeyTile = 64;
+
+struct VarlenShape {
+  int64_t heads, head_dim, row_stride;
+  float scale;
+};
+
+// scores[i, 0:n] = q[i, :] . kt[:, key0 : key0 + n] for the tile's query rows (q already scaled).
+FB_INLINE void tile_scores(const float* q, int64_t rows, const float* kt, int64_t len, int64_t key0, int64_t n,
+                           int64_t head_dim, float* scores) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* s = scores + i * kKeyTile;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] = 0.0f;
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const float qd = q[i * head_dim + d];
+      const float* kd = kt + d * len + key0;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) s[j] += qd * kd[j];
+    }
+  }
+}
+
+// Online softmax step for one query row: fold scores s[0:n] into (max m, sum l, accumulator acc).
+FB_INLINE void fold_tile(float* s, int64_t n, const float* v, int64_t v_stride, int64_t head_dim, float* m,
+                         float* l, float* acc) {
+  float tile_max = s[0];
+  for (int64_t j = 1; j < n; ++j) tile_max = s[j] > tile_max ? s[j] : tile_max;
+  const float new_max = tile_max > *m ? tile_max : *m;
+  const float correction = fast_exp(*m - new_max);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = fast_exp(s[j] - new_max);
+    sum += s[j];
+  }
+  *l = *l * correction + sum;
+  *m = new_max;
+#pragma omp simd
+  for (int64_t d = 0; d < head_dim; ++d) acc[d] *= correction;
+  for (int64_t j = 0; j < n; ++j) {
+    const float p = s[j];
+    const float* vj = v + j * v_stride;
+#pragma omp simd
+    for (int64_t d = 0; d < head_dim; ++d) acc[d] += p * vj[d];
+  }
+}
+
+// One (sequence, head): rows [start, start + len) of q/k/v at column offset head * head_dim.
+FB_INLINE void attend_one(const float* q, const float* k, const float* v, float* out, int64_t start, int64_t len,
+                          int64_t head, const VarlenShape& shape, float* kt, float* scores, float* qtile) {
+  const int64_t hd = shape.head_dim, stride = shape.row_stride, col = head * hd;
+  for (int64_t j = 0; j < len; ++j) {
+    const float* kj = k + (start + j) * stride + col;
+    for (int64_t d = 0; d < hd; ++d) kt[d * len + j] = kj[d];
+  }
+  const int64_t out_stride = shape.heads * hd;
+  float m[kQueryTile], l[kQueryTile];
+  for (int64_t q0 = 0; q0 < len; q0 += kQueryTile) {
+    const int64_t rows = std::min<int64_t>(kQueryTile, len - q0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* qi = q + (start + q0 + i) * stride + col;
+      float* acc = out + (start + q0 + i) * out_stride + col;
+#pragma omp simd
+      for (int64_t d = 0; d < hd; ++d) {
+        qtile[i * hd + d] = qi[d] * shape.scale;
+        acc[d] = 0.0f;
+      }
+      m[i] = -3.0e38f;
+      l[i] = 0.0f;
+    }
+    for (int64_t key0 = 0; key0 < len; key0 += kKeyTile) {
+      const int64_t n = std::min<int64_t>(kKeyTile, len - key0);
+      tile_scores(qtile, rows, kt, len, key0, n, hd, scores);
+      const float* vtile = v + (start + key0) * stride + col;
+      for (int64_t i = 0; i < rows; ++i)
+        fold_tile(scores + i * kKeyTile, n, vtile, stride, hd, &m[i], &l[i],
+                  out + (start + q0 + i) * out_stride + col);
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      float* acc = out + (start + q0 + i) * out_stride + col;
+      const float inv = 1.0f / l[i];
+#pragma omp simd
+      for (int64_t d = 0; d < hd; ++d) acc[d] *= inv;
+    }
+  }
+}
+
+#define FB_ATTENTION_VARIANT(SUFFIX, ATTR)                                                                      \
+  ATTR void attend_##SUFFIX(const float* q, const float* k, const float* v, float* out, int64_t start,          \
+                            int64_t len, int64_t head, const VarlenShape& shape, float* kt, float* scores,      \
+                            float* qtile) {                                                                    \
+    attend_one(q, k, v, out, start, len, head, shape, kt, scores, qtile);                                       \
+  }
+
+FB_ATTENTION_VARIANT(base, )
+#if FB_HAS_ISA_VARIANTS
+FB_ATTENTION_VARIANT(avx2, FB_ISA_AVX2)
+FB_ATTENTION_VARIANT(avx512, FB_ISA_AVX512)
+#endif
+
+using AttendFn = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t,
+                          const VarlenShape&, float*, float*, float*);
+
+AttendFn pick_attend() {
+#if FB_HAS_ISA_VARIANTS
+  switch (isa_level()) {
+    case 2: return attend_avx512;
+    case 1: return attend_avx2;
+  }
+#endif
+  return attend_base;
+}
+
+}  // namespace
+
+void varlen_attention_fwd(const float* q, const float* k, const float* v, float* out, const int32_t* cu_seqlens,
+                          int64_t batch, int64_t heads, int64_t head_dim, int64_t row_stride, int64_t max_seqlen,
+                          float softmax_scale, int num_threads) {
+  if (batch < 0 || heads <= 0 || head_dim <= 0 || row_stride < heads * head_dim || max_seqlen < 0)
+    throw std::invalid_argument("varlen_attention_fwd: bad sizes");
+  for (int64_t b = 0; b < batch; ++b)
+    if (cu_seqlens[b + 1] < cu_seqlens[b] || cu_seqlens[b + 1] - cu_seqlens[b] > max_seqlen)
+      throw std::invalid_argument("varlen_attention_fwd: cu_seqlens must be non-decreasing, gaps <= max_seqlen");
+  const VarlenShape shape{heads, head_dim, row_stride, softmax_scale};
+  const AttendFn fn = pick_attend();
+  const int64_t tasks = batch * heads;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(num_threads, 1), tasks)));
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> kt(static_cast<size_t>(head_dim * std::max<int64_t>(max_seqlen, 1)));
+    std::vector<float> scores(static_cast<size_t>(kQueryTile * kKeyTile));
+    std::vector<float> qtile(static_cast<size_t>(kQueryTile * head_dim));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / heads, head = task % heads;
+      const int64_t start = cu_seqlens[b], len = cu_seqlens[b + 1] - cu_seqlens[b];
+      if (len > 0) fn(q, k, v, out, start, len, head, shape, kt.data(), scores.data(), qtile.data());
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastbert

@@ -1,0 +1,46 @@
+"""varlen_attention on the "cpp" backend: fastbert._C's CPU kernel (csrc/cpu/attention.cpp).
+
+fp32 inference only: one (sequence, head) per task, online softmax over key tiles, reading q/k/v
+straight from the fused QKV output's views (no copies). The registration refuses calls that autograd
+records; a call with dropout, or traced by torch.compile, runs the torch implementation instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastbert import extension
+
+
+def _shares_row_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """q, k, v are (tokens, heads, head_dim) with contiguous heads and one row stride."""
+    heads, head_dim = q.shape[1], q.shape[2]
+    return all(
+        t.stride(2) == 1 and (t.stride(1) == head_dim or heads == 1) and t.stride(0) == q.stride(0)
+        for t in (q, k, v)
+    ) and q.stride(0) >= heads * head_dim
+
+
+def _needs_fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
+    records = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return dropout_p > 0.0 or records or torch.compiler.is_compiling()
+
+
+def varlen_attention_cpp(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, dropout_p=0.0):
+    """Packed self-attention on fastbert._C. q, k, v: (tokens, heads, head_dim) fp32 CPU; returns the same shape."""
+    if _needs_fallback(q, k, v, dropout_p):
+        from fastbert.ops.attention import _varlen_attention_sdpa
+
+        return _varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen, softmax_scale=softmax_scale, dropout_p=dropout_p)
+    if cu_seqlens.numel() < 1 or int(cu_seqlens[0]) < 0 or int(cu_seqlens[-1]) > q.shape[0]:
+        raise ValueError(f"cu_seqlens must run from >= 0 to <= the {q.shape[0]} packed tokens")
+    if not _shares_row_layout(q, k, v):
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    tokens, heads, head_dim = q.shape
+    scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+    out = torch.empty((tokens, heads, head_dim), dtype=q.dtype)
+    cu_seqlens = cu_seqlens.contiguous()
+    extension.module().varlen_attention_fwd(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), cu_seqlens.data_ptr(), cu_seqlens.numel() - 1,
+        heads, head_dim, q.stride(0), int(max_seqlen), scale, torch.get_num_threads(),
+    )
+    return out
