@@ -1,6 +1,7 @@
 """Triton add + LayerNorm: y = LayerNorm(dropout(x + x_bias) + residual), forward and backward.
 
-Tensors are viewed as (rows, width) row-major, one row held whole in registers (width <= kernels/limits.py LAYER_NORM_MAX_WIDTH).
+Tensors are viewed as (rows, width) row-major, one row held whole in registers
+(width <= LAYER_NORM_MAX_WIDTH in kernels/limits.py).
 Forward: one program per row; mean and rstd are saved in fp32. Dropout keeps an element when
 tl.rand(seed, flat offset) >= p, the seed drawn on the host; the backward regenerates the mask from the
 seed and recomputes the pre-norm sum from (x, x_bias, residual), so neither mask nor sum is stored.

@@ -14,7 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 CU_FILES = sorted((CSRC / "cuda").glob("*.cu"))
-NVCC = shutil.which("nvcc") or (str(Path("/usr/local/cuda/bin/nvcc")) if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+_DEFAULT_NVCC = Path("/usr/local/cuda/bin/nvcc")
+NVCC = shutil.which("nvcc") or (str(_DEFAULT_NVCC) if _DEFAULT_NVCC.exists() else None)
 requires_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA toolkit not installed)")
 
 BASE_FLAGS = ["-O3", "-std=c++17", f"-I{CSRC / 'include'}", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"]

@@ -54,7 +54,8 @@ def rand(*shape, dtype, scale=1.0, offset=0.0, seed=0):
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
 def test_bias_gelu(dtype, width, approximate, with_bias):
-    inputs = dict(x=rand(2, 5, width, dtype=dtype, scale=3), bias=rand(width, dtype=dtype, seed=1) if with_bias else None)
+    bias = rand(width, dtype=dtype, seed=1) if with_bias else None
+    inputs = dict(x=rand(2, 5, width, dtype=dtype, scale=3), bias=bias)
     run_three(lambda x, bias: ops.bias_gelu(x, bias, approximate), inputs)
 
 

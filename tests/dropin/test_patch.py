@@ -121,7 +121,7 @@ def test_parameters_state_dict_and_optimizer_are_untouched():
         m.bert.pooler.dense.register_forward_pre_hook(lambda mod, args: (args[0].double(),))
         m.classifier.register_forward_pre_hook(lambda mod, args: (args[0].float(),))
     g = torch.Generator().manual_seed(3)
-    for step in range(3):
+    for _ in range(3):
         batch = random_batch(config, 4, 10, lengths=[10, 3, 7, 1], generator=g)
         batch["labels"] = torch.randint(0, 2, (4,), generator=g)
         for m, opt in ((model, optimizer), (reference, ref_optimizer)):

@@ -41,7 +41,8 @@ def test_lora_outputs_losses_gradients_and_merge(order):
     query = model.base_model.model.bert.encoder.layer[0].attention.self.query
     assert type(query).__module__.startswith("peft"), "LoRA wrapped the separate query Linear"
     g = torch.Generator().manual_seed(1)
-    batch = dict(random_batch(small_config(), 4, 10, lengths=[10, 6, 3, 8], generator=g), labels=torch.tensor([0, 1, 1, 0]))
+    batch = random_batch(small_config(), 4, 10, lengths=[10, 6, 3, 8], generator=g)
+    batch["labels"] = torch.tensor([0, 1, 1, 0])
     model.train(), reference.train()
     loss, grads = loss_and_grads(model, batch)
     ref_loss, ref_grads = loss_and_grads(reference, batch)

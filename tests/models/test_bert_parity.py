@@ -76,7 +76,9 @@ def test_multiple_choice_matches_transformers():
 
 
 @pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new", "gelu_pytorch_tanh", "relu"])
-@pytest.mark.parametrize("shape", [dict(hidden_size=96, num_attention_heads=3), dict(hidden_size=128, num_attention_heads=2)])
+@pytest.mark.parametrize(
+    "shape", [dict(hidden_size=96, num_attention_heads=3), dict(hidden_size=128, num_attention_heads=2)]
+)
 def test_activations_and_head_dims(hidden_act, shape):
     config = small_config(hidden_act=hidden_act, **shape)  # head_dim 32 and 64
     reference, fast = twin_models("BertModel", config)

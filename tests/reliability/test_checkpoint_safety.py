@@ -102,7 +102,8 @@ def test_unexpected_weight_is_listed(saved):
     folder, path, tensors = saved
     tensors["bert.encoder.layer.0.attention.self.extra.weight"] = torch.zeros(3)
     _rewrite(path, tensors)
-    with pytest.raises(fastbert.MissingWeightsError, match=r"unexpected \(1\): bert\.encoder\.layer\.0\.attention\.self\.extra\.weight"):
+    expected = r"unexpected \(1\): bert\.encoder\.layer\.0\.attention\.self\.extra\.weight"
+    with pytest.raises(fastbert.MissingWeightsError, match=expected):
         fastbert.BertForMaskedLM.from_pretrained(folder)
 
 

@@ -52,7 +52,11 @@ def test_valid_inputs_pass():
 
 @pytest.mark.parametrize(
     "bad_id,message",
-    [(128, "input_ids contains 128, but vocab_size=128"), (10**6, "input_ids contains 1000000"), (-1, "below the minimum 0")],
+    [
+        (128, "input_ids contains 128, but vocab_size=128"),
+        (10**6, "input_ids contains 1000000"),
+        (-1, "below the minimum 0"),
+    ],
 )
 def test_token_id_out_of_range(bad_id, message):
     input_ids = ids(2, 8)
