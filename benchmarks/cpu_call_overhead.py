@@ -1,0 +1,54 @@
+"""Per-call Python overhead of a fastbert forward on CPU: a 12-layer model of width 64 on 1 x 8 tokens,
+where the arithmetic costs microseconds, so the time is dispatch, Python and op-launch overhead.
+fastbert (patched) and HuggingFace (SDPA) interleaved; medians of many calls.
+
+    python benchmarks/cpu_call_overhead.py [--threads 2] [--repeats 300]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import transformers
+
+import fastbert
+
+
+def _model(config, patched: bool):
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    return fastbert.patch(model) if patched else model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = transformers.BertConfig(hidden_size=64, num_attention_heads=1, intermediate_size=256)
+    config._attn_implementation = "sdpa"
+    models = {"hf-sdpa": _model(config, False), "fastbert": _model(config, True)}
+    ids = torch.randint(1, config.vocab_size, (args.batch, args.seq))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    times = {name: [] for name in models}
+    with torch.inference_mode():
+        for name, model in models.items():
+            for _ in range(20):
+                model(**inputs)
+        for repeat in range(args.repeats):
+            for name in list(models)[repeat % 2:] + list(models)[:repeat % 2]:
+                start = time.perf_counter()
+                models[name](**inputs)
+                times[name].append(time.perf_counter() - start)
+    for name, values in times.items():
+        print(f"{name}: median {statistics.median(values) * 1e3:.3f} ms per forward "
+              f"({config.num_hidden_layers} layers, {args.batch}x{args.seq} tokens, width {config.hidden_size})")
+
+
+if __name__ == "__main__":
+    main()
