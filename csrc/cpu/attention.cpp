@@ -21,25 +21,31 @@ struct VarlenShape {
   float scale;
 };
 
-// scores[i, 0:n] = q[i, :] . kt[:, key0 : key0 + n] for the tile's query rows (q already scaled).
-FB_INLINE void tile_scores(const float* q, int64_t rows, const float* kt, int64_t len, int64_t key0, int64_t n,
-                           int64_t head_dim, float* scores) {
+// scores[i, 0:kKeyTile] = q[i, :] . kt[:, key0 : key0 + kKeyTile] for the tile's query rows (q already
+// scaled). kt's rows are padded with zeros to a multiple of kKeyTile, so every tile is full width and
+// the kKeyTile accumulators of a row stay in registers across the head_dim loop.
+FB_INLINE void tile_scores(const float* __restrict__ q, int64_t rows, const float* __restrict__ kt, int64_t kt_stride,
+                           int64_t key0, int64_t head_dim, float* __restrict__ scores) {
   for (int64_t i = 0; i < rows; ++i) {
-    float* s = scores + i * kKeyTile;
+    float s[kKeyTile];
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) s[j] = 0.0f;
+    for (int64_t j = 0; j < kKeyTile; ++j) s[j] = 0.0f;
     for (int64_t d = 0; d < head_dim; ++d) {
       const float qd = q[i * head_dim + d];
-      const float* kd = kt + d * len + key0;
+      const float* kd = kt + d * kt_stride + key0;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) s[j] += qd * kd[j];
+      for (int64_t j = 0; j < kKeyTile; ++j) s[j] += qd * kd[j];
     }
+#pragma omp simd
+    for (int64_t j = 0; j < kKeyTile; ++j) scores[i * kKeyTile + j] = s[j];
   }
 }
 
 // Online softmax step for one query row: fold scores s[0:n] into (max m, sum l, accumulator acc).
-FB_INLINE void fold_tile(float* s, int64_t n, const float* v, int64_t v_stride, int64_t head_dim, float* m,
-                         float* l, float* acc) {
+// HD > 0: head_dim known at compile time (the accumulator lives in registers); 0: runtime head_dim.
+template <int HD>
+FB_INLINE void fold_tile(float* __restrict__ s, int64_t n, const float* __restrict__ v, int64_t v_stride,
+                         int64_t head_dim, float* m, float* l, float* __restrict__ acc) {
   float tile_max = s[0];
   for (int64_t j = 1; j < n; ++j) tile_max = s[j] > tile_max ? s[j] : tile_max;
   const float new_max = tile_max > *m ? tile_max : *m;
@@ -52,23 +58,43 @@ FB_INLINE void fold_tile(float* s, int64_t n, const float* v, int64_t v_stride, 
   }
   *l = *l * correction + sum;
   *m = new_max;
+  if constexpr (HD > 0) {
+    float a[HD];
 #pragma omp simd
-  for (int64_t d = 0; d < head_dim; ++d) acc[d] *= correction;
-  for (int64_t j = 0; j < n; ++j) {
-    const float p = s[j];
-    const float* vj = v + j * v_stride;
+    for (int64_t d = 0; d < HD; ++d) a[d] = acc[d] * correction;
+    for (int64_t j = 0; j < n; ++j) {
+      const float p = s[j];
+      const float* vj = v + j * v_stride;
 #pragma omp simd
-    for (int64_t d = 0; d < head_dim; ++d) acc[d] += p * vj[d];
+      for (int64_t d = 0; d < HD; ++d) a[d] += p * vj[d];
+    }
+#pragma omp simd
+    for (int64_t d = 0; d < HD; ++d) acc[d] = a[d];
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < head_dim; ++d) acc[d] *= correction;
+    for (int64_t j = 0; j < n; ++j) {
+      const float p = s[j];
+      const float* vj = v + j * v_stride;
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) acc[d] += p * vj[d];
+    }
   }
 }
 
+FB_INLINE int64_t padded_length(int64_t len) { return (len + kKeyTile - 1) / kKeyTile * kKeyTile; }
+
 // One (sequence, head): rows [start, start + len) of q/k/v at column offset head * head_dim.
+template <int HD>
 FB_INLINE void attend_one(const float* q, const float* k, const float* v, float* out, int64_t start, int64_t len,
                           int64_t head, const VarlenShape& shape, float* kt, float* scores, float* qtile) {
   const int64_t hd = shape.head_dim, stride = shape.row_stride, col = head * hd;
+  const int64_t kt_stride = padded_length(len);
+  for (int64_t d = 0; d < hd; ++d)
+    for (int64_t j = len; j < kt_stride; ++j) kt[d * kt_stride + j] = 0.0f;
   for (int64_t j = 0; j < len; ++j) {
     const float* kj = k + (start + j) * stride + col;
-    for (int64_t d = 0; d < hd; ++d) kt[d * len + j] = kj[d];
+    for (int64_t d = 0; d < hd; ++d) kt[d * kt_stride + j] = kj[d];
   }
   const int64_t out_stride = shape.heads * hd;
   float m[kQueryTile], l[kQueryTile];
@@ -87,11 +113,11 @@ FB_INLINE void attend_one(const float* q, const float* k, const float* v, float*
     }
     for (int64_t key0 = 0; key0 < len; key0 += kKeyTile) {
       const int64_t n = std::min<int64_t>(kKeyTile, len - key0);
-      tile_scores(qtile, rows, kt, len, key0, n, hd, scores);
+      tile_scores(qtile, rows, kt, kt_stride, key0, hd, scores);
       const float* vtile = v + (start + key0) * stride + col;
       for (int64_t i = 0; i < rows; ++i)
-        fold_tile(scores + i * kKeyTile, n, vtile, stride, hd, &m[i], &l[i],
-                  out + (start + q0 + i) * out_stride + col);
+        fold_tile<HD>(scores + i * kKeyTile, n, vtile, stride, hd, &m[i], &l[i],
+                      out + (start + q0 + i) * out_stride + col);
     }
     for (int64_t i = 0; i < rows; ++i) {
       float* acc = out + (start + q0 + i) * out_stride + col;
@@ -106,7 +132,10 @@ FB_INLINE void attend_one(const float* q, const float* k, const float* v, float*
   ATTR void attend_##SUFFIX(const float* q, const float* k, const float* v, float* out, int64_t start,          \
                             int64_t len, int64_t head, const VarlenShape& shape, float* kt, float* scores,      \
                             float* qtile) {                                                                    \
-    attend_one(q, k, v, out, start, len, head, shape, kt, scores, qtile);                                       \
+    if (shape.head_dim == 64)                                                                                  \
+      attend_one<64>(q, k, v, out, start, len, head, shape, kt, scores, qtile);                                \
+    else                                                                                                       \
+      attend_one<0>(q, k, v, out, start, len, head, shape, kt, scores, qtile);                                 \
   }
 
 FB_ATTENTION_VARIANT(base, )
@@ -144,7 +173,7 @@ void varlen_attention_fwd(const float* q, const float* k, const float* v, float*
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(num_threads, 1), tasks)));
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<float> kt(static_cast<size_t>(head_dim * std::max<int64_t>(max_seqlen, 1)));
+    std::vector<float> kt(static_cast<size_t>(head_dim * padded_length(std::max<int64_t>(max_seqlen, 1))));
     std::vector<float> scores(static_cast<size_t>(kQueryTile * kKeyTile));
     std::vector<float> qtile(static_cast<size_t>(kQueryTile * head_dim));
 #pragma omp for schedule(dynamic, 1)

@@ -136,13 +136,11 @@ for _op, _torch_target, _triton_target in (
     ))
 
 
-def _refuse_autograd(call: Signature) -> str | None:
-    return "the CPU attention kernel has no backward (autograd is recording)" if call.grad else None
-
-
+# fp32 inference runs fastbert._C's kernel; bf16, autograd-recording, dropout and traced calls run the
+# torch implementation inside it, so a model still trains whole under use_backend("cpp").
 REGISTRY.register(Implementation(
     op="varlen_attention", backend="cpp", target="fastbert.ops.cpu_attention:varlen_attention_cpp",
-    devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}), probe=cpp_probe, supports=_refuse_autograd,
+    devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32, torch.bfloat16}), probe=cpp_probe,
 ))
 
 

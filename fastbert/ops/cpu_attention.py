@@ -1,8 +1,9 @@
 """varlen_attention on the "cpp" backend: fastbert._C's CPU kernel (csrc/cpu/attention.cpp).
 
-fp32 inference only: one (sequence, head) per task, online softmax over key tiles, reading q/k/v
-straight from the fused QKV output's views (no copies). The registration refuses calls that autograd
-records; a call with dropout, or traced by torch.compile, runs the torch implementation instead.
+fp32 inference: one (sequence, head) per task, online softmax over key tiles, reading q/k/v straight
+from the fused QKV output's views (no copies). Calls the kernel does not cover (other dtypes, autograd
+recording, dropout, tracing by torch.compile) run the torch implementation, so that training under
+use_backend("cpp") keeps working as before the kernel existed.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _shares_row_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> boo
 
 def _needs_fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
     records = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return dropout_p > 0.0 or records or torch.compiler.is_compiling()
+    return q.dtype != torch.float32 or dropout_p > 0.0 or records or torch.compiler.is_compiling()
 
 
 def varlen_attention_cpp(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, dropout_p=0.0):

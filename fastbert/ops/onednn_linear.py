@@ -51,7 +51,7 @@ def problem(device: str) -> str | None:
     if device != "cpu":
         return f"oneDNN packed linears run on CPU tensors, got {device}"
     if not _packing_enabled:
-        return "packed oneDNN weights are switched off (fastbert.ops.onednn_linear.set_packing(False))"
+        return "packed oneDNN weights are switched off (FASTBERT_PACKED_WEIGHTS=0 or onednn_linear.set_packing(False))"
     return mkldnn_problem()
 
 

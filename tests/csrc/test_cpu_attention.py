@@ -63,3 +63,22 @@ def test_bad_cu_seqlens_raise():
         cpp_attention(q, k, v, torch.tensor([0, 5, 20], dtype=torch.int32), 15)
     with torch.no_grad(), pytest.raises(ValueError):
         cpp_attention(q, k, v, cu, 4)  # a sequence longer than max_seqlen
+
+
+def test_bf16_takes_the_torch_path_and_training_runs_under_cpp():
+    import transformers
+
+    import fastbert
+
+    q, k, v, cu = packed_qkv([5, 9], 2, 8)
+    with torch.no_grad():
+        got = cpp_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), cu, 9)
+    assert got.dtype == torch.bfloat16
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32)
+    model = fastbert.patch(transformers.BertModel(config))
+    ids = torch.randint(1, 50, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    with fastbert.use_backend("cpp"):
+        model(input_ids=ids, attention_mask=mask).last_hidden_state.sum().backward()
+    assert model.embeddings.word_embeddings.weight.grad is not None

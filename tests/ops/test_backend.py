@@ -83,7 +83,6 @@ EXPECTED_CAPABILITIES = {
     "cuda": (set(ROW_OPS), {"cuda"}, HALF_AND_FLOAT),
     "cpp": (set(ROW_OPS) | {"varlen_attention"}, {"cpu"}, {torch.float32, torch.bfloat16}),
 }
-DTYPE_LIMITS = {("cpp", "varlen_attention"): {torch.float32}}  # the CPU attention kernel is fp32 only
 SIZE_LIMITS = {("triton", "add_layer_norm"): 4096, ("cuda", "add_layer_norm"): 8192,
                ("triton", "attention"): 128, ("triton", "varlen_attention"): 128}
 AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
@@ -91,7 +90,6 @@ AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
 
 def _can_run(name, op, device, dtype, size):
     ops, devices, dtypes = EXPECTED_CAPABILITIES[name]
-    dtypes = DTYPE_LIMITS.get((name, op), dtypes)
     limit = SIZE_LIMITS.get((name, op), float("inf"))
     return op in ops and device in devices and dtype in dtypes and size <= limit
 
