@@ -68,6 +68,9 @@ def format_table(record: dict) -> str:
     )
     if gpu:
         footer += f"; MFU vs measured {options['dtype']} matmul peak {record['matmul_peak_flops'] / 1e12:.0f} TFLOP/s"
+    if record.get("packed_weight_bytes"):
+        packed = _memory(record["packed_weight_bytes"])
+        footer += f"\nfastbert's packed oneDNN weights: {packed} extra (FASTBERT_PACKED_WEIGHTS=0 turns them off)"
     return "\n".join(header + [""] + lines + ["", footer])
 
 

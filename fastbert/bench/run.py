@@ -11,6 +11,7 @@ from fastbert.bench import environment
 from fastbert.bench.models import BASELINES, FASTBERT, build_implementations, load_config
 from fastbert.bench.timing import interleaved_times, paired_speedup, peak_memory, summarize
 from fastbert.bench.workloads import forward_bytes, forward_flops, make_workload
+from fastbert.ops import onednn_linear
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Cross-check tolerance on real tokens, relative to the reference's scale max(1, max |ref|).
@@ -202,6 +203,7 @@ def run_bench(options: BenchOptions, config=None) -> dict:
         "matmul_peak_flops": matmul_peak,
         "implementations": list(impls),
         "onnxruntime_fused_operators": getattr(impls.get("onnxruntime"), "fused_operators", None),
+        "packed_weight_bytes": onednn_linear.cache_bytes(),  # extra memory of the packed GEMM weights
         "fastbert": FASTBERT,
         "configurations": configurations,
     }

@@ -55,9 +55,13 @@ def test_onnxruntime_refuses_training_mode(capsys):
     assert "CPU fp32 inference only" in capsys.readouterr().err
 
 
-def test_arch_preset_runs(capsys):
-    assert bench("--arch", "bert-tiny") == 0
-    assert "fastbert" in capsys.readouterr().out
+def test_arch_preset_runs_and_reports_packed_weight_memory(capsys, tmp_path):
+    json_path = tmp_path / "out.json"
+    assert bench("--arch", "bert-tiny", "--json", str(json_path)) == 0
+    out = capsys.readouterr().out
+    assert "fastbert" in out
+    if json.loads(json_path.read_text())["packed_weight_bytes"]:
+        assert "packed oneDNN weights" in out
 
 
 def test_unknown_arch_and_model_type_are_clear_errors(tmp_path, capsys):
