@@ -177,10 +177,17 @@ def test_switching_packing_off_frees_the_cache_and_falls_back():
             Signature("linear", "cpu", torch.float32))
 
 
-def test_missing_private_ops_are_reported(monkeypatch):
+def test_missing_private_ops_fall_back_silently_and_info_says_why(monkeypatch):
     monkeypatch.setattr(onednn_linear, "_REQUIRED_OPS", ("_no_such_op_for_fastbert",))
-    problem = onednn_linear.problem("cpu")
-    assert problem is not None and "_no_such_op_for_fastbert" in problem
+    fastbert.backend.REGISTRY.clear_cache()
+    try:
+        assert "_no_such_op_for_fastbert" in onednn_linear.problem("cpu")
+        assert "_no_such_op_for_fastbert" in fastbert.available_backends()["onednn"]
+        layer, x = nn.Linear(16, 8), torch.randn(4, 16)
+        with torch.no_grad():
+            assert linear_op.linear_implementation(x, layer.weight, layer.bias) is linear_op.linear_ref
+    finally:
+        fastbert.backend.REGISTRY.clear_cache()
 
 
 @needs_onednn
