@@ -119,7 +119,7 @@ class NinjaBuildExt(build_ext):
                     f"fastbert: building {ext.name} failed ({exc}); installing without it "
                     "(the torch backend still works; set FASTBERT_REQUIRE_EXT=1 to make this fatal)"
                 )
-                warnings.warn(message)
+                warnings.warn(message, stacklevel=2)
                 print(f"WARNING: {message}", file=sys.stderr)
                 failed.append(ext)
         # setuptools copies/lists self.extensions' outputs afterwards: forget the ones that failed

@@ -78,10 +78,9 @@ def _per_sequence(attention_fn, q, k, v, cu_seqlens, *, softmax_scale=None, drop
     outputs = []
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
-        def one(t):
-            return t[start:end].transpose(0, 1)[None]  # (1, heads, length, head_dim)
-
-        out = attention_fn(one(q), one(k), one(v), softmax_scale=softmax_scale, dropout_p=dropout_p)
+        # (1, heads, length, head_dim) views of this sequence
+        one_q, one_k, one_v = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
+        out = attention_fn(one_q, one_k, one_v, softmax_scale=softmax_scale, dropout_p=dropout_p)
         outputs.append(out[0].transpose(0, 1))
     return torch.cat(outputs, dim=0) if outputs else q.new_zeros(q.shape)
 
