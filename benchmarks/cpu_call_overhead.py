@@ -37,7 +37,7 @@ def main() -> None:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     times = {name: [] for name in models}
     with torch.inference_mode():
-        for name, model in models.items():
+        for model in models.values():
             for _ in range(20):
                 model(**inputs)
         for repeat in range(args.repeats):
