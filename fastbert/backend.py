@@ -69,6 +69,38 @@ def _validate_name(name: str) -> str:
 _current = _validate_name(os.environ.get("FASTBERT_BACKEND", "auto").strip().lower() or "auto")
 
 
+# > 0 while a training-mode forward runs its layers (see training_forward).
+_training_forwards = 0
+
+
+class training_forward:
+    """Within this block every op call counts as recorded by autograd, even under no_grad.
+
+    The encoder runs the layers of a model in training mode inside it. Gradient checkpointing with
+    use_reentrant=True runs its first forward under no_grad and recomputes it with grad in backward:
+    both passes must take the same implementations (inference-only kernels such as the packed oneDNN
+    GEMM refuse autograd calls), or the loss and the gradients come from different numerics, and the
+    weights would be re-packed at every training step.
+    """
+
+    def __enter__(self):
+        global _training_forwards
+        _training_forwards += 1
+
+    def __exit__(self, *exc):
+        global _training_forwards
+        _training_forwards -= 1
+        return False
+
+
+def records_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a call on `tensors`: grad mode and a tensor requiring grad, or a
+    training-mode forward (training_forward)."""
+    if _training_forwards > 0:
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def current_backend() -> str:
     """The backend name in force ("auto" unless set by use_backend or FASTBERT_BACKEND)."""
     return _current

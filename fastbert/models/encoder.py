@@ -9,6 +9,7 @@ the end. A batch without padding stays in its dense (batch, seq) layout and skip
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 import weakref
 from dataclasses import dataclass
@@ -112,7 +113,7 @@ def _fused_qkv_parameters(owner: nn.Module, linears: tuple[nn.Linear, nn.Linear,
     (identity and version counter; the entry holds the parameters, so no address is ever reused).
     """
     params = tuple(p for lin in linears for p in (lin.weight, lin.bias))
-    caching = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    caching = not backend.records_autograd() and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
     if caching:
         versions = tuple(p._version for p in params)
         cached = _QKV_CACHE.get(owner)
@@ -298,10 +299,11 @@ def encode(model: nn.Module, family: Family, inputs: dict, keep: torch.Tensor | 
     if projection is not None:
         hidden = projection(hidden)
     all_hidden = [layout.unpack(hidden)] if options.get("output_hidden_states") else None
-    for layer in family.schedule(model):
-        hidden = _run_layer(layer, hidden, layout, family)
-        if all_hidden is not None:
-            all_hidden.append(layout.unpack(hidden))
+    with backend.training_forward() if model.training else contextlib.nullcontext():
+        for layer in family.schedule(model):
+            hidden = _run_layer(layer, hidden, layout, family)
+            if all_hidden is not None:
+                all_hidden.append(layout.unpack(hidden))
     first_tokens = layout.first_tokens(hidden)
     fill = options.get("first_token_at_column_0") and not layout.dense and layout.seqlen > 0
     last = all_hidden[-1] if all_hidden and not fill else layout.unpack(hidden)

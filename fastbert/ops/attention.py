@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastbert import backend
 from fastbert.backend import REGISTRY, cpp_probe, runs_anywhere, triton_probe
 from fastbert.kernels import limits as triton_limits
 from fastbert.ops._dispatch import compute_dtype, implementation
@@ -184,6 +185,6 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, dro
         )
     if int(max_seqlen) < 0:
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    grad = backend.records_autograd(q, k, v)
     run = implementation("varlen_attention", q, head_dim=q.shape[-1], grad=grad)
     return run(q, k, v, cu_seqlens, int(max_seqlen), softmax_scale=softmax_scale, dropout_p=dropout_p)

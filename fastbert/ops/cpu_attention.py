@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fastbert import extension
+from fastbert import backend, extension
 
 
 def _shares_row_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -22,7 +22,7 @@ def _shares_row_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> boo
 
 
 def _needs_fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
-    records = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    records = backend.records_autograd(q, k, v)
     return q.dtype != torch.float32 or dropout_p > 0.0 or records or torch.compiler.is_compiling()
 
 

@@ -46,9 +46,7 @@ REGISTRY.register(Implementation(
 
 
 def _records_autograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    return x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    return backend.records_autograd(x, weight, bias)
 
 
 def _check_arguments(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation) -> None:

@@ -212,3 +212,27 @@ def test_patched_families_run_packed_gemms_and_match_transformers(arch):
         got = model(**work.inputs).last_hidden_state[work.keep]
     assert onednn_linear.cache_bytes() > 0  # the packed path ran
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_training_mode_forward_under_no_grad_keeps_the_autograd_path():
+    # Reentrant gradient checkpointing runs a training model's first forward under no_grad: it must
+    # take the implementations of the recomputation (no packed weights, no inference-only kernels).
+    model = fastbert.BertModel(transformers_config()).train()
+    ids = torch.randint(1, 100, (2, 12))
+    onednn_linear.clear_cache()
+    with torch.no_grad():
+        model(ids, attention_mask=torch.ones_like(ids))
+    assert onednn_linear.cache_bytes() == 0
+    with torch.no_grad():
+        assert not fastbert.backend.records_autograd()
+        with fastbert.backend.training_forward():
+            assert fastbert.backend.records_autograd()
+        model.eval()(ids, attention_mask=torch.ones_like(ids))
+    assert onednn_linear.cache_bytes() > 0  # eval under no_grad does pack
+
+
+def transformers_config():
+    import transformers
+
+    return transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
