@@ -69,6 +69,22 @@ def _validate_name(name: str) -> str:
 _current = _validate_name(os.environ.get("FASTBERT_BACKEND", "auto").strip().lower() or "auto")
 
 
+_interpreting: bool | None = None
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET as it was at fastbert's first look (fastbert.kernels.host parses it).
+
+    Read once per process, as Triton itself fixes it: a kernel module is compiled or interpreted from
+    the moment it is imported. (Reading the environment costs ~1 us, and resolution runs ~10 times per
+    layer.) Set it before the first fastbert call.
+    """
+    global _interpreting
+    if _interpreting is None:
+        _interpreting = triton_interpreting()
+    return _interpreting
+
+
 # > 0 while a training-mode forward runs its layers (see training_forward).
 _training_forwards = 0
 
@@ -198,7 +214,7 @@ def backend_problem(name: str, device: torch.device | str | None = None) -> str 
     takes = REGISTRY.devices_of(name)
     if device_type is not None and takes and device_type not in takes:
         return f"the {name} backend runs on {', '.join(sorted(takes))} tensors, got {device_type}"
-    return REGISTRY.availability(name, triton_interpreting(), device_type)
+    return REGISTRY.availability(name, interpreting(), device_type)
 
 
 def available_backends() -> dict[str, bool | str]:
@@ -208,7 +224,7 @@ def available_backends() -> dict[str, bool | str]:
 
 def signature(op: str, x: torch.Tensor, width: int = 0, head_dim: int = 0, grad: bool = False) -> Signature:
     """What resolution looks at in a call of `op` on `x`."""
-    return Signature(op, x.device.type, x.dtype, width, head_dim, grad, triton_interpreting())
+    return Signature(op, x.device.type, x.dtype, width, head_dim, grad, interpreting())
 
 
 @torch.compiler.assume_constant_result
@@ -220,8 +236,7 @@ def _resolve_name(requested: str, op: str, device: str, dtype: torch.dtype, widt
     environment and the memo dict stay out of the graph. (Plain arguments: dynamo passes a NamedTuple
     to such a function as a bare tuple.) A new selection is a new argument, hence a recompile.
     """
-    call = Signature(op, device, dtype, width, head_dim, grad, triton_interpreting())
-    return REGISTRY.resolve(requested, call).backend
+    return REGISTRY.resolved_backend(requested, op, device, dtype, width, head_dim, grad, interpreting())
 
 
 def resolved_backend(op: str, x: torch.Tensor, *, width: int = 0, head_dim: int = 0, grad: bool = False) -> str:

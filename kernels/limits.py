@@ -21,7 +21,8 @@ ATTENTION_MAX_HEAD_DIM = 128
 def cpu_problem(device: str, interpreting: bool) -> str | None:
     """Triton runs CPU tensors only in its interpreter."""
     if device == "cpu" and not interpreting:
-        return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+        return ("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1, set before the first fastbert call, "
+                "for the CPU interpreter)")
     return None
 
 

@@ -10,6 +10,7 @@ the end. A batch without padding stays in its dense (batch, seq) layout and skip
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import operator
 import weakref
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ class TokenLayout:
     indices: torch.Tensor | None  # (tokens,) rows of batch*seq that are real; None = no padding
     cu_seqlens: torch.Tensor | None  # (batch+1,) int32
     max_seqlen: int
+    # Each layer's modules as this forward's check saw them (support.check_modules), so the layers
+    # run exactly what was checked and the module tree is walked once per call.
+    views: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_mask(cls, keep: torch.Tensor | None, batch: int, seqlen: int) -> "TokenLayout":
@@ -105,33 +109,41 @@ def clear_fused_qkv_cache(module: nn.Module) -> None:
         _QKV_CACHE.pop(sub, None)
 
 
-def _fused_qkv_parameters(owner: nn.Module, linears: tuple[nn.Linear, nn.Linear, nn.Linear]):
+_VERSION = operator.attrgetter("_version")
+
+
+def _fused_qkv_parameters(owner: nn.Module, query: nn.Linear, key: nn.Linear, value: nn.Linear):
     """One (3*hidden, hidden) weight and bias from the separate query/key/value Linears.
 
     PEFT targets the projections by name, so the modules stay separate and are fused here, at run
     time. Without autograd the fused copy is cached until a parameter is replaced or changes
     (identity and version counter; the entry holds the parameters, so no address is ever reused).
+    (map and operator over generator expressions: this runs per layer per call, batch 1 included.)
     """
-    params = tuple(p for lin in linears for p in (lin.weight, lin.bias))
+    params = (query.weight, query.bias, key.weight, key.bias, value.weight, value.bias)
     caching = not backend.records_autograd() and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
     if caching:
-        versions = tuple(p._version for p in params)
+        versions = tuple(map(_VERSION, params))
         cached = _QKV_CACHE.get(owner)
-        if cached is not None and cached[1] == versions and all(a is b for a, b in zip(cached[0], params)):
+        if cached is not None and cached[1] == versions and all(map(operator.is_, cached[0], params)):
             return cached[2], cached[3]
-    weight = torch.cat([lin.weight for lin in linears])
-    bias = torch.cat([lin.bias for lin in linears])
+    weight = torch.cat(params[0::2])
+    bias = torch.cat(params[1::2])
     if caching:
         _QKV_CACHE[owner] = (params, versions, weight, bias)  # one assignment: thread-safe
     return weight, bias
 
 
-def project_qkv(owner: nn.Module, linears: tuple, hidden: torch.Tensor):
+def _plain_linear_with_bias(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and module.bias is not None
+
+
+def project_qkv(owner: nn.Module, query: nn.Module, key: nn.Module, value: nn.Module, hidden: torch.Tensor):
     """GEMM 1: query, key, value projections of (tokens, hidden), each (tokens, heads * head_dim)."""
-    if all(type(lin) is nn.Linear and lin.bias is not None for lin in linears):
-        weight, bias = _fused_qkv_parameters(owner, linears)
+    if _plain_linear_with_bias(query) and _plain_linear_with_bias(key) and _plain_linear_with_bias(value):
+        weight, bias = _fused_qkv_parameters(owner, query, key, value)
         return linear_op(hidden, weight, bias).chunk(3, dim=-1)
-    return tuple(lin(hidden) for lin in linears)
+    return query(hidden), key(hidden), value(hidden)
 
 
 def ffn_in_activation(dense: nn.Module, activation: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -159,22 +171,22 @@ def _dropout_p(module: nn.Module | None) -> float:
 # ---- one layer ---------------------------------------------------------------------------------------
 
 
-def self_attention_forward(layer: nn.Module, pieces: LayerPieces, hidden: torch.Tensor, layout: TokenLayout):
-    """Self-attention on packed tokens: (tokens, hidden) -> context (tokens, heads * head_dim)."""
-    owner = pieces.get(layer, "attention")
-    heads, head_dim = getattr(owner, pieces.heads_attribute), owner.attention_head_size
+def self_attention_forward(modules: dict, heads_attribute: str, hidden: torch.Tensor, layout: TokenLayout):
+    """Self-attention on packed tokens: (tokens, hidden) -> context (tokens, heads * head_dim).
+    modules: a layer's pieces by name (LayerPieces.view)."""
+    owner = modules["attention"]
+    heads, head_dim = getattr(owner, heads_attribute), owner.attention_head_size
     scale = getattr(owner, "scaling", head_dim**-0.5)
-    dropout_p = _dropout_p(pieces.get(layer, "attention_dropout"))
-    linears = (pieces.get(layer, "query"), pieces.get(layer, "key"), pieces.get(layer, "value"))
-    q, k, v = project_qkv(owner, linears, hidden)
+    dropout_p = _dropout_p(modules["attention_dropout"])
+    q, k, v = project_qkv(owner, modules["query"], modules["key"], modules["value"], hidden)
     tokens = hidden.shape[0]
     if layout.dense:
-        def split_heads(t):
-            return t.view(layout.batch, layout.seqlen, heads, head_dim).transpose(1, 2)
-
-        context = attention(split_heads(q), split_heads(k), split_heads(v), softmax_scale=scale, dropout_p=dropout_p)
+        shape = (layout.batch, layout.seqlen, heads, head_dim)  # then (batch, heads, seq, head_dim) views
+        q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+        context = attention(q, k, v, softmax_scale=scale, dropout_p=dropout_p)
         return context.transpose(1, 2).reshape(tokens, heads * head_dim)
-    q, k, v = (t.view(tokens, heads, head_dim) for t in (q, k, v))
+    shape = (tokens, heads, head_dim)
+    q, k, v = q.view(shape), k.view(shape), v.view(shape)
     context = varlen_attention(
         q, k, v, layout.cu_seqlens, layout.max_seqlen, softmax_scale=scale, dropout_p=dropout_p
     )
@@ -183,15 +195,14 @@ def self_attention_forward(layer: nn.Module, pieces: LayerPieces, hidden: torch.
 
 def layer_forward(layer: nn.Module, hidden: torch.Tensor, layout: TokenLayout, pieces: LayerPieces) -> torch.Tensor:
     """One post-LayerNorm encoder layer on packed tokens (tokens, hidden), any family."""
-    def get(name):
-        return pieces.get(layer, name)
-
-    context = self_attention_forward(layer, pieces, hidden, layout)
+    view = layout.views.get(layer)
+    modules = (view or pieces.view(layer)).pieces
+    context = self_attention_forward(modules, pieces.heads_attribute, hidden, layout)
     hidden = dense_add_layer_norm(
-        get("attention_dense"), get("attention_dense_dropout"), get("attention_norm"), context, hidden
+        modules["attention_dense"], modules["attention_dense_dropout"], modules["attention_norm"], context, hidden
     )
-    inner = ffn_in_activation(get("ffn_in"), get("activation"), hidden)
-    return dense_add_layer_norm(get("ffn_out"), get("ffn_out_dropout"), get("ffn_norm"), inner, hidden)
+    inner = ffn_in_activation(modules["ffn_in"], modules["activation"], hidden)
+    return dense_add_layer_norm(modules["ffn_out"], modules["ffn_out_dropout"], modules["ffn_norm"], inner, hidden)
 
 
 class FastLayer:
@@ -284,7 +295,8 @@ class EncoderResult:
     hidden_states: tuple[torch.Tensor, ...] | None  # input of the first layer + each layer, padded, if asked
 
 
-def encode(model: nn.Module, family: Family, inputs: dict, keep: torch.Tensor | None, options: dict) -> EncoderResult:
+def encode(model: nn.Module, family: Family, inputs: dict, keep: torch.Tensor | None, options: dict,
+           views: dict | None = None) -> EncoderResult:
     """Embeddings, projection and every layer call of a transformers base model on the fast path.
 
     keep: (batch, seq) bool key-padding mask (True = real token) or None for no padding.
@@ -294,6 +306,7 @@ def encode(model: nn.Module, family: Family, inputs: dict, keep: torch.Tensor | 
     """
     reference = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
     layout = TokenLayout.from_mask(keep, *reference.shape[:2])
+    layout.views = views or {}
     hidden = embeddings_forward(family, model.embeddings, inputs, layout)
     projection = _projection(family, model)
     if projection is not None:

@@ -10,10 +10,10 @@ Adding a family: a row in FAMILIES, plus a positions/schedule/pooler function wh
 """
 from __future__ import annotations
 
-import operator
+import dataclasses
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -51,9 +51,47 @@ class LayerPieces:
     ffn_norm: str
     containers: tuple[tuple[str, type], ...]  # (path, exact class) of the modules holding the pieces
 
-    def get(self, layer: nn.Module, name: str):
-        path = getattr(self, name)
-        return None if path is None else operator.attrgetter(path)(layer)
+    def __post_init__(self):
+        # A walk plan: each module on the way to a piece or container once, parents first, as
+        # (index of the parent in the walk, attribute name); then the walk index each path ends at.
+        walk: list[tuple[int, str]] = []
+        node_of: dict[tuple[str, ...], int] = {(): 0}
+
+        def end_of(path: str) -> int:
+            steps = tuple(path.split("."))
+            for depth in range(1, len(steps) + 1):
+                if steps[:depth] not in node_of:
+                    walk.append((node_of[steps[:depth - 1]], steps[depth - 1]))
+                    node_of[steps[:depth]] = len(walk)
+            return node_of[steps]
+
+        pieces = {name: None if getattr(self, name) is None else end_of(getattr(self, name)) for name in PIECE_NAMES}
+        containers = tuple((end_of(path), cls) for path, cls in self.containers)
+        object.__setattr__(self, "_walk", tuple(walk))  # frozen dataclass: set once, here
+        object.__setattr__(self, "_piece_ends", pieces)
+        object.__setattr__(self, "_container_ends", containers)
+
+    def view(self, layer: nn.Module) -> LayerView:
+        """The pieces and containers of `layer`, in one walk that looks each module up once."""
+        nodes = [layer]
+        for parent, name in self._walk:
+            # Submodules straight from nn.Module._modules: Module.__getattr__ is a Python call per
+            # attribute, and this runs per layer per call. Anything else (an int, a function) by getattr.
+            node = nodes[parent]
+            found = node._modules.get(name) if isinstance(node, nn.Module) else None
+            nodes.append(found if found is not None else getattr(node, name))
+        pieces = {name: None if end is None else nodes[end] for name, end in self._piece_ends.items()}
+        return LayerView(pieces, tuple((nodes[end], cls) for end, cls in self._container_ends))
+
+
+class LayerView(NamedTuple):
+    """One layer's modules as one forward sees them."""
+
+    pieces: dict[str, nn.Module | None]  # piece name (a LayerPieces field) -> module; None: not in the family
+    containers: tuple[tuple[nn.Module, type], ...]  # (module, the exact class it must have)
+
+
+PIECE_NAMES = tuple(f.name for f in dataclasses.fields(LayerPieces) if f.name not in ("heads_attribute", "containers"))
 
 
 def _bert_like_pieces(module: ModuleType, prefix: str) -> LayerPieces:

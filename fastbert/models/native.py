@@ -20,7 +20,7 @@ from torch import nn
 from fastbert.models.encoder import encode, fast_layer_class
 from fastbert.models.families import FAMILIES, Family, family_of_base
 from fastbert.models.loading import StrictLoading
-from fastbert.models.support import unsupported_module
+from fastbert.models.support import check_modules
 from fastbert.models.validation import should_validate, validate_inputs
 
 _warned_reasons: set[str] = set()
@@ -60,7 +60,7 @@ def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None
 
 
 def plain_path_reason(model: nn.Module, arguments: dict) -> str | None:
-    """Why this call cannot take the fast path, or None if it can."""
+    """Why this call's arguments or config keep it off the fast path, or None (modules: check_modules)."""
     config = model.config
     if getattr(config, "is_decoder", False):
         return f"a decoder (causal) {type(model).__name__}"
@@ -73,8 +73,7 @@ def plain_path_reason(model: nn.Module, arguments: dict) -> str | None:
     others = [name for name, value in arguments.items() if name not in _FAST_ARGUMENTS and value is not None]
     if others:
         return f"the argument {others[0]}"
-    family = model._fastbert_family
-    return unsupported_module(family, model, (family.layer, fast_layer_class(family)))
+    return None
 
 
 def _validate(model: nn.Module, arguments: dict) -> None:
@@ -105,12 +104,16 @@ class FastEncoder:
             _validate(self, arguments)
         keep = key_padding_mask(arguments.get("attention_mask"))
         reason = plain_path_reason(self, arguments) or (keep if isinstance(keep, str) else None)
+        if reason is None:
+            family = self._fastbert_family
+            check = check_modules(family, self, (family.layer, fast_layer_class(family)))
+            reason = check.problem
         if reason is not None:
             warn_plain_path(reason)
             return super().forward(*args, **kwargs)
-        return self._fast_forward(arguments, keep)
+        return self._fast_forward(arguments, keep, check.views)
 
-    def _fast_forward(self, arguments: dict, keep):
+    def _fast_forward(self, arguments: dict, keep, views: dict):
         if (arguments.get("input_ids") is None) == (arguments.get("inputs_embeds") is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         family = self._fastbert_family
@@ -120,7 +123,7 @@ class FastEncoder:
             "output_hidden_states": _config_default(self.config, arguments, "output_hidden_states", False),
             "first_token_at_column_0": self.__dict__.get(FIRST_TOKEN_MARK, False),
         }
-        result = encode(self, family, inputs, keep, options)
+        result = encode(self, family, inputs, keep, options, views)
         fields = {"last_hidden_state": result.last_hidden_state, "hidden_states": result.hidden_states}
         if "pooler_output" in family.output_class.__dataclass_fields__:
             fields["pooler_output"] = family.pool(self, result.first_tokens)

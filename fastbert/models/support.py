@@ -5,18 +5,18 @@ user's subclass (an entity-type embedding added in BertEmbeddings.forward, a sca
 swapped activation or a LayerNorm replaced by an RMSNorm would be silently ignored. So:
 - embeddings of an unknown class run their own forward on the padded inputs (see encoder);
 - any other unknown module in the encoder makes the model run HuggingFace's forward, with one
-  warning naming the module (see `unsupported_module`).
+  warning naming the module (see `check_modules`).
 Linear layers are always called as modules (LoRA and quantized wrappers run their own code), so any
 Linear-like class is accepted.
 """
 from __future__ import annotations
 
-import operator
+from typing import NamedTuple
 
 from torch import nn
 from transformers import activations
 
-from fastbert.models.families import Family
+from fastbert.models.families import Family, LayerView
 
 # Activation classes whose math bias_gelu implements, with its `approximate` argument.
 _FUSED_GELU = {activations.GELUActivation: "none", activations.NewGELUActivation: "tanh", activations.GELUTanh: "tanh"}
@@ -66,30 +66,31 @@ def _is_fsdp_wrapper(layer: nn.Module, expected: tuple[type, ...]) -> bool:
     return len(bases) == 2 and bases[0] is FSDPModule and bases[1] in expected
 
 
-def layer_problem(family: Family, layer: nn.Module, layer_classes: tuple[type, ...]) -> tuple[nn.Module, str] | None:
-    """(module, what is unknown about it) for the first piece of `layer` the fused forward cannot run."""
+def layer_problem(family: Family, layer: nn.Module, layer_classes: tuple[type, ...],
+                  views: dict) -> tuple[nn.Module, str] | None:
+    """(module, what is unknown about it) for the first piece of `layer` the fused forward cannot run.
+    Records the layer's LayerView in `views` once its class is known (the forward then runs those modules)."""
     if type(layer) not in layer_classes and not _is_fsdp_wrapper(layer, layer_classes):
         return layer, f"its class {type(layer).__name__} is not transformers' {family.layer.__name__}"
-    pieces = family.pieces
-    for path, cls in pieces.containers:
-        module = operator.attrgetter(path)(layer)
+    view = views[layer] = family.pieces.view(layer)
+    for module, cls in view.containers:
         if type(module) is not cls:
             return module, f"its class {type(module).__name__} is not transformers' {cls.__name__}"
+    pieces = view.pieces
     for name in ("attention_norm", "ffn_norm"):
-        norm = pieces.get(layer, name)
-        if not _is_layer_norm(norm):
-            return norm, f"{type(norm).__name__} is not an nn.LayerNorm with weight and bias"
+        if not _is_layer_norm(pieces[name]):
+            return pieces[name], f"{type(pieces[name]).__name__} is not an nn.LayerNorm with weight and bias"
     for name in ("attention_dropout", "attention_dense_dropout", "ffn_out_dropout"):
-        dropout = pieces.get(layer, name)
-        if not _is_dropout(dropout):
-            return dropout, f"{type(dropout).__name__} is not an nn.Dropout"
-    activation = pieces.get(layer, "activation")
+        if not _is_dropout(pieces[name]):
+            return pieces[name], f"{type(pieces[name]).__name__} is not an nn.Dropout"
+    activation = pieces["activation"]
     if gelu_approximation(activation) is None and type(activation) not in _ELEMENTWISE:
         return activation, f"the activation {type(activation).__name__} is not one fastbert knows"
     return None
 
 
-def model_problem(family: Family, model: nn.Module, layer_classes: tuple[type, ...]) -> tuple[nn.Module, str] | None:
+def model_problem(family: Family, model: nn.Module, layer_classes: tuple[type, ...],
+                  views: dict) -> tuple[nn.Module, str] | None:
     """(module, what is unknown) for the first module of the base model the fast encoder cannot run."""
     attribute, encoder_class = family.encoder
     encoder = getattr(model, attribute)
@@ -102,17 +103,26 @@ def model_problem(family: Family, model: nn.Module, layer_classes: tuple[type, .
     if family.pooler is not None and pooler is not None and type(pooler) is not family.pooler:
         return pooler, f"its class {type(pooler).__name__} is not transformers' {family.pooler.__name__}"
     for layer in dict.fromkeys(family.schedule(model)):  # shared ALBERT layers once
-        problem = layer_problem(family, layer, layer_classes)
+        problem = layer_problem(family, layer, layer_classes, views)
         if problem is not None:
             return problem
     return None
 
 
-def unsupported_module(family: Family, model: nn.Module, layer_classes: tuple[type, ...]) -> str | None:
-    """A sentence naming the first module the fast path would silently misrun, or None."""
-    problem = model_problem(family, model, layer_classes)
+class ModuleCheck(NamedTuple):
+    problem: str | None  # a sentence naming the first module the fast path would misrun; None: none
+    views: dict[nn.Module, LayerView]  # each layer's modules as checked, for the forward to run
+
+
+def check_modules(family: Family, model: nn.Module, layer_classes: tuple[type, ...]) -> ModuleCheck:
+    """Whether the fast path knows every module of `model`, and the layers' views it checked.
+
+    Run on every forward (a module may be replaced at any time); the forward reuses the views, so the
+    module tree is walked once per call."""
+    views: dict[nn.Module, LayerView] = {}
+    problem = model_problem(family, model, layer_classes, views)
     if problem is None:
-        return None
+        return ModuleCheck(None, views)
     module, why = problem
     name = next((n for n, m in model.named_modules() if m is module), type(module).__name__)
-    return f"the module {name} ({why})"
+    return ModuleCheck(f"the module {name} ({why})", views)

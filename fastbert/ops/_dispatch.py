@@ -32,15 +32,27 @@ def _import_target(op: str, backend_name: str) -> str:
     return name
 
 
+# (registry generation, selection, op, device type, dtype, width, head_dim, grad) -> the callable.
+_callables: dict[tuple, Callable] = {}
+
+
 def implementation(op: str, x: torch.Tensor, *, width: int = 0, head_dim: int = 0, grad: bool = False) -> Callable:
     """The callable that runs `op` on `x` under the current backend selection.
 
     width: the row width for row-wise ops, head_dim for attention (0: not relevant to the op);
-    grad: autograd records this call. Resolution and import are memoized, so after the first call
-    this is a few dict lookups.
+    grad: autograd records this call. Memoized in eager mode: after the first call this is one
+    dict lookup (the encoder makes about ten such calls per layer). Traced by torch.compile, it
+    takes the constant-folded path below.
     """
-    backend_name = backend.resolved_backend(op, x, width=width, head_dim=head_dim, grad=grad)
-    return getattr(_loaded, _import_target(op, backend_name))
+    if torch.compiler.is_compiling():
+        backend_name = backend.resolved_backend(op, x, width=width, head_dim=head_dim, grad=grad)
+        return getattr(_loaded, _import_target(op, backend_name))
+    key = (backend.REGISTRY.generation, backend.current_backend(), op, x.device.type, x.dtype, width, head_dim, grad)
+    found = _callables.get(key)
+    if found is None:
+        backend_name = backend.resolved_backend(op, x, width=width, head_dim=head_dim, grad=grad)
+        found = _callables[key] = getattr(_loaded, _import_target(op, backend_name))
+    return found
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -19,17 +19,29 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 # activation name -> (oneDNN post-op attribute, its algorithm)
 POST_OPS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 _REQUIRED_OPS = ("_reorder_linear_weight", "_linear_pointwise")
 
 _packing_enabled = os.environ.get("FASTBERT_PACKED_WEIGHTS", "1").strip() not in ("0", "false", "off")
-_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+class _Packed(NamedTuple):
+    source: weakref.ref  # the weight it was packed from (the key is its id; this proves it is the same tensor)
+    stamp: tuple  # (version counter, storage address) of the weight when packed
+    packed: torch.Tensor
+    nbytes: int
+
+
+# id(weight) -> _Packed; a plain dict, not a WeakIdKeyDictionary, whose lookups cost a Python-level
+# weak reference per call. Each entry is removed when its weight dies (the weakref's callback).
+_cache: dict[int, _Packed] = {}
 _cache_lock = threading.Lock()
 
 
@@ -76,9 +88,7 @@ def clear_cache() -> None:
 
 def cache_bytes() -> int:
     """Memory held by packed weights now (the size of the fp32 weights they copy)."""
-    with _cache_lock:
-        entries = list(_cache.values())
-    return sum(entry[2] for entry in entries)
+    return sum(entry.nbytes for entry in list(_cache.values()))
 
 
 def _version(weight: torch.Tensor) -> int | None:
@@ -87,17 +97,26 @@ def _version(weight: torch.Tensor) -> int | None:
     return None if weight.is_inference() else weight._version
 
 
+def _forget(key: int):
+    def callback(_reference) -> None:
+        with _cache_lock:
+            entry = _cache.get(key)
+            if entry is not None and entry.source() is None:
+                del _cache[key]
+    return callback
+
+
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     """weight reordered for oneDNN, from the cache while the weight is the same tensor, unchanged."""
-    stamp = (_version(weight), weight.data_ptr())
-    with _cache_lock:
-        entry = _cache.get(weight)
-    if entry is not None and entry[0] == stamp:
-        return entry[1]
+    key, stamp = id(weight), (_version(weight), weight.data_ptr())
+    entry = _cache.get(key)
+    if entry is not None and entry.source() is weight and entry.stamp == stamp:
+        return entry.packed
     with torch.no_grad():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    entry = _Packed(weakref.ref(weight, _forget(key)), stamp, packed, weight.numel() * weight.element_size())
     with _cache_lock:
-        _cache[weight] = (stamp, packed, weight.numel() * weight.element_size())
+        _cache[key] = entry
     return packed
 
 

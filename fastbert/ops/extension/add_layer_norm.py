@@ -41,8 +41,7 @@ def _separate_dres(residual: Optional[Tensor], dropout_p: float) -> bool:
     return residual is not None and dropout_p > 0.0
 
 
-@torch.library.custom_op("fastbert::extension_add_layer_norm_fwd", mutates_args=())
-def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+def _forward(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
                        x_bias: Optional[Tensor], eps: float, dropout_p: float,
                        seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     _validate(x, residual, weight, bias, x_bias, eps, dropout_p)
@@ -63,6 +62,9 @@ def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bi
     else:
         common.loader.module().add_layer_norm_fwd(*args, torch.get_num_threads())
     return y, mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+
+
+add_layer_norm_fwd = torch.library.custom_op("fastbert::extension_add_layer_norm_fwd", mutates_args=())(_forward)
 
 
 @add_layer_norm_fwd.register_fake
@@ -159,6 +161,6 @@ def add_layer_norm_extension(x: Tensor, residual: Optional[Tensor], weight: Tens
     """LayerNorm(dropout(x + x_bias) + residual) on the extension's kernels; differentiable w.r.t. every
     tensor. The op checks its inputs."""
     seed = draw_seed() if dropout_p > 0.0 else None
-    y, _, _ = add_layer_norm_fwd(x.contiguous(), _contiguous(residual), weight, bias, x_bias, float(eps),
-                                 float(dropout_p), seed)
+    forward = _forward if common.may_skip_dispatcher(x, residual, weight, bias, x_bias) else add_layer_norm_fwd
+    y, _, _ = forward(x.contiguous(), _contiguous(residual), weight, bias, x_bias, float(eps), float(dropout_p), seed)
     return y

@@ -21,8 +21,7 @@ def _validate(x: Tensor, bias: Optional[Tensor], approximate: str) -> None:
     common.gelu_code(approximate)
 
 
-@torch.library.custom_op("fastbert::extension_bias_gelu_fwd", mutates_args=())
-def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
+def _forward(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
     _validate(x, bias, approximate)
     x = x.contiguous()
     y = torch.empty_like(x)
@@ -39,6 +38,9 @@ def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor
     else:
         common.loader.module().bias_gelu_fwd(*args, torch.get_num_threads())
     return y
+
+
+bias_gelu_fwd = torch.library.custom_op("fastbert::extension_bias_gelu_fwd", mutates_args=())(_forward)
 
 
 @bias_gelu_fwd.register_fake
@@ -98,4 +100,5 @@ bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def bias_gelu_extension(x: Tensor, bias: Optional[Tensor], approximate: str = "none") -> Tensor:
     """GELU(x + bias) on the extension's kernels; differentiable. The op checks its inputs."""
-    return bias_gelu_fwd(x.contiguous(), bias, approximate)
+    forward = _forward if common.may_skip_dispatcher(x, bias) else bias_gelu_fwd
+    return forward(x.contiguous(), bias, approximate)
