@@ -394,3 +394,32 @@ def test_dropout_compiles_fullgraph_with_a_reproducible_seed():
         again = compiled(x)
         later = compiled(x)
     assert torch.equal(first, again) and not torch.equal(first, later)
+
+
+@requires_ext
+def test_dispatcher_is_skipped_only_when_nothing_records_or_traces(monkeypatch):
+    """Batch-1 latency: a call that autograd does not record runs the op's body directly (same checks,
+    same kernel); a recorded call, or one under a dispatch mode, goes through the registered op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastbert.ops.extension import add_layer_norm as module
+
+    calls = []
+    registered = module.add_layer_norm_fwd
+    monkeypatch.setattr(module, "add_layer_norm_fwd", lambda *args: calls.append(1) or registered(*args))
+    x, residual, weight, bias = torch.randn(4, 16), torch.randn(4, 16), torch.randn(16), torch.randn(16)
+    direct = module.add_layer_norm_extension(x, residual, weight, bias, 1e-5)
+    assert calls == []
+    recorded = module.add_layer_norm_extension(x, residual, weight.requires_grad_(), bias, 1e-5)
+    assert calls == [1] and recorded.requires_grad
+    assert torch.equal(direct, recorded.detach())
+
+    class SeenOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    seen: list[str] = []
+    with torch.no_grad(), SeenOps():
+        module.add_layer_norm_extension(x, residual, weight, bias, 1e-5)
+    assert calls == [1, 1] and any("extension_add_layer_norm_fwd" in name for name in seen)
