@@ -109,8 +109,10 @@ def ptr(t: Optional[Tensor]) -> int:
 
 
 def f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    """Parameter vectors go to the kernels as contiguous float32."""
-    return None if t is None else t.to(torch.float32).contiguous()
+    """Parameter vectors go to the kernels as contiguous float32 (usually they are: no op call then)."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
 
 
 def rows_cols(x: Tensor) -> Tuple[int, int]:
