@@ -174,3 +174,38 @@ def test_electra_with_layer_norm_eps_zero():
     out, ref = _run(fast, batch).logits, _run(reference, batch).logits
     assert torch.isfinite(out[keep]).all()
     assert max_error(out[keep], ref[keep]) <= TOL
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_length_limit_is_the_familys(model_type):
+    """The longest sequence transformers takes runs and matches; one token more is a clear error
+    naming max_position_embeddings (and, for fairseq positions, where they start)."""
+    config = family_config(model_type)
+    reference, fast = hf_and_fast(family_of_model_type(model_type).base.__name__, config)
+    offset = family_of_model_type(model_type).first_position(config)
+    longest = config.max_position_embeddings - offset
+    batch = family_batch(config, [longest, longest - 3], longest, "right", torch.Generator().manual_seed(6))
+    keep = batch["attention_mask"].bool()
+    out = _run(fast, batch).last_hidden_state
+    assert max_error(out[keep], _run(reference, batch).last_hidden_state[keep]) <= TOL
+    too_long = family_batch(config, [longest + 1], longest + 1, "right", torch.Generator().manual_seed(7))
+    expected = f"sequence length is {longest + 1} .*max_position_embeddings={config.max_position_embeddings}"
+    if offset:
+        expected += f" - {offset} \\(positions start at {offset}\\)"
+    with pytest.raises(ValueError, match=expected):
+        fast(**too_long)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_inputs_embeds_width_is_the_embedding_width(model_type):
+    """inputs_embeds are as wide as the word embeddings: embedding_size for ELECTRA and ALBERT (before
+    their projection), hidden_size elsewhere. Any other width is an error naming the right one."""
+    config = family_config(model_type)
+    _, fast = hf_and_fast(family_of_model_type(model_type).base.__name__, config)
+    width = fast.get_input_embeddings().embedding_dim
+    name = "embedding_size" if model_type in ("electra", "albert") else "hidden_size"
+    assert (width != getattr(config, "hidden_size", getattr(config, "dim", None))) == (name == "embedding_size")
+    with torch.no_grad():
+        assert fast(inputs_embeds=torch.randn(2, 5, width)).last_hidden_state.shape[:2] == (2, 5)
+        with pytest.raises(ValueError, match=rf"inputs_embeds must have shape \(batch, seq, {name}={width}\)"):
+            fast(inputs_embeds=torch.randn(2, 5, width + 1))
