@@ -3,8 +3,10 @@
 // For each task: K is transposed once into a [head_dim x len] buffer, then query tiles of kQueryTile rows
 // sweep the keys in tiles of kKeyTile columns with an online softmax (running max and sum per row, the
 // output accumulator rescaled when the max grows), so no [len x len] score matrix is ever stored.
-// The inner loops run over contiguous floats (a key tile's columns, a head's dims) and are compiled for
-// AVX-512, AVX2+FMA and baseline x86-64, picked at run time like the other CPU kernels.
+// Query rows go through both products in blocks of kRowBlock (each K^T or V vector loaded feeds
+// kRowBlock FMAs; head_dim 32 and 64 keep the P.V accumulators in registers). The inner loops run over
+// contiguous floats (a key tile's columns, a head's dims) and are compiled for AVX-512, AVX2+FMA and
+// baseline x86-64, picked at run time like the other CPU kernels.
 #include <vector>
 
 #include "cpu_common.h"
@@ -13,8 +15,9 @@ namespace fastbert {
 namespace cpu {
 namespace {
 
-constexpr int64_t kQueryTile = 8;
+constexpr int64_t kQueryTile = 16;
 constexpr int64_t kKeyTile = 64;
+constexpr int64_t kRowBlock = 4;
 
 struct VarlenShape {
   int64_t heads, head_dim, row_stride;
@@ -22,31 +25,42 @@ struct VarlenShape {
 };
 
 // scores[i, 0:kKeyTile] = q[i, :] . kt[:, key0 : key0 + kKeyTile] for the tile's query rows (q already
-// scaled). kt's rows are padded with zeros to a multiple of kKeyTile, so every tile is full width and
-// the kKeyTile accumulators of a row stay in registers across the head_dim loop.
-FB_INLINE void tile_scores(const float* __restrict__ q, int64_t rows, const float* __restrict__ kt, int64_t kt_stride,
-                           int64_t key0, int64_t head_dim, float* __restrict__ scores) {
-  for (int64_t i = 0; i < rows; ++i) {
-    float s[kKeyTile];
+// scaled). kt's rows are padded with zeros to a multiple of kKeyTile, so every tile is full width.
+// Rows go in blocks of kRowBlock: each kt vector loaded is used by kRowBlock FMAs, and the
+// kRowBlock x kKeyTile accumulators (16 AVX-512 registers) stay in registers across the head_dim loop.
+template <int R>
+FB_INLINE void score_rows(const float* __restrict__ q, const float* __restrict__ kt, int64_t kt_stride, int64_t key0,
+                          int64_t head_dim, float* __restrict__ scores) {
+  float s[R][kKeyTile];
+  for (int r = 0; r < R; ++r)
 #pragma omp simd
-    for (int64_t j = 0; j < kKeyTile; ++j) s[j] = 0.0f;
-    for (int64_t d = 0; d < head_dim; ++d) {
-      const float qd = q[i * head_dim + d];
-      const float* kd = kt + d * kt_stride + key0;
+    for (int64_t j = 0; j < kKeyTile; ++j) s[r][j] = 0.0f;
+  for (int64_t d = 0; d < head_dim; ++d) {
+    const float* kd = kt + d * kt_stride + key0;
 #pragma omp simd
-      for (int64_t j = 0; j < kKeyTile; ++j) s[j] += qd * kd[j];
+    for (int64_t j = 0; j < kKeyTile; ++j) {
+      const float kj = kd[j];
+      for (int r = 0; r < R; ++r) s[r][j] += q[r * head_dim + d] * kj;
     }
-#pragma omp simd
-    for (int64_t j = 0; j < kKeyTile; ++j) scores[i * kKeyTile + j] = s[j];
   }
+  for (int r = 0; r < R; ++r)
+#pragma omp simd
+    for (int64_t j = 0; j < kKeyTile; ++j) scores[r * kKeyTile + j] = s[r][j];
 }
 
-// Online softmax step for one query row: fold scores s[0:n] into (max m, sum l, accumulator acc).
-// HD > 0: head_dim known at compile time (the accumulator lives in registers); 0: runtime head_dim.
-template <int HD>
-FB_INLINE void fold_tile(float* __restrict__ s, int64_t n, const float* __restrict__ v, int64_t v_stride,
-                         int64_t head_dim, float* m, float* l, float* __restrict__ acc) {
+FB_INLINE void tile_scores(const float* __restrict__ q, int64_t rows, const float* __restrict__ kt, int64_t kt_stride,
+                           int64_t key0, int64_t head_dim, float* __restrict__ scores) {
+  int64_t i = 0;
+  for (; i + kRowBlock <= rows; i += kRowBlock)
+    score_rows<kRowBlock>(q + i * head_dim, kt, kt_stride, key0, head_dim, scores + i * kKeyTile);
+  for (; i < rows; ++i) score_rows<1>(q + i * head_dim, kt, kt_stride, key0, head_dim, scores + i * kKeyTile);
+}
+
+// Online softmax step for one query row: s[0:n] becomes exp(s - new max) in place, the running max m
+// and sum l are updated, and the factor that rescales the row's output accumulator is returned.
+FB_INLINE float softmax_step(float* __restrict__ s, int64_t n, float* m, float* l) {
   float tile_max = s[0];
+#pragma omp simd reduction(max : tile_max)
   for (int64_t j = 1; j < n; ++j) tile_max = s[j] > tile_max ? s[j] : tile_max;
   const float new_max = tile_max > *m ? tile_max : *m;
   const float correction = fast_exp(*m - new_max);
@@ -58,27 +72,58 @@ FB_INLINE void fold_tile(float* __restrict__ s, int64_t n, const float* __restri
   }
   *l = *l * correction + sum;
   *m = new_max;
+  return correction;
+}
+
+// acc[r] = acc[r] * correction[r] + p[r, 0:n] . v[0:n] for R rows at once (HD known at compile time):
+// each V row loaded is used by R FMAs, and the R x HD accumulators stay in registers over the keys.
+template <int HD, int R>
+FB_INLINE void accumulate_rows(const float* __restrict__ p, int64_t n, const float* __restrict__ v, int64_t v_stride,
+                               const float* correction, float* acc, int64_t acc_stride) {
+  float a[R][HD];
+  for (int r = 0; r < R; ++r)
+#pragma omp simd
+    for (int64_t d = 0; d < HD; ++d) a[r][d] = acc[r * acc_stride + d] * correction[r];
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vj = v + j * v_stride;
+#pragma omp simd
+    for (int64_t d = 0; d < HD; ++d) {
+      const float vd = vj[d];
+      for (int r = 0; r < R; ++r) a[r][d] += p[r * kKeyTile + j] * vd;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+#pragma omp simd
+    for (int64_t d = 0; d < HD; ++d) acc[r * acc_stride + d] = a[r][d];
+}
+
+// The same for one row and a head_dim known only at run time (the accumulator stays in memory).
+FB_INLINE void accumulate_row(const float* __restrict__ p, int64_t n, const float* __restrict__ v, int64_t v_stride,
+                              int64_t head_dim, float correction, float* __restrict__ acc) {
+#pragma omp simd
+  for (int64_t d = 0; d < head_dim; ++d) acc[d] *= correction;
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = p[j];
+    const float* vj = v + j * v_stride;
+#pragma omp simd
+    for (int64_t d = 0; d < head_dim; ++d) acc[d] += pj * vj[d];
+  }
+}
+
+// P.V for the tile's rows: blocks of kRowBlock rows, then the remainder one by one.
+template <int HD>
+FB_INLINE void accumulate_tile(const float* p, int64_t rows, int64_t n, const float* v, int64_t v_stride,
+                               int64_t head_dim, const float* correction, float* acc, int64_t acc_stride) {
   if constexpr (HD > 0) {
-    float a[HD];
-#pragma omp simd
-    for (int64_t d = 0; d < HD; ++d) a[d] = acc[d] * correction;
-    for (int64_t j = 0; j < n; ++j) {
-      const float p = s[j];
-      const float* vj = v + j * v_stride;
-#pragma omp simd
-      for (int64_t d = 0; d < HD; ++d) a[d] += p * vj[d];
-    }
-#pragma omp simd
-    for (int64_t d = 0; d < HD; ++d) acc[d] = a[d];
+    int64_t i = 0;
+    for (; i + kRowBlock <= rows; i += kRowBlock)
+      accumulate_rows<HD, kRowBlock>(p + i * kKeyTile, n, v, v_stride, correction + i, acc + i * acc_stride,
+                                     acc_stride);
+    for (; i < rows; ++i)
+      accumulate_rows<HD, 1>(p + i * kKeyTile, n, v, v_stride, correction + i, acc + i * acc_stride, acc_stride);
   } else {
-#pragma omp simd
-    for (int64_t d = 0; d < head_dim; ++d) acc[d] *= correction;
-    for (int64_t j = 0; j < n; ++j) {
-      const float p = s[j];
-      const float* vj = v + j * v_stride;
-#pragma omp simd
-      for (int64_t d = 0; d < head_dim; ++d) acc[d] += p * vj[d];
-    }
+    for (int64_t i = 0; i < rows; ++i)
+      accumulate_row(p + i * kKeyTile, n, v, v_stride, head_dim, correction[i], acc + i * acc_stride);
   }
 }
 
@@ -114,10 +159,10 @@ FB_INLINE void attend_one(const float* q, const float* k, const float* v, float*
     for (int64_t key0 = 0; key0 < len; key0 += kKeyTile) {
       const int64_t n = std::min<int64_t>(kKeyTile, len - key0);
       tile_scores(qtile, rows, kt, kt_stride, key0, hd, scores);
-      const float* vtile = v + (start + key0) * stride + col;
-      for (int64_t i = 0; i < rows; ++i)
-        fold_tile<HD>(scores + i * kKeyTile, n, vtile, stride, hd, &m[i], &l[i],
-                      out + (start + q0 + i) * out_stride + col);
+      float correction[kQueryTile];
+      for (int64_t i = 0; i < rows; ++i) correction[i] = softmax_step(scores + i * kKeyTile, n, &m[i], &l[i]);
+      accumulate_tile<HD>(scores, rows, n, v + (start + key0) * stride + col, stride, hd, correction,
+                          out + (start + q0) * out_stride + col, out_stride);
     }
     for (int64_t i = 0; i < rows; ++i) {
       float* acc = out + (start + q0 + i) * out_stride + col;
@@ -134,6 +179,8 @@ FB_INLINE void attend_one(const float* q, const float* k, const float* v, float*
                             float* qtile) {                                                                    \
     if (shape.head_dim == 64)                                                                                  \
       attend_one<64>(q, k, v, out, start, len, head, shape, kt, scores, qtile);                                \
+    else if (shape.head_dim == 32)                                                                             \
+      attend_one<32>(q, k, v, out, start, len, head, shape, kt, scores, qtile);                                \
     else                                                                                                       \
       attend_one<0>(q, k, v, out, start, len, head, shape, kt, scores, qtile);                                 \
   }

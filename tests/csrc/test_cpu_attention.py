@@ -27,7 +27,7 @@ def packed_qkv(lengths, heads, head_dim):
 
 
 @pytest.mark.parametrize("lengths", [[1], [7, 0, 65], [64, 128, 3], [200, 31]])
-@pytest.mark.parametrize("heads,head_dim", [(1, 8), (2, 24), (4, 64)])
+@pytest.mark.parametrize("heads,head_dim", [(1, 8), (2, 24), (3, 32), (4, 64)])
 def test_matches_float64_reference(lengths, heads, head_dim):
     q, k, v, cu = packed_qkv(lengths, heads, head_dim)
     scale = 1.0 / math.sqrt(head_dim)
