@@ -268,3 +268,20 @@ def test_interpreter_flag_is_parsed_in_one_place(monkeypatch):
         assert triton_interpreting() is expected, value
     monkeypatch.delenv("TRITON_INTERPRET")
     assert triton_interpreting() is False
+
+
+def test_interpreter_flag_is_read_at_the_first_resolution_only():
+    """TRITON_INTERPRET counts as set before fastbert's first op call, and later changes do not
+    (Triton fixes interpretation when a kernel module is imported, so fastbert reads the flag once)."""
+    code = textwrap.dedent("""
+        import os, torch, fastbert
+        from fastbert import backend
+        os.environ["TRITON_INTERPRET"] = "1"  # after import, before the first call: counts
+        first = backend.resolved_backend("bias_gelu", torch.randn(2, 4), width=4)
+        os.environ["TRITON_INTERPRET"] = "0"  # after the first call: ignored
+        print("interpreting:", backend.interpreting(), backend.backend_problem("triton", "cpu") is None)
+    """)
+    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "FASTBERT_BACKEND")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "interpreting: True True" in done.stdout, done.stdout
