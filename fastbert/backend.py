@@ -236,7 +236,8 @@ def _resolve_name(requested: str, op: str, device: str, dtype: torch.dtype, widt
     environment and the memo dict stay out of the graph. (Plain arguments: dynamo passes a NamedTuple
     to such a function as a bare tuple.) A new selection is a new argument, hence a recompile.
     """
-    return REGISTRY.resolved_backend(requested, op, device, dtype, width, head_dim, grad, interpreting())
+    call = Signature(op, device, dtype, width, head_dim, grad, interpreting())
+    return REGISTRY.resolve(requested, call).backend
 
 
 def resolved_backend(op: str, x: torch.Tensor, *, width: int = 0, head_dim: int = 0, grad: bool = False) -> str:

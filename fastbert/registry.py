@@ -76,7 +76,7 @@ class Registry:
     def __init__(self, auto_preference: dict[str, dict[str, tuple[str, ...]]]):
         self._implementations: dict[tuple[str, str], Implementation] = {}
         self.auto_preference = auto_preference  # device type -> op -> backends, best first
-        self._resolved: dict[tuple, Implementation] = {}  # (requested, *signature) -> implementation
+        self._resolved: dict[tuple[str, Signature], Implementation] = {}
         self.generation = 0  # bumped whenever resolutions may change; memos elsewhere key on it
 
     def register(self, implementation: Implementation) -> Implementation:
@@ -146,19 +146,11 @@ class Registry:
         op at all, takes the first implementation in the auto order that can take the call.
         Memoized: the per-call cost is one dict lookup, which torch.compile traces as a constant.
         """
-        key = (requested, *signature)
+        key = (requested, signature)
         found = self._resolved.get(key)
         if found is None:
             found = self._resolved[key] = self._resolve_uncached(requested, signature)
         return found
-
-    def resolved_backend(self, requested: str, *fields) -> str:
-        """resolve(requested, Signature(*fields)).backend, with a flat-tuple memo hit that builds no
-        Signature: the encoder resolves about ten calls per layer."""
-        found = self._resolved.get((requested, *fields))
-        if found is None:
-            found = self.resolve(requested, Signature(*fields))
-        return found.backend
 
     def _resolve_uncached(self, requested: str, signature: Signature) -> Implementation:
         reference = self.get(signature.op, "torch")

@@ -45,14 +45,17 @@ def implementation(op: str, x: torch.Tensor, *, width: int = 0, head_dim: int = 
     takes the constant-folded path below.
     """
     if torch.compiler.is_compiling():
-        backend_name = backend.resolved_backend(op, x, width=width, head_dim=head_dim, grad=grad)
-        return getattr(_loaded, _import_target(op, backend_name))
+        return _resolve(op, x, width, head_dim, grad)
     key = (backend.REGISTRY.generation, backend.current_backend(), op, x.device.type, x.dtype, width, head_dim, grad)
     found = _callables.get(key)
     if found is None:
-        backend_name = backend.resolved_backend(op, x, width=width, head_dim=head_dim, grad=grad)
-        found = _callables[key] = getattr(_loaded, _import_target(op, backend_name))
+        found = _callables[key] = _resolve(op, x, width, head_dim, grad)
     return found
+
+
+def _resolve(op: str, x: torch.Tensor, width: int, head_dim: int, grad: bool) -> Callable:
+    backend_name = backend.resolved_backend(op, x, width=width, head_dim=head_dim, grad=grad)
+    return getattr(_loaded, _import_target(op, backend_name))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
