@@ -83,12 +83,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "varlen_attention_fwd",
       [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t cu_seqlens, int64_t batch, int64_t heads,
-         int64_t head_dim, int64_t row_stride, int64_t max_seqlen, float scale, int threads) {
-        fastbert::cpu::varlen_attention_fwd(ptr<const float>(q), ptr<const float>(k), ptr<const float>(v),
-                                            ptr<float>(out), ptr<const int32_t>(cu_seqlens), batch, heads, head_dim,
-                                            row_stride, max_seqlen, scale, threads);
+         int64_t head_dim, int64_t row_stride, int64_t max_seqlen, float scale, int dtype, int threads) {
+        fastbert::cpu::varlen_attention_fwd(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v),
+                                            ptr<void>(out), ptr<const int32_t>(cu_seqlens), batch, heads, head_dim,
+                                            row_stride, max_seqlen, scale, dtype, threads);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("cu_seqlens"), py::arg("batch"),
       py::arg("heads"), py::arg("head_dim"), py::arg("row_stride"), py::arg("max_seqlen"), py::arg("softmax_scale"),
-      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+      py::arg("dtype"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
 }

@@ -1,4 +1,8 @@
-// CPU self-attention on packed variable-length sequences (fp32, inference), one (sequence, head) per task.
+// CPU self-attention on packed variable-length sequences (fp32 or bf16, inference), one (sequence, head) per task.
+//
+// bf16 inputs are widened to fp32 once per task (K into the transposed buffer below, V into a row buffer,
+// each query tile as it is scaled); scores, softmax and both products accumulate in fp32, and the output
+// is rounded to bf16 (nearest even) once, from an fp32 accumulator tile.
 //
 // For each task: K is transposed once into a [head_dim x len] buffer, then query tiles of kQueryTile rows
 // sweep the keys in tiles of kKeyTile columns with an online softmax (running max and sum per row, the
@@ -7,6 +11,7 @@
 // kRowBlock FMAs; head_dim 32 and 64 keep the P.V accumulators in registers). The inner loops run over
 // contiguous floats (a key tile's columns, a head's dims) and are compiled for AVX-512, AVX2+FMA and
 // baseline x86-64, picked at run time like the other CPU kernels.
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -129,28 +134,60 @@ FB_INLINE void accumulate_tile(const float* p, int64_t rows, int64_t n, const fl
 
 FB_INLINE int64_t padded_length(int64_t len) { return (len + kKeyTile - 1) / kKeyTile * kKeyTile; }
 
+// Per-thread scratch of one task: K^T (fp32, key-padded), V rows widened to fp32 (bf16 only), the scaled
+// query tile, its scores, and the fp32 output accumulators (bf16 only; fp32 accumulates in `out` itself).
+struct Scratch {
+  float *kt, *v, *scores, *qtile, *acc;
+};
+
 // One (sequence, head): rows [start, start + len) of q/k/v at column offset head * head_dim.
-template <int HD>
-FB_INLINE void attend_one(const float* q, const float* k, const float* v, float* out, int64_t start, int64_t len,
-                          int64_t head, const VarlenShape& shape, float* kt, float* scores, float* qtile) {
+template <int HD, typename T>
+FB_INLINE void attend_one(const T* q, const T* k, const T* v, T* out, int64_t start, int64_t len, int64_t head,
+                          const VarlenShape& shape, const Scratch& w) {
+  constexpr bool kWide = std::is_same_v<T, float>;
   const int64_t hd = shape.head_dim, stride = shape.row_stride, col = head * hd;
   const int64_t kt_stride = padded_length(len);
+  float* kt = w.kt;
   for (int64_t d = 0; d < hd; ++d)
     for (int64_t j = len; j < kt_stride; ++j) kt[d * kt_stride + j] = 0.0f;
   for (int64_t j = 0; j < len; ++j) {
-    const float* kj = k + (start + j) * stride + col;
-    for (int64_t d = 0; d < hd; ++d) kt[d * kt_stride + j] = kj[d];
+    const T* kj = k + (start + j) * stride + col;
+    for (int64_t d = 0; d < hd; ++d) kt[d * kt_stride + j] = load_value(kj, d);
+  }
+  // V as fp32 rows: the sequence's own rows for fp32, a widened copy (row stride hd) for bf16.
+  const float* vrows;
+  int64_t v_stride;
+  if constexpr (kWide) {
+    vrows = v + start * stride + col;
+    v_stride = stride;
+  } else {
+    for (int64_t j = 0; j < len; ++j) {
+      const T* vj = v + (start + j) * stride + col;
+#pragma omp simd
+      for (int64_t d = 0; d < hd; ++d) w.v[j * hd + d] = load_value(vj, d);
+    }
+    vrows = w.v;
+    v_stride = hd;
   }
   const int64_t out_stride = shape.heads * hd;
   float m[kQueryTile], l[kQueryTile];
   for (int64_t q0 = 0; q0 < len; q0 += kQueryTile) {
     const int64_t rows = std::min<int64_t>(kQueryTile, len - q0);
+    float* acc0;
+    int64_t acc_stride;
+    if constexpr (kWide) {
+      acc0 = out + (start + q0) * out_stride + col;
+      acc_stride = out_stride;
+    } else {
+      acc0 = w.acc;
+      acc_stride = hd;
+    }
     for (int64_t i = 0; i < rows; ++i) {
-      const float* qi = q + (start + q0 + i) * stride + col;
-      float* acc = out + (start + q0 + i) * out_stride + col;
+      const T* qi = q + (start + q0 + i) * stride + col;
+      float* acc = acc0 + i * acc_stride;
 #pragma omp simd
       for (int64_t d = 0; d < hd; ++d) {
-        qtile[i * hd + d] = qi[d] * shape.scale;
+        w.qtile[i * hd + d] = load_value(qi, d) * shape.scale;
         acc[d] = 0.0f;
       }
       m[i] = -3.0e38f;
@@ -158,31 +195,35 @@ FB_INLINE void attend_one(const float* q, const float* k, const float* v, float*
     }
     for (int64_t key0 = 0; key0 < len; key0 += kKeyTile) {
       const int64_t n = std::min<int64_t>(kKeyTile, len - key0);
-      tile_scores(qtile, rows, kt, kt_stride, key0, hd, scores);
+      tile_scores(w.qtile, rows, kt, kt_stride, key0, hd, w.scores);
       float correction[kQueryTile];
-      for (int64_t i = 0; i < rows; ++i) correction[i] = softmax_step(scores + i * kKeyTile, n, &m[i], &l[i]);
-      accumulate_tile<HD>(scores, rows, n, v + (start + key0) * stride + col, stride, hd, correction,
-                          out + (start + q0) * out_stride + col, out_stride);
+      for (int64_t i = 0; i < rows; ++i) correction[i] = softmax_step(w.scores + i * kKeyTile, n, &m[i], &l[i]);
+      accumulate_tile<HD>(w.scores, rows, n, vrows + key0 * v_stride, v_stride, hd, correction, acc0, acc_stride);
     }
     for (int64_t i = 0; i < rows; ++i) {
-      float* acc = out + (start + q0 + i) * out_stride + col;
+      float* acc = acc0 + i * acc_stride;
+      T* dst = out + (start + q0 + i) * out_stride + col;
       const float inv = 1.0f / l[i];
 #pragma omp simd
-      for (int64_t d = 0; d < hd; ++d) acc[d] *= inv;
+      for (int64_t d = 0; d < hd; ++d) store_value(dst, d, acc[d] * inv);
     }
   }
 }
 
-#define FB_ATTENTION_VARIANT(SUFFIX, ATTR)                                                                      \
-  ATTR void attend_##SUFFIX(const float* q, const float* k, const float* v, float* out, int64_t start,          \
-                            int64_t len, int64_t head, const VarlenShape& shape, float* kt, float* scores,      \
-                            float* qtile) {                                                                    \
-    if (shape.head_dim == 64)                                                                                  \
-      attend_one<64>(q, k, v, out, start, len, head, shape, kt, scores, qtile);                                \
-    else if (shape.head_dim == 32)                                                                             \
-      attend_one<32>(q, k, v, out, start, len, head, shape, kt, scores, qtile);                                \
-    else                                                                                                       \
-      attend_one<0>(q, k, v, out, start, len, head, shape, kt, scores, qtile);                                 \
+template <typename T>
+using AttendFn = void (*)(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, const VarlenShape&,
+                          const Scratch&);
+
+#define FB_ATTENTION_VARIANT(SUFFIX, ATTR)                                                                     \
+  template <typename T>                                                                                       \
+  ATTR void attend_##SUFFIX(const T* q, const T* k, const T* v, T* out, int64_t start, int64_t len,           \
+                            int64_t head, const VarlenShape& shape, const Scratch& w) {                       \
+    if (shape.head_dim == 64)                                                                                 \
+      attend_one<64>(q, k, v, out, start, len, head, shape, w);                                               \
+    else if (shape.head_dim == 32)                                                                            \
+      attend_one<32>(q, k, v, out, start, len, head, shape, w);                                               \
+    else                                                                                                      \
+      attend_one<0>(q, k, v, out, start, len, head, shape, w);                                                \
   }
 
 FB_ATTENTION_VARIANT(base, )
@@ -191,45 +232,61 @@ FB_ATTENTION_VARIANT(avx2, FB_ISA_AVX2)
 FB_ATTENTION_VARIANT(avx512, FB_ISA_AVX512)
 #endif
 
-using AttendFn = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t,
-                          const VarlenShape&, float*, float*, float*);
-
-AttendFn pick_attend() {
+template <typename T>
+AttendFn<T> pick_attend() {
 #if FB_HAS_ISA_VARIANTS
   switch (isa_level()) {
-    case 2: return attend_avx512;
-    case 1: return attend_avx2;
+    case 2: return attend_avx512<T>;
+    case 1: return attend_avx2<T>;
   }
 #endif
-  return attend_base;
+  return attend_base<T>;
+}
+
+template <typename T>
+void run_tasks(const T* q, const T* k, const T* v, T* out, const int32_t* cu_seqlens, int64_t batch,
+               const VarlenShape& shape, int64_t max_seqlen, int num_threads) {
+  const AttendFn<T> fn = pick_attend<T>();
+  const int64_t heads = shape.heads, head_dim = shape.head_dim;
+  const int64_t tasks = batch * heads;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(num_threads, 1), tasks)));
+  const bool wide = std::is_same_v<T, float>;
+  const int64_t longest = std::max<int64_t>(max_seqlen, 1);
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> kt(static_cast<size_t>(head_dim * padded_length(longest)));
+    std::vector<float> vrows(wide ? 0 : static_cast<size_t>(head_dim * longest));
+    std::vector<float> scores(static_cast<size_t>(kQueryTile * kKeyTile));
+    std::vector<float> qtile(static_cast<size_t>(kQueryTile * head_dim));
+    std::vector<float> acc(wide ? 0 : static_cast<size_t>(kQueryTile * head_dim));
+    const Scratch w{kt.data(), vrows.data(), scores.data(), qtile.data(), acc.data()};
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / heads, head = task % heads;
+      const int64_t start = cu_seqlens[b], len = cu_seqlens[b + 1] - cu_seqlens[b];
+      if (len > 0) fn(q, k, v, out, start, len, head, shape, w);
+    }
+  }
 }
 
 }  // namespace
 
-void varlen_attention_fwd(const float* q, const float* k, const float* v, float* out, const int32_t* cu_seqlens,
+void varlen_attention_fwd(const void* q, const void* k, const void* v, void* out, const int32_t* cu_seqlens,
                           int64_t batch, int64_t heads, int64_t head_dim, int64_t row_stride, int64_t max_seqlen,
-                          float softmax_scale, int num_threads) {
+                          float softmax_scale, int dtype, int num_threads) {
+  check_dtype(dtype, "varlen_attention_fwd");
   if (batch < 0 || heads <= 0 || head_dim <= 0 || row_stride < heads * head_dim || max_seqlen < 0)
     throw std::invalid_argument("varlen_attention_fwd: bad sizes");
   for (int64_t b = 0; b < batch; ++b)
     if (cu_seqlens[b + 1] < cu_seqlens[b] || cu_seqlens[b + 1] - cu_seqlens[b] > max_seqlen)
       throw std::invalid_argument("varlen_attention_fwd: cu_seqlens must be non-decreasing, gaps <= max_seqlen");
   const VarlenShape shape{heads, head_dim, row_stride, softmax_scale};
-  const AttendFn fn = pick_attend();
-  const int64_t tasks = batch * heads;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(num_threads, 1), tasks)));
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<float> kt(static_cast<size_t>(head_dim * padded_length(std::max<int64_t>(max_seqlen, 1))));
-    std::vector<float> scores(static_cast<size_t>(kQueryTile * kKeyTile));
-    std::vector<float> qtile(static_cast<size_t>(kQueryTile * head_dim));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t b = task / heads, head = task % heads;
-      const int64_t start = cu_seqlens[b], len = cu_seqlens[b + 1] - cu_seqlens[b];
-      if (len > 0) fn(q, k, v, out, start, len, head, shape, kt.data(), scores.data(), qtile.data());
-    }
-  }
+  if (dtype == kFloat32)
+    run_tasks(static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v),
+              static_cast<float*>(out), cu_seqlens, batch, shape, max_seqlen, num_threads);
+  else
+    run_tasks(static_cast<const bf16_t*>(q), static_cast<const bf16_t*>(k), static_cast<const bf16_t*>(v),
+              static_cast<bf16_t*>(out), cu_seqlens, batch, shape, max_seqlen, num_threads);
 }
 
 }  // namespace cpu

@@ -41,13 +41,14 @@ void add_layer_norm_bwd(const void* dy, const void* x, const void* residual, con
                         float* dweight, float* dbias, float* dx_bias, int64_t rows, int64_t cols, int dtype,
                         double dropout_p, uint64_t seed, int num_threads);
 
-// Self-attention of packed variable-length sequences, float32, inference (no dropout, no backward).
-// q, k, v: token t, head h, dim d at [t * row_stride + h * head_dim + d] (a fused QKV output's views
-// share row_stride = 3 * heads * head_dim); out: contiguous [tokens, heads, head_dim]. Sequence b is
-// tokens [cu_seqlens[b], cu_seqlens[b+1]); each (sequence, head) is one task; softmax in fp32.
-void varlen_attention_fwd(const float* q, const float* k, const float* v, float* out, const int32_t* cu_seqlens,
+// Self-attention of packed variable-length sequences, float32 or bfloat16 (dtype code), inference (no
+// dropout, no backward). q, k, v: token t, head h, dim d at [t * row_stride + h * head_dim + d] (a fused
+// QKV output's views share row_stride = 3 * heads * head_dim); out: contiguous [tokens, heads, head_dim],
+// q's dtype. Sequence b is tokens [cu_seqlens[b], cu_seqlens[b+1]); each (sequence, head) is one task;
+// scores, softmax and accumulation in fp32 for both dtypes.
+void varlen_attention_fwd(const void* q, const void* k, const void* v, void* out, const int32_t* cu_seqlens,
                           int64_t batch, int64_t heads, int64_t head_dim, int64_t row_stride, int64_t max_seqlen,
-                          float softmax_scale, int num_threads);
+                          float softmax_scale, int dtype, int num_threads);
 
 }  // namespace cpu
 

@@ -136,11 +136,16 @@ for _op, _torch_target, _triton_target in (
     ))
 
 
-# fp32 inference runs fastbert._C's kernel; bf16, autograd-recording, dropout and traced calls run the
-# torch implementation inside it, so a model still trains whole under use_backend("cpp").
+def _refuse_autograd(call: Signature) -> str | None:
+    return "the CPU attention kernel is inference-only (autograd is recording)" if call.grad else None
+
+
+# fastbert._C's kernel: fp32 and bf16 inference. It claims no autograd (a recording call resolves to the
+# next backend under "auto", and is refused with that reason under an explicit use_backend("cpp")).
 REGISTRY.register(Implementation(
     op="varlen_attention", backend="cpp", target="fastbert.ops.cpu_attention:varlen_attention_cpp",
     devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32, torch.bfloat16}), probe=cpp_probe,
+    supports=_refuse_autograd,
 ))
 
 

@@ -1,9 +1,12 @@
 """varlen_attention on the "cpp" backend: fastbert._C's CPU kernel (csrc/cpu/attention.cpp).
 
-fp32 inference: one (sequence, head) per task, online softmax over key tiles, reading q/k/v straight
-from the fused QKV output's views (no copies). Calls the kernel does not cover (other dtypes, autograd
-recording, dropout, tracing by torch.compile) run the torch implementation, so that training under
-use_backend("cpp") keeps working as before the kernel existed.
+fp32 or bf16 inference: one (sequence, head) per task, online softmax over key tiles, reading q/k/v
+straight from the fused QKV output's views (no copies); bf16 inputs are widened to fp32 in the kernel,
+scores, softmax and accumulation run in fp32 and the output is rounded to bf16 once.
+
+The registry entry (fastbert/ops/attention.py) claims only what this kernel runs: CPU, fp32/bf16, no
+autograd. Dropout and tracing by torch.compile, which the signature does not carry, run the torch
+implementation here.
 """
 from __future__ import annotations
 
@@ -21,13 +24,22 @@ def _shares_row_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> boo
     ) and q.stride(0) >= heads * head_dim
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _needs_fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
     records = backend.records_autograd(q, k, v)
-    return q.dtype != torch.float32 or dropout_p > 0.0 or records or torch.compiler.is_compiling()
+    return q.dtype not in KERNEL_DTYPES or dropout_p > 0.0 or records or torch.compiler.is_compiling()
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    module = extension.module()
+    return module.FLOAT32 if dtype == torch.float32 else module.BFLOAT16
 
 
 def varlen_attention_cpp(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, dropout_p=0.0):
-    """Packed self-attention on fastbert._C. q, k, v: (tokens, heads, head_dim) fp32 CPU; returns the same shape."""
+    """Packed self-attention on fastbert._C. q, k, v: (tokens, heads, head_dim) fp32 or bf16 CPU, one dtype;
+    returns the same shape and dtype."""
     if _needs_fallback(q, k, v, dropout_p):
         from fastbert.ops.attention import _varlen_attention_sdpa
 
@@ -42,6 +54,6 @@ def varlen_attention_cpp(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None,
     cu_seqlens = cu_seqlens.contiguous()
     extension.module().varlen_attention_fwd(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), cu_seqlens.data_ptr(), cu_seqlens.numel() - 1,
-        heads, head_dim, q.stride(0), int(max_seqlen), scale, torch.get_num_threads(),
+        heads, head_dim, q.stride(0), int(max_seqlen), scale, _dtype_code(q.dtype), torch.get_num_threads(),
     )
     return out

@@ -65,20 +65,59 @@ def test_bad_cu_seqlens_raise():
         cpp_attention(q, k, v, cu, 4)  # a sequence longer than max_seqlen
 
 
-def test_bf16_takes_the_torch_path_and_training_runs_under_cpp():
+# bf16: inputs rounded to bf16, fp32 math inside; the output's own rounding (2^-8 relative) dominates.
+BF16_ATOL = 2e-2
+
+
+@pytest.mark.parametrize("lengths", [[1], [7, 0, 65], [64, 128, 3]])
+@pytest.mark.parametrize("heads,head_dim", [(2, 24), (3, 32), (4, 64)])
+def test_bf16_runs_the_kernel_and_matches_float64_reference(lengths, heads, head_dim, monkeypatch):
+    import importlib
+
+    attention_module = importlib.import_module("fastbert.ops.attention")
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("bf16 inference must run the kernel, not the torch fallback")
+
+    q, k, v, cu = packed_qkv(lengths, heads, head_dim)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    with torch.no_grad():
+        same_dtype = varlen_attention_ref(q, k, v, cu, max(lengths))
+        ref64 = varlen_attention_ref(q.double(), k.double(), v.double(), cu, max(lengths))
+        monkeypatch.setattr(attention_module, "_varlen_attention_sdpa", no_fallback)
+        got = cpp_attention(q, k, v, cu, max(lengths))
+    assert got.dtype == torch.bfloat16 and got.is_contiguous()
+    assert_close_to_ref(got, same_dtype, ref64, atol=BF16_ATOL)
+    # fp32 accumulation: no worse than rounding the exact answer to bf16, plus one bf16 step
+    rounding = (ref64.bfloat16().double() - ref64).abs().max().item()
+    assert (got.double() - ref64).abs().max().item() <= rounding + 2 ** -7 * ref64.abs().max().item()
+
+
+def test_registry_does_not_claim_autograd():
+    import fastbert
+    from fastbert.backend import REGISTRY, BackendUnavailableError
+    from fastbert.registry import Signature
+
+    entry = REGISTRY.get("varlen_attention", "cpp")
+    assert entry.problem(Signature("varlen_attention", "cpu", torch.bfloat16, head_dim=64)) is None
+    assert "inference-only" in entry.problem(Signature("varlen_attention", "cpu", torch.float32, grad=True))
+    q, k, v, cu = packed_qkv([5, 9], 2, 8)
+    q.requires_grad_()
+    with fastbert.use_backend("cpp"), pytest.raises(BackendUnavailableError, match="inference-only"):
+        fastbert.ops.varlen_attention(q, k, v, cu, 9)
+    fastbert.ops.varlen_attention(q, k, v, cu, 9).sum().backward()  # "auto": the torch implementation
+    assert q.grad is not None
+
+
+def test_training_runs_under_auto():
     import transformers
 
     import fastbert
 
-    q, k, v, cu = packed_qkv([5, 9], 2, 8)
-    with torch.no_grad():
-        got = cpp_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), cu, 9)
-    assert got.dtype == torch.bfloat16
     config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32)
     model = fastbert.patch(transformers.BertModel(config))
     ids = torch.randint(1, 50, (2, 6))
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
-    with fastbert.use_backend("cpp"):
-        model(input_ids=ids, attention_mask=mask).last_hidden_state.sum().backward()
+    model(input_ids=ids, attention_mask=mask).last_hidden_state.sum().backward()
     assert model.embeddings.word_embeddings.weight.grad is not None
