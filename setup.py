@@ -23,7 +23,7 @@ import sysconfig
 import warnings
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -219,12 +219,20 @@ def extensions() -> list[Extension]:
     return exts
 
 
+def packages() -> list[str]:
+    """Found, not listed, so that a new subpackage cannot be left out of the wheel (tests/packaging checks).
+
+    kernels/ and its subpackages ship under fastbert.kernels (package_dir below)."""
+    kernels = ["fastbert.kernels"] + [f"fastbert.kernels.{name}" for name in find_packages("kernels")]
+    return find_packages(include=["fastbert", "fastbert.*"]) + kernels
+
+
 setup(
     name="fastbert",
     version="0.1.0",
     description="BERT encoder on fused Triton/CUDA kernels, drop-in for HuggingFace transformers",
     python_requires=">=3.10",
-    packages=["fastbert", "fastbert.ops", "fastbert.models", "fastbert.bench", "fastbert.pretrain", "fastbert.kernels"],
+    packages=packages(),
     package_dir={"fastbert.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": NinjaBuildExt},
