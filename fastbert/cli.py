@@ -9,6 +9,8 @@ import sys
 
 from fastbert.pretrain.cli import add_arguments as add_pretrain_arguments
 from fastbert.pretrain.cli import main as pretrain_main
+from fastbert.serve.cli import add_arguments as add_serve_arguments
+from fastbert.serve.cli import main as serve_main
 
 LENGTHS_HELP = (
     "sequence lengths: full (no padding), uniform (one full-length sequence, the rest uniform in "
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", metavar="PATH", help="PNG of speedup vs sequence length (needs matplotlib)")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     add_pretrain_arguments(commands.add_parser("pretrain", help="pretrain BERT (MLM, NSP) on plain text"))
+    add_serve_arguments(commands.add_parser("serve", help="TEI-compatible HTTP server batching requests (serve extra)"))
     return parser
 
 
@@ -103,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "pretrain":
         return pretrain_main(args)
+    if args.command == "serve":
+        return serve_main(args)
     from fastbert.bench.errors import USER_ERRORS
 
     try:

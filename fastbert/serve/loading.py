@@ -1,0 +1,170 @@
+"""The served model: fastbert's native class from a local directory, its fast tokenizer, and the
+sentence-transformers pipeline (modules.json, 1_Pooling/config.json, sentence_bert_config.json) when present."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer
+
+from fastbert.serve.options import ServeConfigError, ServeOptions
+from fastbert.serve.pooling import POOLING_MODES, pooling_modes_from_config
+
+ST_TRANSFORMER = "sentence_transformers.models.Transformer"
+ST_POOLING = "sentence_transformers.models.Pooling"
+ST_NORMALIZE = "sentence_transformers.models.Normalize"
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+
+
+@dataclass
+class SentenceTransformersConfig:
+    """What a sentence-transformers directory says about pooling, normalization and length."""
+
+    pooling: tuple[str, ...] | None = None
+    normalize: bool = False
+    max_seq_length: int | None = None
+    present: bool = False
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    kind: str  # "embedding" or "classifier"
+    tokenizer_dir: str
+    max_input_length: int
+    pooling: tuple[str, ...] = ()
+    normalize_default: bool = True
+    id2label: dict = field(default_factory=dict)
+    problem_type: str | None = None
+
+
+def read_sentence_transformers_config(model_dir: Path) -> SentenceTransformersConfig:
+    """Pooling modes, Normalize and max_seq_length from a sentence-transformers directory; a module this
+    server cannot reproduce (Dense, a custom module) is an error rather than a silently different embedding."""
+    modules_file = model_dir / "modules.json"
+    if not modules_file.exists():
+        return SentenceTransformersConfig(pooling=_pooling_config(model_dir / "1_Pooling"))
+    config = SentenceTransformersConfig(present=True)
+    for module in json.loads(modules_file.read_text()):
+        kind = module.get("type")
+        if kind == ST_POOLING:
+            config.pooling = _pooling_config(model_dir / module.get("path", "1_Pooling"))
+        elif kind == ST_NORMALIZE:
+            config.normalize = True
+        elif kind != ST_TRANSFORMER:
+            raise ServeConfigError(f"{modules_file}: module {kind!r} is not supported (supported: "
+                                   f"{ST_TRANSFORMER}, {ST_POOLING}, {ST_NORMALIZE})")
+    bert_config = model_dir / "sentence_bert_config.json"
+    if bert_config.exists():
+        config.max_seq_length = json.loads(bert_config.read_text()).get("max_seq_length")
+    return config
+
+
+def _pooling_config(folder: Path) -> tuple[str, ...] | None:
+    path = folder / "config.json"
+    if not path.exists():
+        return None
+    try:
+        return pooling_modes_from_config(json.loads(path.read_text()))
+    except ValueError as exc:
+        raise ServeConfigError(f"{path}: {exc}") from None
+
+
+def _is_classifier(config) -> bool:
+    return any(name.endswith("ForSequenceClassification") for name in (config.architectures or []))
+
+
+def _model_length_limit(config, tokenizer) -> int:
+    """Positions the model has (RoBERTa-style families start at padding_idx + 1), capped by the tokenizer's."""
+    positions = getattr(config, "max_position_embeddings", None) or 512
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        positions -= (config.pad_token_id or 0) + 1
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:
+        positions = min(positions, tokenizer_limit)
+    return positions
+
+
+def _resolve_length(options: ServeOptions, limit: int, st_config: SentenceTransformersConfig) -> int:
+    if options.max_input_length is None:
+        return min(limit, st_config.max_seq_length or limit)
+    if options.max_input_length > limit:
+        raise ServeConfigError(f"--max-input-length {options.max_input_length}: the model takes at most {limit} "
+                               "tokens")
+    return options.max_input_length
+
+
+def _resolve_pooling(options: ServeOptions, st_config: SentenceTransformersConfig) -> tuple[str, ...]:
+    if options.pooling is not None:
+        if options.pooling not in POOLING_MODES:
+            raise ServeConfigError(f"--pooling {options.pooling!r}: expected one of {', '.join(POOLING_MODES)}")
+        return (options.pooling,)
+    if st_config.pooling is None:
+        raise ServeConfigError("--pooling is not set and the model directory has no 1_Pooling/config.json: "
+                               f"pass --pooling ({', '.join(POOLING_MODES)})")
+    return st_config.pooling
+
+
+def load_tokenizer(model_dir: str):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+    if not tokenizer.is_fast:
+        raise ServeConfigError(f"{model_dir}: no fast tokenizer (tokenizer.json or a convertible vocabulary) found")
+    return tokenizer
+
+
+def _apply_dtype(model: nn.Module, options: ServeOptions) -> nn.Module:
+    if options.dtype == "bf16":
+        return model.to(torch.bfloat16)
+    if options.dtype == "int8":
+        return _quantize(model, options)
+    return model
+
+
+def _quantize(model: nn.Module, options: ServeOptions) -> nn.Module:
+    import fastbert
+
+    quantize = getattr(fastbert, "quantize", None)
+    if quantize is None:
+        raise ServeConfigError("--dtype int8 needs fastbert.quantize, which this fastbert version does not have; "
+                               "use --dtype fp32 or bf16")
+    if options.calibration is None:
+        return quantize(model)
+    tokenizer = load_tokenizer(options.model_dir)
+    lines = [line for line in Path(options.calibration).read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ServeConfigError(f"--calibration {options.calibration}: the file has no non-empty line")
+    batches = [dict(tokenizer(lines[i:i + 32], padding=True, truncation=True, return_tensors="pt"))
+               for i in range(0, len(lines), 32)]
+    return quantize(model, calibration=batches)
+
+
+def load_model(options: ServeOptions) -> LoadedModel:
+    """The model for `options`: a sequence classifier when config.architectures says so, else the base
+    model with sentence-transformers pooling."""
+    import fastbert
+
+    model_dir = Path(options.model_dir)
+    if not (model_dir / "config.json").exists():
+        raise ServeConfigError(f"{options.model_dir}: not a model directory (no config.json)")
+    config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
+    st_config = read_sentence_transformers_config(model_dir)
+    length = _resolve_length(options, _model_length_limit(config, tokenizer), st_config)
+    if length > options.max_batch_tokens:
+        raise ServeConfigError(f"--max-batch-tokens {options.max_batch_tokens} is below the input length limit "
+                               f"{length}: one sequence must fit in one forward")
+    if _is_classifier(config):
+        model = fastbert.AutoModelForSequenceClassification.from_pretrained(model_dir)
+        loaded = LoadedModel(model, "classifier", str(model_dir), length,
+                             id2label={int(k): v for k, v in config.id2label.items()},
+                             problem_type=config.problem_type)
+    else:
+        model = fastbert.AutoModel.from_pretrained(model_dir)
+        normalize = st_config.normalize if st_config.present else True  # TEI's default without a pipeline
+        loaded = LoadedModel(model, "embedding", str(model_dir), length,
+                             pooling=_resolve_pooling(options, st_config), normalize_default=normalize)
+    loaded.model = _apply_dtype(loaded.model.eval(), options)
+    return loaded
