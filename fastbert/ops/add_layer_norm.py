@@ -90,5 +90,9 @@ def add_layer_norm(
 ) -> torch.Tensor:
     """LayerNorm(dropout(x + x_bias) + residual) over the last dimension. Pass dropout_p=0 in eval."""
     _check_arguments(x, residual, weight, bias, eps, x_bias, dropout_p)
+    if residual is not None and residual.dtype != x.dtype:
+        # a bf16 GEMM output (autocast) onto an fp32 residual: x + residual promotes, as in the HF layer
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dtype), residual.to(dtype)
     run = implementation("add_layer_norm", x, width=x.shape[-1])
     return run(x, residual, weight, bias, eps, x_bias=x_bias, dropout_p=dropout_p)

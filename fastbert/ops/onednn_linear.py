@@ -14,6 +14,11 @@ appears in state_dict, deepcopy or pickles. It costs one extra copy of every pac
 (`cache_bytes()`); `set_packing(False)` (or FASTBERT_PACKED_WEIGHTS=0) turns the path off and
 empties the cache. Inference only: the packed GEMM has no backward, so the registration refuses
 calls that autograd records.
+
+Precision: fp32 and bf16 (`DTYPES`). Under `torch.autocast("cpu", torch.bfloat16)` an fp32 call runs
+as F.linear would there: input and weight in bf16 (the weight packed once, in its own cache entry),
+bf16 output; the bias stays fp32 (oneDNN adds it to the fp32 accumulator). Other autocast dtypes run
+the torch reference, which applies autocast itself, so autocast is never silently ignored.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ import torch.nn.functional as F
 # activation name -> (oneDNN post-op attribute, its algorithm)
 POST_OPS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 _REQUIRED_OPS = ("_reorder_linear_weight", "_linear_pointwise")
+# the dtypes the packed GEMM runs (as the input's dtype, or as the CPU autocast dtype)
+DTYPES = frozenset({torch.float32, torch.bfloat16})
 
 _packing_enabled = os.environ.get("FASTBERT_PACKED_WEIGHTS", "1").strip() not in ("0", "false", "off")
 
@@ -39,7 +46,7 @@ class _Packed(NamedTuple):
     nbytes: int
 
 
-# id(weight) -> _Packed; a plain dict, not a WeakIdKeyDictionary, whose lookups cost a Python-level
+# (id(weight), dtype) -> _Packed; a plain dict, not a WeakIdKeyDictionary, whose lookups cost a Python-level
 # weak reference per call. Each entry is removed when its weight dies (the weakref's callback).
 _cache: dict[int, _Packed] = {}
 _cache_lock = threading.Lock()
@@ -97,7 +104,7 @@ def _version(weight: torch.Tensor) -> int | None:
     return None if weight.is_inference() else weight._version
 
 
-def _forget(key: int):
+def _forget(key: tuple):
     def callback(_reference) -> None:
         with _cache_lock:
             entry = _cache.get(key)
@@ -106,26 +113,47 @@ def _forget(key: int):
     return callback
 
 
-def packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """weight reordered for oneDNN, from the cache while the weight is the same tensor, unchanged."""
-    key, stamp = id(weight), (_version(weight), weight.data_ptr())
+def packed_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """weight (cast to `dtype`, default its own) reordered for oneDNN, from the cache while the weight is
+    the same tensor, unchanged."""
+    dtype = weight.dtype if dtype is None else dtype
+    key, stamp = (id(weight), dtype), (_version(weight), weight.data_ptr())
     entry = _cache.get(key)
     if entry is not None and entry.source() is weight and entry.stamp == stamp:
         return entry.packed
     with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-    entry = _Packed(weakref.ref(weight, _forget(key)), stamp, packed, weight.numel() * weight.element_size())
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype))
+    nbytes = weight.numel() * packed.element_size()
+    entry = _Packed(weakref.ref(weight, _forget(key)), stamp, packed, nbytes)
     with _cache_lock:
         _cache[key] = entry
     return packed
 
 
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype the GEMM runs in: the CPU autocast dtype when autocast is on, else x's dtype when the
+    weight has it too; None when the packed path does not run it (the torch reference then does)."""
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+    else:
+        dtype = x.dtype if weight.dtype == x.dtype else None
+    return dtype if dtype in DTYPES else None
+
+
+def _reference(x, weight, bias, activation):
+    y = F.linear(x, weight, bias)
+    return y if activation is None else F.gelu(y, approximate=POST_OPS[activation][1])
+
+
 def linear_onednn(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
 ) -> torch.Tensor:
-    """activation(x @ weight.T + bias) on oneDNN with the packed weight; fp32 CPU, no autograd."""
-    if torch.compiler.is_compiling():  # the cache is Python state; let the compiler see plain ops
-        y = F.linear(x, weight, bias)
-        return y if activation is None else F.gelu(y, approximate=POST_OPS[activation][1])
+    """activation(x @ weight.T + bias) on oneDNN with the packed weight; fp32 or bf16 (or fp32 under bf16
+    autocast) CPU, no autograd."""
+    dtype = compute_dtype(x, weight)
+    if dtype is None or torch.compiler.is_compiling():  # the cache is Python state; let the compiler see plain ops
+        return _reference(x, weight, bias, activation)
     attribute, algorithm = POST_OPS[activation]
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, attribute, [], algorithm)
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()  # oneDNN adds an fp32 bias to its fp32 accumulator for either input dtype
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed_weight(weight, dtype), bias, attribute, [], algorithm)
