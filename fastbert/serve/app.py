@@ -278,8 +278,16 @@ def _request_id(request: Request) -> str | None:
 
 
 def _validation_field(error: dict) -> str:
+    if error.get("type") == "json_invalid":  # its location is a character offset
+        return "body"
     location = [str(part) for part in error.get("loc", ()) if part != "body"]
     return location[0] if location else "body"
+
+
+def _message(error: dict) -> str:
+    if error.get("type") == "json_invalid":
+        return f"invalid JSON at character {error['loc'][-1]}: {error.get('ctx', {}).get('error', '')}"
+    return error.get("msg", "")
 
 
 TRANSLATIONS = {
@@ -301,7 +309,7 @@ def add_error_handlers(app: FastAPI) -> None:
     async def invalid_request(request: Request, exc: RequestValidationError):
         details = exc.errors()
         field = _validation_field(details[0]) if details else "body"
-        messages = "; ".join(sorted({d.get("msg", "") for d in details if _validation_field(d) == field}))
+        messages = "; ".join(sorted({_message(d) for d in details if _validation_field(d) == field}))
         error = errors.ValidationFailed(f"`{field}`: {messages}", field=field)
         return errors.error_response(error, _request_id(request))
 

@@ -1,0 +1,41 @@
+"""Hooks on a running app's engine: hold the forward until released, or make it raise on a marker."""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+
+
+def serving_of(client):
+    return client.app.state.serving
+
+
+@contextmanager
+def held_forward(client):
+    """Every forward waits until the block exits (the requests pile up in flight)."""
+    serving = serving_of(client)
+    gate = threading.Event()
+    forward = serving.engine.forward
+
+    def waiting_forward(batch):
+        gate.wait(30)
+        return forward(batch)
+
+    shadowed = serving.engine.__dict__.get("forward")
+    serving.engine.forward = waiting_forward
+    try:
+        yield gate
+    finally:
+        gate.set()
+        if shadowed is None:
+            del serving.engine.forward  # back to the class's method
+        else:
+            serving.engine.forward = shadowed
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.01)
