@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from fastbert.models import modernbert
 from fastbert.models.encoder import clear_fused_qkv_cache
 from fastbert.models.families import base_classes, family_of_base, supported_names
 from fastbert.models.native import FastEncoder, reads_first_column, use_fast_forward, use_plain_forward
@@ -47,7 +48,7 @@ def patch(model: nn.Module) -> nn.Module:
     know, which make the model run transformers' forward with one warning.
     """
     found = _base_models(model)
-    if not found:
+    if not modernbert.patch_models(model) and not found:
         raise UnsupportedModelError(
             f"fastbert.patch: {type(model).__name__} contains no model of a family fastbert supports. "
             f"Supported: {supported_names()}"
@@ -66,9 +67,11 @@ def unpatch(model: nn.Module) -> nn.Module:
         if isinstance(module, FastEncoder) and module.__dict__.pop(_MARK, False):
             use_plain_forward(module)
             clear_fused_qkv_cache(module)
+    modernbert.unpatch_models(model)
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
     """True if patch() swapped at least one base model inside `model` (and unpatch has not undone it)."""
-    return any(isinstance(m, FastEncoder) and m.__dict__.get(_MARK, False) for m in model.modules())
+    return modernbert.is_patched(model) or any(
+        isinstance(m, FastEncoder) and m.__dict__.get(_MARK, False) for m in model.modules())

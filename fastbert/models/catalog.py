@@ -6,7 +6,7 @@ runs transformers' forward through the plain path, with one warning.
 """
 from __future__ import annotations
 
-from fastbert.models import bert
+from fastbert.models import bert, modernbert
 from fastbert.models.families import FAMILIES
 from fastbert.models.native import native_base_class, native_head_class
 
@@ -23,6 +23,7 @@ def _family_classes(family) -> dict[str, type]:
 
 
 CLASSES: dict[str, type] = {name: cls for family in FAMILIES for name, cls in _family_classes(family).items()}
+CLASSES.update(modernbert.CLASSES)  # the second layer type (fastbert/models/modernbert.py)
 globals().update(CLASSES)
 
 
@@ -30,6 +31,8 @@ def native_class(model_type: str, suffix: str) -> type:
     """fastbert's class for a config.model_type and a transformers suffix ("Model", "ForMaskedLM", ...)."""
     from fastbert.models.families import family_of_model_type
 
+    if model_type == "modernbert":
+        return modernbert.native_class(suffix)
     family = family_of_model_type(model_type)
     name = family.class_prefix + suffix
     if name not in CLASSES:

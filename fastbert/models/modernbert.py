@@ -1,0 +1,387 @@
+"""ModernBERT on fastbert's ops: the second layer type beside BERT's (docs/design.md says why).
+
+transformers' ModernBERT runs the padded batch and, on its local layers, a dense (seq x seq) window
+mask. Here the mask is read once, the layers run on packed real tokens, and each layer is:
+
+    h = attn_norm(x)                          (Identity on layer 0)
+    qkv = Wqkv(h); rotary(qkv)                RoPE on q and k inside the QKV output, per layer type
+    x = x + Wo(attention(q, k, v))            global: varlen_attention; local: window_attention
+    x = x + mlp.Wo(geglu(mlp.Wi(mlp_norm(x))))
+
+then final_norm and one scatter back to (batch, seq). Every class subclasses transformers' own, so
+parameter names, from_pretrained/save_pretrained, Trainer and PEFT behave as in transformers; modules
+of classes fastbert does not know, and arguments it does not read, run transformers' forward with one
+warning (never silently wrong).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import activations
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.modernbert import modeling_modernbert as hf
+
+from fastbert import backend
+from fastbert.models.loading import StrictLoading
+from fastbert.models.native import _register_output_capture, key_padding_mask, warn_plain_path
+from fastbert.models.support import gelu_approximation
+from fastbert.models.validation import should_validate, validate_inputs
+from fastbert.ops.attention import varlen_attention
+from fastbert.ops.geglu import geglu
+from fastbert.ops.linear import linear as linear_op
+from fastbert.ops.padding import gather_rows, packing_from_mask, pad_input
+from fastbert.ops.rotary import RotaryTables, rotary
+from fastbert.ops.window_attention import window_attention
+
+_TABLES = RotaryTables()
+# Arguments the fast path reads (num_items_in_batch is the heads' loss argument: no effect on the encoder).
+_FAST_ARGUMENTS = frozenset({"input_ids", "attention_mask", "position_ids", "inputs_embeds", "output_hidden_states",
+                             "output_attentions", "return_dict", "num_items_in_batch"})
+# Elementwise activations: run as modules on packed tokens, which is exact.
+_ELEMENTWISE = frozenset(e[0] if isinstance(e, tuple) else e for e in activations.ACT2CLS.values()) | {
+    nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh}
+# Set on a base model whose head reads [:, 0] of the padded output itself (cls pooling).
+FIRST_TOKEN_MARK = "_fastbert_first_token_at_column_0"
+PATCH_MARK = "_fastbert_patched"
+
+
+@dataclass
+class PackedTokens:
+    """The real tokens of a (batch, seq) batch, packed: (tokens, ...), sequences described by cu_seqlens."""
+
+    batch: int
+    seqlen: int
+    indices: torch.Tensor | None  # (tokens,) rows of batch*seq that are real; None = no padding
+    cu_seqlens: torch.Tensor  # (batch+1,) int32
+    max_seqlen: int
+    positions: torch.Tensor  # (tokens,) int64 rotary position of each token
+
+    @classmethod
+    def build(cls, keep: torch.Tensor | None, position_ids: torch.Tensor | None, batch: int, seqlen: int, device):
+        indices, max_seqlen = None, seqlen
+        cu_seqlens = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+        if keep is not None:
+            found, found_cu, found_max, total = packing_from_mask(keep)
+            if total != batch * seqlen:
+                indices, cu_seqlens, max_seqlen = found, found_cu, found_max
+        layout = cls(batch, seqlen, indices, cu_seqlens, max_seqlen, positions=None)
+        # transformers' default positions are the column index, padding included (left padding shifts them).
+        columns = torch.arange(seqlen, device=device) if position_ids is None else position_ids
+        layout.positions = layout.pack(columns.expand(batch, seqlen))
+        return layout
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        if self.indices is None:
+            return padded.reshape(self.batch * self.seqlen, *padded.shape[2:])
+        return gather_rows(padded, self.indices)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        if self.indices is None:
+            return packed.view(self.batch, self.seqlen, *packed.shape[1:])
+        return pad_input(packed, self.indices, self.batch, self.seqlen)
+
+    def first_tokens(self, packed: torch.Tensor) -> torch.Tensor:
+        """(batch, hidden): each sequence's first real token; zeros for empty sequences."""
+        if packed.shape[0] == 0:
+            return packed.new_zeros(self.batch, packed.shape[-1])
+        starts = self.cu_seqlens[:-1].long().clamp(max=packed.shape[0] - 1)
+        nonempty = (self.cu_seqlens[1:] > self.cu_seqlens[:-1])[:, None]
+        return torch.where(nonempty, packed.index_select(0, starts), torch.zeros((), dtype=packed.dtype))
+
+
+# ---- one layer -----------------------------------------------------------------------------------------
+
+
+def _dense(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A plain nn.Linear runs on fastbert's linear op (packed oneDNN GEMM for fp32 CPU inference);
+    any other Linear-like module (LoRA, quantized) runs its own forward."""
+    if type(module) is nn.Linear:
+        return linear_op(x, module.weight, module.bias)
+    return module(x)
+
+
+def _dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x) if isinstance(module, nn.Dropout) and module.training and module.p > 0 else x
+
+
+def attention_forward(layer: nn.Module, hidden: torch.Tensor, packed: PackedTokens, rotary_emb: nn.Module,
+                      sliding_window: int) -> torch.Tensor:
+    """Wo(attention(rotary(Wqkv(hidden)))) on packed tokens: (tokens, hidden) -> (tokens, hidden)."""
+    attn = layer.attn
+    heads, head_dim = attn.config.num_attention_heads, attn.head_dim
+    qkv = _dense(attn.Wqkv, hidden).view(hidden.shape[0], 3, heads, head_dim)
+    inv_freq = getattr(rotary_emb, f"{layer.attention_type}_inv_freq")
+    cos, sin = _TABLES.lookup(inv_freq, packed.positions, rotary_emb.max_seq_len_cached)
+    q, k, v = rotary(qkv, cos, sin).unbind(dim=1)
+    dropout_p = attn.attention_dropout if attn.training else 0.0
+    arguments = dict(softmax_scale=head_dim**-0.5, dropout_p=dropout_p)
+    if layer.attention_type == "sliding_attention":
+        context = window_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, sliding_window, **arguments)
+    else:
+        context = varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, **arguments)
+    return _dropout(attn.out_drop, _dense(attn.Wo, context.reshape(hidden.shape[0], heads * head_dim)))
+
+
+def mlp_forward(mlp: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Wo(drop(act(input) * gate)) with [input | gate] = Wi(hidden); one fused geglu for a known GELU."""
+    both = _dense(mlp.Wi, hidden)
+    approximate = gelu_approximation(mlp.act)
+    if approximate is not None:
+        gated = geglu(both, approximate)
+    else:
+        values, gate = both.chunk(2, dim=-1)
+        gated = mlp.act(values) * gate
+    return _dense(mlp.Wo, _dropout(mlp.drop, gated))
+
+
+def layer_forward(layer: nn.Module, hidden: torch.Tensor, packed: PackedTokens, model: nn.Module) -> torch.Tensor:
+    """One pre-norm ModernBERT layer on packed tokens (tokens, hidden)."""
+    window = model.config.sliding_window
+    hidden = hidden + attention_forward(layer, layer.attn_norm(hidden), packed, model.rotary_emb, window)
+    return hidden + mlp_forward(layer.mlp, layer.mlp_norm(hidden))
+
+
+@dataclass
+class _LayerCall:
+    """What a fast layer needs besides the hidden states: the packed layout and its model."""
+
+    packed: PackedTokens
+    model: nn.Module
+
+
+class FastModernBertEncoderLayer(hf.ModernBertEncoderLayer):
+    """transformers' layer; called with a _LayerCall it runs the packed fast path. Called as a module
+    so hooks and transformers' gradient checkpointing apply; called with a mask it is transformers' layer."""
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        if isinstance(attention_mask, _LayerCall):
+            return layer_forward(self, hidden_states, attention_mask.packed, attention_mask.model)
+        return super().forward(hidden_states, attention_mask, *args, **kwargs)
+
+
+# ---- which models the fast path may take ---------------------------------------------------------------
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return type(module) is nn.LayerNorm
+
+
+def _is_dropout(module: nn.Module) -> bool:
+    return type(module) in (nn.Dropout, nn.Identity)
+
+
+def _layer_problem(name: str, layer: nn.Module) -> str | None:
+    if type(layer) not in (hf.ModernBertEncoderLayer, FastModernBertEncoderLayer):
+        return f"the module {name} of class {type(layer).__name__}"
+    attn, mlp = layer.attn, layer.mlp
+    parts = {
+        "attn_norm": _is_norm(layer.attn_norm) or type(layer.attn_norm) is nn.Identity,
+        "mlp_norm": _is_norm(layer.mlp_norm),
+        "attn": type(attn) is hf.ModernBertAttention and _is_dropout(attn.out_drop),
+        "mlp": type(mlp) is hf.ModernBertMLP and _is_dropout(mlp.drop) and type(mlp.act) in _ELEMENTWISE,
+    }
+    bad = [part for part, known in parts.items() if not known]
+    return f"the module {name}.{bad[0]} (a class or activation fastbert does not know)" if bad else None
+
+
+def _rotary_problem(rotary_emb: nn.Module) -> str | None:
+    if type(rotary_emb) is not hf.ModernBertRotaryEmbedding:
+        return f"the module rotary_emb of class {type(rotary_emb).__name__}"
+    for layer_type in rotary_emb.layer_types:
+        kind = rotary_emb.rope_type.get(layer_type)
+        if kind != "default" or getattr(rotary_emb, f"{layer_type}_attention_scaling") != 1.0:
+            return f"rope_type {kind!r} for {layer_type} (fastbert runs the default rotary embedding)"
+    return None
+
+
+def model_problem(model: nn.Module) -> str | None:
+    """Why this ModernBertModel's modules keep it off the fast path, or None."""
+    embeddings = model.embeddings
+    if not (type(embeddings) is hf.ModernBertEmbeddings and type(embeddings.tok_embeddings) is nn.Embedding
+            and _is_norm(embeddings.norm) and _is_dropout(embeddings.drop)):
+        return "the module embeddings (a class fastbert does not know)"
+    if not _is_norm(model.final_norm):
+        return f"the module final_norm of class {type(model.final_norm).__name__}"
+    for index, layer in enumerate(model.layers):
+        problem = _layer_problem(f"layers.{index}", layer)
+        if problem:
+            return problem
+    return _rotary_problem(model.rotary_emb)
+
+
+def arguments_problem(config, arguments: dict) -> str | None:
+    if arguments.get("output_attentions", getattr(config, "output_attentions", False)):
+        return "output_attentions=True"
+    others = [name for name, value in arguments.items() if name not in _FAST_ARGUMENTS and value is not None]
+    return f"the argument {others[0]}" if others else None
+
+
+def _mask_problem(keep: torch.Tensor | None) -> str | None:
+    """Packing keeps distances only when each row's tokens are one contiguous run (left or right padding)."""
+    if keep is None or keep.shape[1] < 2:
+        return None
+    starts = (keep[:, 1:] & ~keep[:, :-1]).sum(dim=1) + keep[:, 0]
+    if bool((starts > 1).any()):
+        return "an attention_mask with holes (padding between tokens: the window and positions count it)"
+    return None
+
+
+# ---- the base model --------------------------------------------------------------------------------------
+
+
+def _config_flag(config, arguments: dict, name: str, default: bool) -> bool:
+    value = arguments.get(name)
+    return bool(getattr(config, name, default) if value is None else value)
+
+
+def encode(model: nn.Module, arguments: dict, keep: torch.Tensor | None) -> BaseModelOutput:
+    """Embeddings, layers and final norm of a transformers ModernBertModel on packed tokens."""
+    input_ids, inputs_embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
+    reference = input_ids if input_ids is not None else inputs_embeds
+    batch, seqlen = reference.shape[:2]
+    packed = PackedTokens.build(keep, arguments.get("position_ids"), batch, seqlen, reference.device)
+    embeddings = model.embeddings
+    words = embeddings.tok_embeddings(packed.pack(input_ids)) if input_ids is not None else packed.pack(inputs_embeds)
+    hidden = embeddings.drop(embeddings.norm(words))
+    collect = _config_flag(model.config, arguments, "output_hidden_states", False)
+    all_hidden = [packed.unpack(hidden)] if collect else None
+    call = _LayerCall(packed, model)
+    with backend.training_forward() if model.training else contextlib.nullcontext():
+        for layer in model.layers:
+            hidden = layer(hidden, call) if isinstance(layer, FastModernBertEncoderLayer) else layer_forward(
+                layer, hidden, packed, model)
+            if all_hidden is not None:
+                all_hidden.append(packed.unpack(hidden))
+    hidden = model.final_norm(hidden)
+    last = packed.unpack(hidden)
+    if model.__dict__.get(FIRST_TOKEN_MARK) and packed.indices is not None:
+        last[:, 0] = packed.first_tokens(hidden)
+    if all_hidden is not None:
+        all_hidden[-1] = last  # transformers' last hidden state is the final-normed one
+    return BaseModelOutput(last_hidden_state=last, hidden_states=tuple(all_hidden) if all_hidden else None)
+
+
+_ARGUMENT_NAMES = tuple(inspect.signature(hf.ModernBertModel.forward).parameters)[1:]
+
+
+class FastModernBert:
+    """Mixed in before transformers' ModernBertModel: its forward runs the packed fast path."""
+
+    def forward(self, *args, validate=None, **kwargs):
+        arguments = {**dict(zip(_ARGUMENT_NAMES, args)), **kwargs}
+        if should_validate(self.config, validate):
+            validate_inputs(self.config, self.embeddings.tok_embeddings.weight.device,
+                            *(arguments.get(name) for name in ("input_ids", "attention_mask")), None,
+                            arguments.get("position_ids"), arguments.get("inputs_embeds"))
+        mask = arguments.get("attention_mask")
+        keep = key_padding_mask(mask) if not isinstance(mask, dict) else "a dict of attention masks"
+        reason = arguments_problem(self.config, arguments) or (keep if isinstance(keep, str) else None)
+        reason = reason or model_problem(self) or _mask_problem(keep)
+        if reason is not None:
+            warn_plain_path(reason)
+            return super().forward(*args, **kwargs)
+        if (arguments.get("input_ids") is None) == (arguments.get("inputs_embeds") is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        output = encode(self, arguments, keep)
+        return output if _config_flag(self.config, arguments, "return_dict", True) else output.to_tuple()
+
+
+def _swap_layers(model: nn.Module, to_fast: bool) -> None:
+    old, new = ((hf.ModernBertEncoderLayer, FastModernBertEncoderLayer) if to_fast
+                else (FastModernBertEncoderLayer, hf.ModernBertEncoderLayer))
+    for layer in model.layers:
+        if type(layer) is old:
+            layer.__class__ = new
+
+
+# A headless model drops a checkpoint's head weights quietly, as transformers' own does.
+_HEAD_KEYS = [r"^head\.", r"^decoder\.", r"^classifier\."]
+
+
+class ModernBertModel(StrictLoading, FastModernBert, hf.ModernBertModel):
+    """transformers.ModernBertModel with fastbert's packed forward (RoPE, GeGLU, windowed local layers)."""
+
+    _keys_to_ignore_on_load_unexpected = _HEAD_KEYS
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _swap_layers(self, to_fast=True)
+
+
+def reads_first_column(head: nn.Module) -> bool:
+    """A head that pools [:, 0] of the padded output itself (transformers' cls pooling)."""
+    return isinstance(head, hf.ModernBertForSequenceClassification) and head.config.classifier_pooling == "cls"
+
+
+def use_fast_forward(model: nn.Module, first_token_at_column_0: bool = False) -> None:
+    """Give a transformers ModernBertModel instance fastbert's forward (same objects, same weights)."""
+    model.__class__ = ModernBertModel
+    _swap_layers(model, to_fast=True)
+    _register_output_capture(model)
+    if first_token_at_column_0:
+        model.__dict__[FIRST_TOKEN_MARK] = True
+
+
+def use_plain_forward(model: nn.Module) -> None:
+    _swap_layers(model, to_fast=False)
+    model.__class__ = hf.ModernBertModel
+    model.__dict__.pop(FIRST_TOKEN_MARK, None)
+
+
+def _native_head(hf_head: type) -> type:
+    def __init__(self, config, *args, **kwargs):
+        hf_head.__init__(self, config, *args, **kwargs)
+        use_fast_forward(self.model, first_token_at_column_0=reads_first_column(self))
+
+    doc = f"transformers.{hf_head.__name__} whose encoder runs fastbert's packed forward."
+    return type(hf_head.__name__, (StrictLoading, hf_head), {"__init__": __init__, "__doc__": doc,
+                                                             "__module__": __name__})
+
+
+HEADS = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+         "ForMultipleChoice")
+ModernBertForMaskedLM = _native_head(hf.ModernBertForMaskedLM)
+ModernBertForSequenceClassification = _native_head(hf.ModernBertForSequenceClassification)
+ModernBertForTokenClassification = _native_head(hf.ModernBertForTokenClassification)
+ModernBertForQuestionAnswering = _native_head(hf.ModernBertForQuestionAnswering)
+ModernBertForMultipleChoice = _native_head(hf.ModernBertForMultipleChoice)
+
+CLASSES: dict[str, type] = {cls.__name__: cls for cls in (
+    ModernBertModel, ModernBertForMaskedLM, ModernBertForSequenceClassification, ModernBertForTokenClassification,
+    ModernBertForQuestionAnswering, ModernBertForMultipleChoice)}
+
+
+# ---- fastbert.patch --------------------------------------------------------------------------------------
+
+
+def patch_models(model: nn.Module) -> int:
+    """Give every module of exactly transformers' ModernBertModel class inside `model` the fast forward;
+    returns how many (fastbert.patch calls this)."""
+    first_column = {id(m.model) for m in model.modules() if reads_first_column(m)}
+    found = [m for m in model.modules() if type(m) is hf.ModernBertModel]
+    for module in found:
+        use_fast_forward(module, first_token_at_column_0=id(module) in first_column)
+        module.__dict__[PATCH_MARK] = True
+    return len(found)
+
+
+def unpatch_models(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, ModernBertModel) and module.__dict__.pop(PATCH_MARK, False):
+            use_plain_forward(module)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return any(isinstance(m, ModernBertModel) and m.__dict__.get(PATCH_MARK, False) for m in model.modules())
+
+
+def native_class(suffix: str) -> type:
+    """fastbert's ModernBERT class for a transformers suffix ("Model", "ForMaskedLM", ...)."""
+    name = "ModernBert" + suffix
+    if name not in CLASSES:
+        raise ValueError(f"fastbert has no {name}: ModernBERT models have {', '.join(HEADS)} heads")
+    return CLASSES[name]

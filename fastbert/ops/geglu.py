@@ -1,0 +1,44 @@
+"""geglu: GELU(input) * gate, the gated feed-forward of ModernBERT (transformers' ModernBertMLP).
+
+x holds [input | gate] along its last dimension, as one Linear (mlp.Wi) writes them: the output has
+half x's width. GELU is the exact erf form ("none") or the tanh approximation ("tanh").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastbert.backend import REGISTRY, runs_anywhere, triton_probe
+from fastbert.kernels import limits as triton_limits
+from fastbert.ops._dispatch import compute_dtype, implementation
+from fastbert.registry import Implementation
+
+APPROXIMATIONS = ("none", "tanh")
+
+
+def geglu_ref(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """Reference: fp32 math for half inputs, result in x's dtype. The fallback and the test oracle."""
+    values, gate = x.to(compute_dtype(x.dtype)).chunk(2, dim=-1)
+    return (F.gelu(values, approximate=approximate) * gate).to(x.dtype)
+
+
+REGISTRY.register(Implementation(
+    op="geglu", backend="torch", target="fastbert.ops.geglu:geglu_ref", devices=None, dtypes=None,
+    probe=runs_anywhere,
+))
+REGISTRY.register(Implementation(
+    op="geglu", backend="triton", target="fastbert.kernels.geglu:geglu_triton",
+    devices=triton_limits.DEVICES, dtypes=triton_limits.DTYPES, probe=triton_probe,
+    supports=lambda call: triton_limits.cpu_problem(call.device, call.interpreting),
+))
+# Until the hand-kept order in fastbert/backend.py names this op: Triton first on CUDA.
+REGISTRY.auto_preference.setdefault("cuda", {}).setdefault("geglu", ("triton", "torch"))
+
+
+def geglu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU(x[..., :n]) * x[..., n:] with n = x.shape[-1] // 2, on the backend fastbert.use_backend selects."""
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    if x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"the last dim of x holds [input | gate] and must be even, got shape {tuple(x.shape)}")
+    return implementation("geglu", x, width=x.shape[-1] // 2)(x, approximate)
