@@ -1,0 +1,99 @@
+"""`fastbert serve` as a command: argument errors in one line, and SIGTERM in a real server process
+(127.0.0.1 only): new connections are refused, every accepted request is answered, the process exits."""
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+import fastbert
+from fastbert.cli import main
+from fastbert.serve.workers import core_slices
+
+SLOW_SERVER = Path(__file__).with_name("_slow_server.py")
+FORWARD_DELAY = 0.4
+
+
+def test_serve_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--max-batch-tokens", "--max-concurrent-requests", "--max-client-batch-size",
+                   "--max-input-length", "--api-key", "--workers", "--dtype", "--port", "--host"):
+        assert option in text
+
+
+def test_errors_are_one_line_and_exit_1(embed_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delattr(fastbert, "quantize", raising=False)
+    assert main(["serve", embed_dir, "--dtype", "int8"]) == 1
+    assert "fastbert.quantize" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path)]) == 1
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["serve", embed_dir, "--max-batch-tokens", "0"]) == 1
+    assert "--max-batch-tokens 0" in capsys.readouterr().err
+
+
+def test_core_slices_cover_every_core_once():
+    assert core_slices(list(range(8)), 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert core_slices([0, 1], 4) == [[0], [1], [0], [1]]  # more workers than cores: shared
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the server exited during startup"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("the server did not become healthy")
+
+
+def _in_flight(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return float(next(line.split()[-1] for line in text.splitlines()
+                      if line.startswith("fastbert_requests_in_flight ")))
+
+
+@pytest.mark.slow
+def test_sigterm_drains_accepted_requests_then_exits(embed_dir):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, str(SLOW_SERVER), str(FORWARD_DELAY), embed_dir, "--host",
+                                "127.0.0.1", "--port", str(port), "--max-batch-tokens", "64",
+                                "--log-level", "warning"])
+    try:
+        _wait_healthy(url, process)
+        texts = [" ".join([f"word{i}"] * 20) for i in range(5)]  # each ~40 tokens: one forward each
+        with ThreadPoolExecutor(len(texts)) as pool:
+            futures = [pool.submit(httpx.post, f"{url}/embed", json={"inputs": text}, timeout=120) for text in texts]
+            deadline = time.monotonic() + 60
+            while _in_flight(url) < len(texts):
+                assert time.monotonic() < deadline, "the requests never reached the server"
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # the listener closes at once; the queued forwards take ~2 s more
+            with pytest.raises(httpx.TransportError):
+                httpx.post(f"{url}/embed", json={"inputs": "too late"}, timeout=5)
+            responses = [future.result() for future in futures]
+        assert [response.status_code for response in responses] == [200] * len(texts)
+        assert all(len(response.json()) == 1 and len(response.json()[0]) == 32 for response in responses)
+        # uvicorn re-raises the signal once the shutdown is complete, so supervisors see a SIGTERM exit
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
