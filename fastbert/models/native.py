@@ -5,11 +5,14 @@ from_pretrained/save_pretrained, Trainer, Accelerate and PEFT behave exactly as 
 Only the base model's forward changes: it runs fastbert.models.encoder on fused ops, and hands what
 the fast path does not cover (decoder, cross-attention, KV cache, output_attentions, per-query
 masks, modules of classes fastbert does not know) to transformers' own forward with one warning,
-so nothing is ever silently wrong. A head class is the transformers head whose base model gets the
+so nothing is ever silently wrong (fastbert.models.arguments says how each argument is treated). The
+decision to fall back comes first; only a call that stays on the fast path is validated. The
+generated forward keeps transformers' signature. A head class is the transformers head whose base model gets the
 fast class (a subclass that adds no state, so the swap is a pointer change).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import warnings
@@ -17,6 +20,14 @@ import warnings
 import torch
 from torch import nn
 
+from fastbert.models.arguments import (
+    INPUT,
+    RULES,
+    argument_reason,
+    call_value,
+    hidden_state_selection,
+    selected_hidden_states,
+)
 from fastbert.models.encoder import encode, fast_layer_class
 from fastbert.models.families import FAMILIES, Family, family_of_base
 from fastbert.models.loading import StrictLoading
@@ -27,12 +38,6 @@ _warned_reasons: set[str] = set()
 
 # Set on a base model whose head reads [:, 0] of the padded output itself (see encoder.encode).
 FIRST_TOKEN_MARK = "_fastbert_first_token_at_column_0"
-
-# Arguments the fast path reads; any other argument with a value goes to transformers' forward.
-_FAST_ARGUMENTS = frozenset(
-    {"input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "output_hidden_states",
-     "output_attentions", "return_dict", "encoder_attention_mask", "use_cache"}
-)
 
 
 def warn_plain_path(reason: str) -> None:
@@ -51,11 +56,21 @@ def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None
     """
     if attention_mask is None:
         return None
+    reason = mask_reason(attention_mask)
+    if reason is not None:
+        return reason
     if attention_mask.dim() == 2:
         return attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask != 0
+    row = attention_mask[:, 0, 0, :]
+    return row if row.dtype == torch.bool else row == 0
+
+
+def mask_reason(attention_mask) -> str | None:
+    """Why this mask's shape keeps the call off the fast path (metadata only), or None."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() == 2:
+        return None  # no mask, a padding mask, or not a tensor (validation names it)
     if attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1:
-        row = attention_mask[:, 0, 0, :]
-        return row if row.dtype == torch.bool else row == 0
+        return None
     return f"an attention_mask of shape {tuple(attention_mask.shape)} (per-query masks)"
 
 
@@ -66,14 +81,10 @@ def plain_path_reason(model: nn.Module, arguments: dict) -> str | None:
         return f"a decoder (causal) {type(model).__name__}"
     if arguments.get("encoder_hidden_states") is not None:
         return "cross-attention (encoder_hidden_states)"
-    if arguments.get("past_key_values") is not None or arguments.get("use_cache"):
-        return "a key/value cache (past_key_values, use_cache)"
-    if arguments.get("output_attentions", getattr(config, "output_attentions", False)):
-        return "output_attentions=True"
-    others = [name for name, value in arguments.items() if name not in _FAST_ARGUMENTS and value is not None]
-    if others:
-        return f"the argument {others[0]}"
-    return None
+    if arguments.get("cache") is not None or arguments.get("past_key_values") is not None:
+        return "a key/value cache (cache, past_key_values)"
+    return argument_reason(config, arguments, model._fastbert_input_names) or mask_reason(
+        arguments.get("attention_mask"))
 
 
 def _validate(model: nn.Module, arguments: dict) -> None:
@@ -93,25 +104,30 @@ class FastEncoder:
 
     _fastbert_family: Family
     _fastbert_argument_names: tuple[str, ...]  # transformers' forward parameters, in positional order
+    _fastbert_input_names: frozenset[str]  # those the encoder reads (fastbert.models.arguments.INPUT)
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         swap_layer_classes(self, to_fast=True)
 
     def forward(self, *args, validate=None, **kwargs):
+        """The generated classes' forward calls this one under transformers' signature (see with_signature).
+
+        validate (keyword only, not in the signature: it travels in **kwargs): True/False runs or skips
+        input validation for this call, None follows config.fastbert_validate (default True).
+        """
         arguments = {**dict(zip(self._fastbert_argument_names, args)), **kwargs}
-        if should_validate(self.config, validate):
-            _validate(self, arguments)
-        keep = key_padding_mask(arguments.get("attention_mask"))
-        reason = plain_path_reason(self, arguments) or (keep if isinstance(keep, str) else None)
+        reason = plain_path_reason(self, arguments)
         if reason is None:
             family = self._fastbert_family
             check = check_modules(family, self, (family.layer, fast_layer_class(family)))
             reason = check.problem
-        if reason is not None:
+        if reason is not None:  # decided before validation: transformers' forward checks its own inputs
             warn_plain_path(reason)
             return super().forward(*args, **kwargs)
-        return self._fast_forward(arguments, keep, check.views)
+        if should_validate(self.config, validate):
+            _validate(self, arguments)
+        return self._fast_forward(arguments, key_padding_mask(arguments.get("attention_mask")), check.views)
 
     def _fast_forward(self, arguments: dict, keep, views: dict):
         if (arguments.get("input_ids") is None) == (arguments.get("inputs_embeds") is None):
@@ -119,21 +135,34 @@ class FastEncoder:
         family = self._fastbert_family
         names = ("input_ids", "inputs_embeds", "token_type_ids", "position_ids")
         inputs = {name: arguments.get(name) for name in names}
+        config = self.config
+        selection = hidden_state_selection(self, call_value(config, arguments, "output_hidden_states"))
         options = {
-            "output_hidden_states": _config_default(self.config, arguments, "output_hidden_states", False),
+            "output_hidden_states": selection is not False,
             "first_token_at_column_0": self.__dict__.get(FIRST_TOKEN_MARK, False),
         }
         result = encode(self, family, inputs, keep, options, views)
-        fields = {"last_hidden_state": result.last_hidden_state, "hidden_states": result.hidden_states}
+        hidden_states = result.hidden_states
+        if hidden_states is not None:
+            hidden_states = selected_hidden_states(hidden_states, selection, result.last_hidden_state, config)
+        fields = {"last_hidden_state": result.last_hidden_state, "hidden_states": hidden_states}
         if "pooler_output" in family.output_class.__dataclass_fields__:
             fields["pooler_output"] = family.pool(self, result.first_tokens)
         output = family.output_class(**fields)
-        return output if _config_default(self.config, arguments, "return_dict", True) else output.to_tuple()
+        # transformers returns a tuple only for return_dict=False (an explicit None means a ModelOutput)
+        return output.to_tuple() if call_value(config, arguments, "return_dict") is False else output
 
 
-def _config_default(config, arguments: dict, name: str, default):
-    value = arguments.get(name)
-    return bool(getattr(config, name, default) if value is None else value)
+def with_signature(implementation, transformers_forward):
+    """A `forward` for a generated class: runs `implementation`, and reads as transformers' forward to
+    inspect.signature (Trainer's remove_unused_columns, generate's argument checks), help() and tools."""
+    def forward(self, *args, **kwargs):
+        return implementation(self, *args, **kwargs)
+
+    functools.update_wrapper(forward, transformers_forward, assigned=("__module__", "__name__", "__doc__"), updated=())
+    forward.__qualname__ = transformers_forward.__qualname__
+    forward.__signature__ = inspect.signature(transformers_forward)
+    return forward
 
 
 def swap_layer_classes(model: nn.Module, to_fast: bool) -> None:
@@ -176,6 +205,8 @@ def native_base_class(family: Family) -> type:
         attributes = {
             "_fastbert_family": family,
             "_fastbert_argument_names": names,
+            "_fastbert_input_names": frozenset(name for name in names if RULES.get(name) == INPUT),
+            "forward": with_signature(FastEncoder.forward, family.base.forward),
             "__module__": __name__,
             "__doc__": f"transformers.{family.base.__name__} with fastbert's fused, padding-free forward.",
         }
@@ -218,5 +249,8 @@ def native_head_class(hf_head: type, extra_bases: tuple[type, ...] = ()) -> type
 
     doc = f"transformers.{hf_head.__name__} whose encoder runs fastbert's fused, padding-free forward."
     attributes = {"__init__": __init__, "__doc__": doc, "__module__": __name__}
+    own_forward = next((base.__dict__["forward"] for base in extra_bases if "forward" in base.__dict__), None)
+    if own_forward is not None:  # a mixin's forward still reads as transformers' to inspect.signature
+        attributes["forward"] = with_signature(own_forward, hf_head.forward)
     cls = type(hf_head.__name__, (*extra_bases, StrictLoading, hf_head), attributes)
     return _register(cls)

@@ -1,9 +1,10 @@
 """Input validation at the model boundary.
 
-`validate_inputs` runs before any embedding gather. On CUDA an out-of-range index in an embedding
-lookup is a device-side assert that poisons the whole process (every later CUDA call fails), so
-token ids, token types and positions are range-checked here, with an error that names the argument,
-the offending value and the limit.
+`validate_inputs` runs before any embedding gather, on calls that stay on the fast path (a call that
+falls back to transformers' forward gets transformers' own checks: see fastbert.models.native). On
+CUDA an out-of-range index in an embedding lookup is a device-side assert that poisons the whole
+process (every later CUDA call fails), so token ids, token types and positions are range-checked
+here, with an error that names the argument, the offending value and the limit.
 
 Cost: shape, dtype and device checks are free (metadata only). All integer range checks share ONE
 host sync per forward: each tensor gets one fused `torch.aminmax`, the minima and maxima are

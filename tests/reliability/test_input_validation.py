@@ -1,7 +1,8 @@
 """Input validation at the model boundary (fastbert.models.validation.validate_inputs).
 
 The model-level tests go through the public API (fastbert.BertModel and the heads): forward calls
-validate_inputs first, before the fast path and before the plain (HuggingFace) path.
+validate_inputs once the call is known to stay on the fast path; a call that falls back to
+transformers' forward (decoder, cache, output_attentions, ...) gets transformers' own checks.
 """
 from __future__ import annotations
 
@@ -232,13 +233,15 @@ def test_model_rejects_each_bad_input(tiny_model):
     assert "integer tensor" in _model_error(tiny_model, input_ids=ids(2, 8).float())
 
 
-def test_model_validates_before_the_plain_path(tiny_model):
+def test_a_call_that_falls_back_gets_transformers_own_checks_not_fastbert_validation(tiny_model):
+    """The fallback is decided before validation (issue 19, B): fastbert's checks assume the fast path's
+    inputs (a mask the shape of input_ids), which a cached decoder step does not pass."""
     input_ids = ids(2, 8)
     input_ids[1, 1] = 999
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), pytest.raises(IndexError, match="index out of range"):
         warnings.simplefilter("ignore")
-        message = _model_error(tiny_model, input_ids=input_ids, output_attentions=True)
-    assert "input_ids contains 999" in message
+        tiny_model(input_ids=input_ids, output_attentions=True)
+    assert "input_ids contains 999" in _model_error(tiny_model, input_ids=input_ids)
 
 
 def test_heads_validate_through_their_encoder():
