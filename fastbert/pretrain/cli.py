@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             log_path.unlink(missing_ok=True)
         else:
             keep_log_until(log_path, int(Path(checkpoint).name.split("-")[-1]))
+        log_path.touch()  # a resumed run that has no step left to train still has a log (and a plot)
     trainer.add_callback(JsonlLogCallback(log_path))
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(output))  # main process only, with the tokenizer (processing_class)
@@ -150,10 +151,10 @@ def _training_arguments(args):
 def _trainer(model, training_args, dataset, collator, tokenizer):
     from transformers.trainer_callback import ProgressCallback
 
-    from fastbert.pretrain.trainer import LossProgressCallback, PretrainingTrainer
+    from fastbert.pretrain.trainer import LogFinalStepCallback, LossProgressCallback, PretrainingTrainer
 
     trainer = PretrainingTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
-                                 processing_class=tokenizer)
+                                 processing_class=tokenizer, callbacks=[LogFinalStepCallback()])
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(LossProgressCallback)
     return trainer

@@ -2,8 +2,8 @@
 
 Trainer does the loop, gradient accumulation, warmup + linear decay, clipping, bf16 autocast, DDP,
 checkpoints and resume. Added here: the MLM and NSP parts of the loss and tokens/s in every log
-entry, train_log.jsonl (one JSON object per logged step), the progress bar's loss and tokens/s, and
-loss.png at the end.
+entry, train_log.jsonl (one JSON object per logged step; the last step is always logged), the
+progress bar's loss and tokens/s, and loss.png at the end.
 """
 from __future__ import annotations
 
@@ -77,6 +77,15 @@ class JsonlLogCallback(TrainerCallback):
                 log.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+class LogFinalStepCallback(TrainerCallback):
+    """Logs the last step whatever --logging-steps is, so that a run shorter than the interval has a log."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+
 class LossProgressCallback(ProgressCallback):
     """Trainer's progress bar, with the latest loss and tokens/s on it instead of printed dicts."""
 
@@ -111,7 +120,8 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title("fastbert pretrain")
-    axes.legend()
+    if entries:
+        axes.legend()
     figure.tight_layout()
     figure.savefig(png_path, dpi=100)
     plt.close(figure)

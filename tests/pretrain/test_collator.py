@@ -87,3 +87,71 @@ def test_masks_depend_only_on_the_seed_and_the_batch(tokenizer, examples):
     assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["input_ids"], b["input_ids"])
     assert not torch.equal(PretrainingCollator(tokenizer, seed=4)(strip)["labels"], a["labels"])
     assert other_batch["labels"].shape[0] == 8
+
+
+def without_offsets(examples):
+    return [{k: v for k, v in e.items() if k != "offset_mapping"} for e in examples]
+
+
+def test_masks_do_not_depend_on_earlier_batches_or_worker_processes(tokenizer, examples):
+    """The generator is fastbert's, seeded per batch: no state runs across batches or DataLoader workers."""
+    data = without_offsets(examples[:32])
+    fresh = PretrainingCollator(tokenizer, seed=5)(data[24:32])
+    used = PretrainingCollator(tokenizer, seed=5)
+    for start in range(0, 24, 8):
+        used(data[start:start + 8])
+    after_others = used(data[24:32])
+    assert torch.equal(fresh["input_ids"], after_others["input_ids"])
+    assert torch.equal(fresh["labels"], after_others["labels"])
+    in_process, in_workers = (list(torch.utils.data.DataLoader(data, batch_size=8, num_workers=workers,
+                                                                collate_fn=PretrainingCollator(tokenizer, seed=5)))
+                              for workers in (0, 2))
+    for a, b in zip(in_process, in_workers, strict=True):
+        assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["input_ids"], b["input_ids"])
+    assert torch.equal(in_process[-1]["labels"], fresh["labels"])
+
+
+def test_examples_without_ids_are_masked_by_their_tokens(tokenizer, examples):
+    data = [{k: v for k, v in e.items() if k in ("input_ids", "special_tokens_mask")} for e in examples[:8]]
+    a, b = PretrainingCollator(tokenizer, seed=1)(data), PretrainingCollator(tokenizer, seed=1)(data)
+    assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["input_ids"], b["input_ids"])
+    other_tokens = PretrainingCollator(tokenizer, seed=1)(data[1:] + data[:1])
+    assert not torch.equal(other_tokens["labels"], torch.cat([a["labels"][1:], a["labels"][:1]]))
+    assert (a["labels"] != -100).any()
+
+
+def word_starts_reference(offsets, special) -> list[list[int]]:
+    """Per token, the position where its word starts (0 for special tokens), one token at a time."""
+    rows = []
+    for row in range(special.shape[0]):
+        starts, start = [], 0
+        for i in range(special.shape[1]):
+            touches = i > 0 and not special[row, i - 1] and offsets[row, i, 0] == offsets[row, i - 1, 1]
+            start = 0 if special[row, i] else (start if touches else i)
+            starts.append(start)
+        rows.append(starts)
+    return rows
+
+
+def test_words_of_whole_word_masking_match_a_loop_reference():
+    """Random offsets: tokens that touch the previous one, gaps, special tokens anywhere."""
+    from fastbert.pretrain.collator import _words
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 4, (6, 40), generator=generator)
+    gaps = torch.randint(0, 2, (6, 40), generator=generator)  # 0: the token continues the previous one
+    ends = torch.cumsum(lengths + gaps, dim=1)
+    offsets = torch.stack([ends - lengths, ends], dim=-1)
+    special = torch.rand(6, 40, generator=generator) < 0.1
+    word_start, start_of_word = _words(offsets, special)
+    expected = torch.tensor(word_starts_reference(offsets, special))
+    assert torch.equal(start_of_word, expected)
+    positions = torch.arange(40).expand(6, 40)
+    assert torch.equal(word_start, (expected == positions) & ~special)
+    assert 0 < int(word_start.sum()) < int((~special).sum())  # some words have several pieces
+
+
+@pytest.mark.parametrize("options, named", [(dict(mlm=False), "mlm"), (dict(return_tensors="np"), "return_tensors")])
+def test_options_it_cannot_honour_are_errors(tokenizer, options, named):
+    with pytest.raises(ValueError, match=named):
+        PretrainingCollator(tokenizer, **options)
