@@ -11,6 +11,7 @@ from fastbert.models.auto import (
 from fastbert.models.catalog import CLASSES as _NATIVE_CLASSES
 from fastbert.models.loading import CorruptCheckpointError, MissingWeightsError
 from fastbert.patch import UnsupportedModelError, patch, unpatch
+from fastbert.quantize import load_quantized, quantize, save_quantized  # fastbert.quantize is the function
 
 __version__ = "0.1.0"
 
@@ -33,8 +34,11 @@ __all__ = [
     "__version__",
     "available_backends",
     "current_backend",
+    "load_quantized",
     "ops",
     "patch",
+    "quantize",
+    "save_quantized",
     "unpatch",
     "use_backend",
 ]

@@ -91,4 +91,21 @@ PYBIND11_MODULE(_C, m) {
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("cu_seqlens"), py::arg("batch"),
       py::arg("heads"), py::arg("head_dim"), py::arg("row_stride"), py::arg("max_seqlen"), py::arg("softmax_scale"),
       py::arg("dtype"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "quantize_rows_s8",
+      [](uintptr_t x, uintptr_t q, uintptr_t scales, int64_t rows, int64_t cols, int dtype, int threads) {
+        fastbert::cpu::quantize_rows_s8(ptr<const void>(x), ptr<int8_t>(q), ptr<float>(scales), rows, cols, dtype,
+                                        threads);
+      },
+      py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("rows"), py::arg("cols"), py::arg("dtype"),
+      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "dequantize_rows",
+      [](uintptr_t acc, uintptr_t scales, uintptr_t bias, uintptr_t y, int64_t rows, int64_t cols, int dtype,
+         int gelu_mode, int threads) {
+        fastbert::cpu::dequantize_rows(ptr<const float>(acc), ptr<const float>(scales), ptr<const float>(bias),
+                                       ptr<void>(y), rows, cols, dtype, gelu_mode, threads);
+      },
+      py::arg("acc"), py::arg("scales"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("cols"),
+      py::arg("dtype"), py::arg("gelu_mode"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
 }

@@ -50,6 +50,16 @@ void varlen_attention_fwd(const void* q, const void* k, const void* v, void* out
                           int64_t batch, int64_t heads, int64_t head_dim, int64_t row_stride, int64_t max_seqlen,
                           float softmax_scale, int dtype, int num_threads);
 
+// Per-token int8 quantization (inference): scales[r] = max|x[r, :]| / 127 (1 for a zero row), q = round(x / scale)
+// in [-127, 127]. x: [rows, cols] fp32 or bf16 (dtype code), contiguous.
+void quantize_rows_s8(const void* x, int8_t* q, float* scales, int64_t rows, int64_t cols, int dtype,
+                      int num_threads);
+
+// The int8 GEMM's epilogue: y = act(acc * scales[r] + bias), acc fp32 [rows, cols], bias fp32 [cols] (required),
+// y fp32 or bf16 (dtype code); gelu_mode kGeluErf, kGeluTanh or -1 (no activation).
+void dequantize_rows(const float* acc, const float* scales, const float* bias, void* y, int64_t rows, int64_t cols,
+                     int dtype, int gelu_mode, int num_threads);
+
 }  // namespace cpu
 
 namespace cuda {

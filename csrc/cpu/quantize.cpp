@@ -1,0 +1,146 @@
+// CPU per-token int8 quantization and the dequantizing epilogue of an int8 GEMM (inference).
+//
+// quantize_rows:   scale[r] = max_c |x[r, c]| / 127 (1 for an all-zero row), q[r, c] = round(x[r, c] / scale[r])
+//                  in [-127, 127], round half to even; one pass per row (the row stays in L1 between the
+//                  max and the rounding). x: fp32 or bf16.
+// dequantize_rows: y[r, c] = act(acc[r, c] * scale[r] + bias[c]), acc fp32 (the GEMM's output with the weight
+//                  scales applied), act none / GELU (erf or tanh), y fp32 or bf16; one pass.
+// Row loops compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at run time (cpu_common.h).
+#include "cpu_common.h"
+
+namespace fastbert {
+namespace cpu {
+namespace {
+
+template <typename T>
+FB_INLINE void quantize_row(const T* __restrict__ x, int64_t cols, int8_t* __restrict__ q, float* scale) {
+  float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+  for (int64_t c = 0; c < cols; ++c) {
+    const float a = std::fabs(load_value(x, c));
+    amax = a > amax ? a : amax;
+  }
+  const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+  const float inv = 127.0f / (amax > 0.0f ? amax : 127.0f);
+#pragma omp simd
+  for (int64_t c = 0; c < cols; ++c) {
+    float v = __builtin_roundevenf(load_value(x, c) * inv);  // half to even, as torch.round (vrndscaleps)
+    v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+    q[c] = static_cast<int8_t>(static_cast<int32_t>(v));
+  }
+  *scale = s;
+}
+
+template <typename T, int MODE>
+FB_INLINE void dequantize_row(const float* __restrict__ acc, float scale, const float* __restrict__ bias,
+                              T* __restrict__ y, int64_t cols) {
+#pragma omp simd
+  for (int64_t c = 0; c < cols; ++c) {
+    const float v = acc[c] * scale + bias[c];
+    store_value(y, c, MODE < 0 ? v : gelu<(MODE < 0 ? kGeluErf : MODE)>(v));
+  }
+}
+
+template <typename T>
+FB_INLINE void quantize_block(const void* x, int8_t* q, float* scales, int64_t r0, int64_t r1, int64_t cols) {
+  const T* xt = static_cast<const T*>(x);
+  for (int64_t r = r0; r < r1; ++r) quantize_row(xt + r * cols, cols, q + r * cols, scales + r);
+}
+
+template <typename T, int MODE>
+FB_INLINE void dequantize_block(const float* acc, const float* scales, const float* bias, void* y, int64_t r0,
+                                int64_t r1, int64_t cols) {
+  T* yt = static_cast<T*>(y);
+  for (int64_t r = r0; r < r1; ++r) dequantize_row<T, MODE>(acc + r * cols, scales[r], bias, yt + r * cols, cols);
+}
+
+template <typename T>
+FB_INLINE void dequantize_any(int mode, const float* acc, const float* scales, const float* bias, void* y, int64_t r0,
+                              int64_t r1, int64_t cols) {
+  if (mode == kGeluErf)
+    dequantize_block<T, kGeluErf>(acc, scales, bias, y, r0, r1, cols);
+  else if (mode == kGeluTanh)
+    dequantize_block<T, kGeluTanh>(acc, scales, bias, y, r0, r1, cols);
+  else
+    dequantize_block<T, -1>(acc, scales, bias, y, r0, r1, cols);
+}
+
+#define FB_QUANTIZE_VARIANT(SUFFIX, ATTR)                                                                     \
+  ATTR void quantize_##SUFFIX(int dtype, const void* x, int8_t* q, float* scales, int64_t r0, int64_t r1,     \
+                              int64_t cols) {                                                                \
+    if (dtype == kFloat32)                                                                                    \
+      quantize_block<float>(x, q, scales, r0, r1, cols);                                                      \
+    else                                                                                                      \
+      quantize_block<bf16_t>(x, q, scales, r0, r1, cols);                                                     \
+  }                                                                                                           \
+  ATTR void dequantize_##SUFFIX(int dtype, int mode, const float* acc, const float* scales, const float* bias, \
+                                void* y, int64_t r0, int64_t r1, int64_t cols) {                              \
+    if (dtype == kFloat32)                                                                                    \
+      dequantize_any<float>(mode, acc, scales, bias, y, r0, r1, cols);                                        \
+    else                                                                                                      \
+      dequantize_any<bf16_t>(mode, acc, scales, bias, y, r0, r1, cols);                                       \
+  }
+
+FB_QUANTIZE_VARIANT(base, )
+#if FB_HAS_ISA_VARIANTS
+FB_QUANTIZE_VARIANT(avx2, FB_ISA_AVX2)
+FB_QUANTIZE_VARIANT(avx512, FB_ISA_AVX512)
+#endif
+
+using QuantizeFn = void (*)(int, const void*, int8_t*, float*, int64_t, int64_t, int64_t);
+using DequantizeFn = void (*)(int, int, const float*, const float*, const float*, void*, int64_t, int64_t, int64_t);
+
+QuantizeFn pick_quantize() {
+#if FB_HAS_ISA_VARIANTS
+  switch (isa_level()) {
+    case 2: return quantize_avx512;
+    case 1: return quantize_avx2;
+  }
+#endif
+  return quantize_base;
+}
+
+DequantizeFn pick_dequantize() {
+#if FB_HAS_ISA_VARIANTS
+  switch (isa_level()) {
+    case 2: return dequantize_avx512;
+    case 1: return dequantize_avx2;
+  }
+#endif
+  return dequantize_base;
+}
+
+}  // namespace
+
+void quantize_rows_s8(const void* x, int8_t* q, float* scales, int64_t rows, int64_t cols, int dtype,
+                      int num_threads) {
+  check_dtype(dtype, "quantize_rows_s8");
+  check_sizes(rows, cols, "quantize_rows_s8");
+  const QuantizeFn fn = pick_quantize();
+  const int nt = threads_for(num_threads, rows, cols);
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t r0, r1;
+    row_range(rows, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
+    fn(dtype, x, q, scales, r0, r1, cols);
+  }
+}
+
+void dequantize_rows(const float* acc, const float* scales, const float* bias, void* y, int64_t rows, int64_t cols,
+                     int dtype, int gelu_mode, int num_threads) {
+  check_dtype(dtype, "dequantize_rows");
+  check_sizes(rows, cols, "dequantize_rows");
+  if (gelu_mode != kGeluErf && gelu_mode != kGeluTanh && gelu_mode != -1)
+    throw std::invalid_argument("dequantize_rows: unknown activation code");
+  const DequantizeFn fn = pick_dequantize();
+  const int nt = threads_for(num_threads, rows, cols);
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t r0, r1;
+    row_range(rows, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
+    fn(dtype, gelu_mode, acc, scales, bias, y, r0, r1, cols);
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastbert

@@ -1,0 +1,140 @@
+"""int8 linear for CPU inference: weights int8 per output channel, activations int8 per token (dynamic).
+
+y = act((round(x / s_x) @ round(W / s_w)^T) * s_x * s_w + b), with s_x = max|x[token, :]| / 127 per token
+(computed on every call, from the call's own activations) and s_w = max|W[channel, :]| / 127 per output
+channel (once, when the layer is quantized). Symmetric, no zero points.
+
+The fast path, on CPU when fastbert._C and torch's oneDNN int8 ops are there:
+  1. fastbert._C quantize_rows_s8: per-token scales and int8 rows, one pass over x;
+  2. torch.ops.onednn.qlinear_pointwise: the int8 GEMM (VNNI / AMX), the weight scales applied in its
+     epilogue, fp32 out;
+  3. fastbert._C dequantize_rows: times the token scales, plus the bias (and GELU if asked), out in x's
+     dtype, one pass.
+The oneDNN ops are private torch ops: `problem()` says why they cannot run, and `int8_linear` then runs
+the reference (`int8_linear_ref`), which computes the same integer products with torch matmuls.
+Inference only: nothing here has a backward.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+GELU_CODES = {None: -1, "gelu": 0, "gelu_tanh": 1}  # activation -> fastbert._C code (kGeluErf, kGeluTanh)
+_GELU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+DTYPES = (torch.float32, torch.bfloat16)
+QMAX = 127.0
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, fp32 scale per output channel): symmetric, round half to even, zero rows get scale 1."""
+    weight = weight.detach().float()
+    amax = weight.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    return torch.round(weight / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8), scale
+
+
+def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 rows, fp32 scale per row) of a 2-D x: the per-token quantization, in torch ops."""
+    x = x.float()
+    amax = x.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    inverse = torch.full_like(amax, QMAX) / torch.where(amax > 0, amax, torch.full_like(amax, QMAX))  # as the kernel
+    q = torch.round(x * inverse[:, None])
+    return q.clamp(-QMAX, QMAX).to(torch.int8), scale
+
+
+def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    return y if activation is None else F.gelu(y, approximate=_GELU_APPROXIMATE[activation])
+
+
+def int8_linear_ref(x, weight_int8, weight_scale, bias=None, activation=None):
+    """Reference: the same integer products in fp64 (exact), then the scales, bias and activation.
+    x: (..., in) fp32/bf16/fp64; returns x's dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    q, scale = quantize_rows_ref(rows)
+    acc = q.double() @ weight_int8.double().T
+    y = acc * scale.double()[:, None] * weight_scale.double()[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    return _activate(y, activation).to(x.dtype).reshape(*x.shape[:-1], weight_int8.shape[0])
+
+
+@functools.lru_cache(maxsize=None)
+def problem() -> str | None:
+    """Why the fast int8 path cannot run in this process; None if it can (checked once, on a tiny GEMM)."""
+    from fastbert import extension
+
+    reason = extension.load_problem()
+    if reason is not None:
+        return reason
+    if not hasattr(extension.module(), "quantize_rows_s8"):
+        return "fastbert._C predates the int8 kernels (rebuild the extension)"
+    for name in ("qlinear_prepack", "qlinear_pointwise"):
+        if not hasattr(torch.ops.onednn, name):
+            return f"torch {torch.__version__} has no torch.ops.onednn.{name} (private op)"
+    try:
+        weight, scale = quantize_weight(torch.randn(8, 16))
+        x = torch.randn(3, 16)
+        got = _int8_linear_onednn(x, prepack(weight), scale, torch.zeros(8), None)
+        expected = int8_linear_ref(x, weight, scale, torch.zeros(8))
+    except RuntimeError as error:  # the op exists but oneDNN int8 does not run here
+        return f"torch.ops.onednn.qlinear_pointwise failed: {error}"
+    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+        return "torch.ops.onednn.qlinear_pointwise disagrees with the reference on a probe GEMM"
+    return None
+
+
+def prepack(weight_int8: torch.Tensor) -> torch.Tensor:
+    """The int8 weight in oneDNN's blocked layout (private op; callers check problem() first)."""
+    return torch.ops.onednn.qlinear_prepack(weight_int8, None)
+
+
+def _int8_linear_onednn(x, packed_weight, weight_scale, bias, activation):
+    from fastbert import extension
+
+    kernels = extension.module()
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    tokens, width = rows.shape
+    out_features = weight_scale.shape[0]
+    y = torch.empty(tokens, out_features, dtype=x.dtype)
+    if tokens == 0:
+        return y.reshape(*x.shape[:-1], out_features)
+    code = kernels.FLOAT32 if x.dtype == torch.float32 else kernels.BFLOAT16
+    threads = torch.get_num_threads()
+    q = torch.empty(tokens, width, dtype=torch.int8)
+    token_scale = torch.empty(tokens, dtype=torch.float32)
+    kernels.quantize_rows_s8(rows.data_ptr(), q.data_ptr(), token_scale.data_ptr(), tokens, width, code, threads)
+    zero_points = _zero_points(out_features)
+    acc = torch.ops.onednn.qlinear_pointwise(
+        q, 1.0, 0, packed_weight, weight_scale, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+    kernels.dequantize_rows(acc.data_ptr(), token_scale.data_ptr(), bias.data_ptr(), y.data_ptr(), tokens,
+                            out_features, code, GELU_CODES[activation], threads)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_points(out_features: int) -> torch.Tensor:
+    return torch.zeros(out_features, dtype=torch.long)
+
+
+def int8_linear(x, weight_int8, weight_scale, bias, activation=None, packed_weight=None):
+    """activation(x @ W^T + b) with W = weight_int8 * weight_scale (per output channel) and x quantized per
+    token. bias: fp32 (out,) or None. The oneDNN path when it can run these tensors (CPU, fp32/bf16, a
+    packed weight given, no autograd recording), else the reference."""
+    if activation not in GELU_CODES:
+        raise ValueError(f"activation must be None or one of {tuple(GELU_CODES)[1:]}, got {activation!r}")
+    fast = (packed_weight is not None and x.device.type == "cpu" and x.dtype in DTYPES and problem() is None
+            and not torch.compiler.is_compiling())
+    if not fast:
+        return int8_linear_ref(x, weight_int8, weight_scale, bias, activation)
+    if bias is None:
+        bias = _zeros(weight_scale.shape[0])
+    return _int8_linear_onednn(x, packed_weight, weight_scale, bias.float().contiguous(), activation)
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(width: int) -> torch.Tensor:
+    return torch.zeros(width, dtype=torch.float32)

@@ -1,0 +1,99 @@
+"""int8 linear (fastbert/ops/int8_linear.py): the per-token quantization kernel, the oneDNN int8 GEMM path
+against the exact (fp64) integer reference, and the quantization error against the float linear."""
+import math
+
+import pytest
+import torch
+
+from fastbert import extension
+from fastbert.ops import int8_linear as ops
+
+needs_fast = pytest.mark.skipif(ops.problem() is not None, reason=str(ops.problem()))
+ACTIVATIONS = [None, "gelu", "gelu_tanh"]
+
+
+def problem(tokens=37, fan_in=96, fan_out=160):
+    x = torch.randn(tokens, fan_in) * 3.0
+    weight = torch.randn(fan_out, fan_in) / math.sqrt(fan_in)
+    return x, weight, torch.randn(fan_out)
+
+
+@pytest.mark.skipif(extension.load_problem() is not None, reason=str(extension.load_problem()))
+def test_fast_path_runs_here():
+    """Fence on torch's private oneDNN int8 ops: this fails loudly when a torch release changes them
+    (int8_linear then runs the reference, correct but slow)."""
+    assert ops.problem() is None
+
+
+@needs_fast
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_kernel_matches_reference_bitwise(dtype):
+    module = extension.module()
+    x = torch.randn(29, 200).to(dtype)
+    x[3] = 0.0  # an all-zero row: scale 1, zeros
+    x[5, 7] = 1e4  # an outlier row
+    q, scale = torch.empty(29, 200, dtype=torch.int8), torch.empty(29)
+    code = module.FLOAT32 if dtype == torch.float32 else module.BFLOAT16
+    module.quantize_rows_s8(x.data_ptr(), q.data_ptr(), scale.data_ptr(), 29, 200, code, 2)
+    q_ref, scale_ref = ops.quantize_rows_ref(x)
+    assert torch.equal(q, q_ref)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-7, atol=0)
+    assert scale[3] == 1.0 and not q[3].any()
+
+
+@needs_fast
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 8, 8), (37, 96, 160), (2, 5, 64, 96)])
+def test_fast_path_matches_integer_reference(activation, with_bias, shape):
+    *leading, fan_in, fan_out = shape
+    x, weight, bias = problem(1, fan_in, fan_out)
+    x = torch.randn(*leading, fan_in) * 3.0
+    bias = bias if with_bias else None
+    weight_int8, scale = ops.quantize_weight(weight)
+    with torch.no_grad():
+        fast = ops.int8_linear(x, weight_int8, scale, bias, activation, packed_weight=ops.prepack(weight_int8))
+        exact = ops.int8_linear_ref(x.double(), weight_int8, scale, bias, activation)
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    # the same integer products; only fp32 rounding of the scales and the sum order differ
+    assert (fast.double() - exact).abs().max().item() <= 1e-5 * (1 + exact.abs().max().item())
+
+
+@needs_fast
+def test_bf16_inputs_give_bf16_outputs_within_rounding():
+    x, weight, bias = problem()
+    weight_int8, scale = ops.quantize_weight(weight)
+    xb = x.bfloat16()
+    with torch.no_grad():
+        fast = ops.int8_linear(xb, weight_int8, scale, bias, "gelu", packed_weight=ops.prepack(weight_int8))
+        exact = ops.int8_linear_ref(xb.double(), weight_int8, scale, bias, "gelu")
+    assert fast.dtype == torch.bfloat16
+    assert (fast.double() - exact).abs().max().item() <= 2**-8 * exact.abs().max().item() + 1e-2
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_quantization_error_against_the_float_linear(activation):
+    x, weight, bias = problem(tokens=64, fan_in=384, fan_out=256)
+    weight_int8, scale = ops.quantize_weight(weight)
+    got = ops.int8_linear_ref(x.double(), weight_int8, scale, bias, activation)
+    exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    if activation is not None:
+        exact = torch.nn.functional.gelu(exact, approximate="none" if activation == "gelu" else "tanh")
+    relative = ((got - exact).norm() / exact.norm()).item()
+    assert 1e-4 < relative < 2e-2  # int8 rounding of both operands: visible, and small
+
+
+def test_without_a_packed_weight_or_with_the_fast_path_off_it_runs_the_reference(monkeypatch):
+    x, weight, bias = problem()
+    weight_int8, scale = ops.quantize_weight(weight)
+    expected = ops.int8_linear_ref(x, weight_int8, scale, bias)
+    torch.testing.assert_close(ops.int8_linear(x, weight_int8, scale, bias), expected)
+    monkeypatch.setattr(ops, "problem", lambda: "switched off for this test")
+    torch.testing.assert_close(ops.int8_linear(x, weight_int8, scale, bias, packed_weight=torch.empty(0)), expected)
+
+
+def test_bad_activation_raises():
+    x, weight, bias = problem()
+    weight_int8, scale = ops.quantize_weight(weight)
+    with pytest.raises(ValueError, match="activation"):
+        ops.int8_linear(x, weight_int8, scale, bias, "relu")
