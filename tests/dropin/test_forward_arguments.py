@@ -207,3 +207,20 @@ def test_trainers_num_items_in_batch_stays_on_the_fast_path(encode_calls):
     out, fast_path, messages = _call(fast, batch, "num_items_in_batch", torch.tensor(2), encode_calls)
     assert fast_path and not messages
     assert max_error(out.loss, ref.loss) <= TOL
+
+
+@pytest.mark.parametrize("name,value", [("head_mask", torch.ones(2, 4)), ("cache_position", torch.arange(SEQ)),
+                                        ("an_argument_nobody_knows", 1)])
+def test_an_argument_without_a_rule_takes_the_plain_path(name, value, encode_calls):
+    """Parameters of older transformers (head_mask), generate's (cache_position) or a typo: transformers
+    passes them on unread, fastbert runs transformers' forward and says so."""
+    config = family_config("bert")
+    torch.manual_seed(0)
+    reference = family_of_model_type("bert").base(config).eval()
+    fast = fastbert.patch(copy.deepcopy(reference))
+    batch = family_batch(config, [SEQ, 3], SEQ, "right", torch.Generator().manual_seed(1))
+    ref, _, _ = _call(reference, batch, name, value, encode_calls)
+    out, fast_path, messages = _call(fast, batch, name, value, encode_calls)
+    assert not fast_path and messages == [
+        f"fastbert: the argument {name} is not on the fast path; running transformers' forward instead"]
+    _assert_same_outputs(out, ref, batch["attention_mask"].bool())
