@@ -20,7 +20,6 @@ from collections.abc import Mapping
 
 import torch
 from transformers import DataCollatorForLanguageModeling
-from transformers.data.data_collator import pad_without_fast_tokenizer_warning
 
 NO_OFFSET = [0, 0]  # what tokenizers give special tokens
 EXAMPLE_ID = "example_id"
@@ -42,8 +41,7 @@ class PretrainingCollator(DataCollatorForLanguageModeling):
         examples = [{k: v for k, v in example.items() if k != EXAMPLE_ID} for example in examples]
         if "offset_mapping" in examples[0]:
             examples = self._with_padded_offsets(examples)
-        batch = pad_without_fast_tokenizer_warning(self.tokenizer, examples, return_tensors="pt",
-                                                   pad_to_multiple_of=self.pad_to_multiple_of)
+        batch = self.tokenizer.pad(examples, return_tensors="pt", pad_to_multiple_of=self.pad_to_multiple_of)
         special_tokens_mask = batch.pop("special_tokens_mask", None)
         offset_mapping = batch.pop("offset_mapping", None)
         generator = self.batch_generator(example_ids, batch["input_ids"])
