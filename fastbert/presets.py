@@ -27,6 +27,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
                                            num_attention_heads=12, intermediate_size=3072)),
     "albert-base": ("AlbertConfig", dict(embedding_size=128, hidden_size=768, num_attention_heads=12,
                                          intermediate_size=3072, hidden_act="gelu_new")),
+    "modernbert-base": ("ModernBertConfig", {}),  # ModernBertConfig() is answerdotai/ModernBERT-base's shape
 }
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -59,6 +59,8 @@ class PackedTokens:
     cu_seqlens: torch.Tensor  # (batch+1,) int32
     max_seqlen: int
     positions: torch.Tensor  # (tokens,) int64 rotary position of each token
+    position_limit: int = 0  # the largest position + 1 when position_ids were given
+    rotations: dict = field(default_factory=dict)  # inv_freq id -> (cos, sin) rows of the tokens, per forward
 
     @classmethod
     def build(cls, keep: torch.Tensor | None, position_ids: torch.Tensor | None, batch: int, seqlen: int, device):
@@ -72,6 +74,8 @@ class PackedTokens:
         # transformers' default positions are the column index, padding included (left padding shifts them).
         columns = torch.arange(seqlen, device=device) if position_ids is None else position_ids
         layout.positions = layout.pack(columns.expand(batch, seqlen))
+        if position_ids is not None and layout.positions.numel():
+            layout.position_limit = int(layout.positions.max()) + 1
         return layout
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
@@ -83,6 +87,14 @@ class PackedTokens:
         if self.indices is None:
             return packed.view(self.batch, self.seqlen, *packed.shape[1:])
         return pad_input(packed, self.indices, self.batch, self.seqlen)
+
+    def rotation(self, inv_freq: torch.Tensor, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) (tokens, head_dim // 2) of every token's position, looked up once per forward."""
+        key = id(inv_freq)
+        if key not in self.rotations:
+            length = max(max_positions, self.seqlen, self.position_limit)
+            self.rotations[key] = _TABLES.lookup(inv_freq, self.positions, length)
+        return self.rotations[key]
 
     def first_tokens(self, packed: torch.Tensor) -> torch.Tensor:
         """(batch, hidden): each sequence's first real token; zeros for empty sequences."""
@@ -115,7 +127,7 @@ def attention_forward(layer: nn.Module, hidden: torch.Tensor, packed: PackedToke
     heads, head_dim = attn.config.num_attention_heads, attn.head_dim
     qkv = _dense(attn.Wqkv, hidden).view(hidden.shape[0], 3, heads, head_dim)
     inv_freq = getattr(rotary_emb, f"{layer.attention_type}_inv_freq")
-    cos, sin = _TABLES.lookup(inv_freq, packed.positions, rotary_emb.max_seq_len_cached)
+    cos, sin = packed.rotation(inv_freq, rotary_emb.max_seq_len_cached)
     q, k, v = rotary(qkv, cos, sin).unbind(dim=1)
     dropout_p = attn.attention_dropout if attn.training else 0.0
     arguments = dict(softmax_scale=head_dim**-0.5, dropout_p=dropout_p)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from fastbert import backend
 from fastbert.backend import REGISTRY, runs_anywhere, triton_probe
 from fastbert.kernels import limits as triton_limits
 from fastbert.ops._dispatch import compute_dtype, implementation
@@ -29,8 +30,23 @@ def rotary_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((rotated.to(qkv.dtype), qkv[:, 2:]), dim=1)
 
 
+def _rotary_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The "torch" backend: the reference when autograd records or for half inputs (fp32 math); else
+    five passes written straight into the output (the reference's temporaries and two cats cost ~2x)."""
+    if qkv.dtype not in (torch.float32, torch.float64) or backend.records_autograd(qkv):
+        return rotary_ref(qkv, cos, sin)
+    half = qkv.shape[-1] // 2
+    out = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    first, second = qkv[:, :2, :, :half], qkv[:, :2, :, half:]
+    cos, sin = (t.to(qkv.dtype)[:, None, None, :] for t in (cos, sin))
+    torch.mul(first, cos, out=out[:, :2, :, :half]).addcmul_(second, sin, value=-1)
+    torch.mul(second, cos, out=out[:, :2, :, half:]).addcmul_(first, sin)
+    out[:, 2] = qkv[:, 2]
+    return out
+
+
 REGISTRY.register(Implementation(
-    op="rotary", backend="torch", target="fastbert.ops.rotary:rotary_ref", devices=None, dtypes=None,
+    op="rotary", backend="torch", target="fastbert.ops.rotary:_rotary_torch", devices=None, dtypes=None,
     probe=runs_anywhere,
 ))
 REGISTRY.register(Implementation(

@@ -51,65 +51,93 @@ def block_size(window: int) -> int:
 
 
 class BandPlan:
-    """Where each query block and its key band live in the packed tokens. Built from cu_seqlens alone,
-    so every local layer of one forward shares it (see `plan_for`).
+    """Blocks of `block` consecutive packed tokens (across sequence boundaries), each against its key
+    band: the tokens from window before its first row to window after its last. Built from cu_seqlens
+    alone, so every local layer of one forward shares it (see `plan_for`).
 
-    query_rows (blocks, block): packed row of each block slot (clamped; `query_ok` marks the real ones);
-    key_rows (blocks, block + 2 * window): packed rows of the band (clamped);
-    mask (blocks, 1, block, band): query slot may attend to band slot (same sequence, |distance| <= window);
-    slots (tokens,): each packed token's slot in the flattened (blocks * block) output.
+    Interior blocks [first, stop) have their whole band inside the packed tokens: their queries are a
+    view and their bands an unfold view of k and v (no copy). The edge blocks (the first ones, whose
+    band starts before token 0, and the last ones, whose band or rows run past the end) gather their
+    rows, clamped into range. mask (blocks, 1, block, band), additive 0 / -inf: query row may attend to
+    band slot (a real token of the same sequence within |distance| <= window); rows past the end may
+    attend to every slot (finite math; they are dropped).
     """
 
-    def __init__(self, cu_seqlens: torch.Tensor, total: int, window: int, block: int):
+    def __init__(self, cu_seqlens: torch.Tensor, total: int, window: int, block: int, dtype: torch.dtype):
         device = cu_seqlens.device
-        starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
-        blocks_per_sequence = (ends - starts + block - 1) // block
-        blocks = int(blocks_per_sequence.sum())
-        sequence = torch.repeat_interleave(torch.arange(starts.numel(), device=device), blocks_per_sequence,
-                                           output_size=blocks)
-        first_block = torch.cumsum(blocks_per_sequence, 0) - blocks_per_sequence
-        block_start = starts[sequence] + (torch.arange(blocks, device=device) - first_block[sequence]) * block
-        query = block_start[:, None] + torch.arange(block, device=device)
-        key = block_start[:, None] - window + torch.arange(block + 2 * window, device=device)
-        seq_start, seq_end = starts[sequence][:, None], ends[sequence][:, None]
-        query_ok = query < seq_end
-        key_ok = (key >= seq_start) & (key < seq_end)
-        near = (query[:, :, None] - key[:, None, :]).abs() <= window
-        # Padding slots of a last, partial block attend to everything (finite math); they are dropped.
-        self.mask = ((near & key_ok[:, None, :]) | ~query_ok[:, :, None])[:, None]
+        self.total, self.window, self.block, self.band = total, window, block, block + 2 * window
+        self.blocks = (total + block - 1) // block
+        self.first = min(self.blocks, (window + block - 1) // block)
+        self.stop = max(self.first, (total - window) // block) if total >= window else self.first
+        lengths = cu_seqlens.diff().long()
+        sequence = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=total)
+        query = torch.arange(self.blocks, device=device)[:, None] * block + torch.arange(block, device=device)
+        key = query[:, :1] - window + torch.arange(self.band, device=device)
+        query_ok, key_ok = query < total, (key >= 0) & (key < total)
         last = max(total - 1, 0)
-        self.query_rows, self.key_rows = query.clamp(0, last), key.clamp(0, last)
-        self.slots = torch.nonzero_static(query_ok.flatten(), size=total).flatten()
-        self.blocks, self.block = blocks, block
+        self.query_rows, self.key_rows = query.clamp(max=last), key.clamp(0, last)
+        same = sequence[self.query_rows][:, :, None] == sequence[self.key_rows][:, None, :]
+        near = (query[:, :, None] - key[:, None, :]).abs() <= window
+        allowed = (same & near & key_ok[:, None, :]) | ~query_ok[:, :, None]
+        self.mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))[:, None]
+        edges = torch.cat([torch.arange(self.first), torch.arange(self.stop, self.blocks)]).to(device)
+        self.edge_blocks = edges
+
+    def interior(self, q, k, v):
+        """(queries, keys, values, mask) of the interior blocks: views, (n, heads, rows, head_dim)."""
+        block, window, band = self.block, self.window, self.band
+        rows = slice(self.first * block, self.stop * block)
+        n, heads, head_dim = self.stop - self.first, q.shape[1], q.shape[2]
+        queries = q[rows].view(n, block, heads, head_dim).transpose(1, 2)
+        span = slice(self.first * block - window, self.stop * block + window)
+
+        def bands(t):  # (n, heads, band, head_dim), overlapping windows of one tensor
+            return t[span].unfold(0, band, block).permute(0, 1, 3, 2)
+
+        return queries, bands(k), bands(v), self.mask[self.first:self.stop]
+
+    def edges(self, q, k, v):
+        """(queries, keys, values, mask) of the edge blocks, gathered."""
+        heads, head_dim = q.shape[1], q.shape[2]
+
+        def gather(t, rows):  # (blocks, heads, rows, head_dim)
+            picked = rows[self.edge_blocks]
+            return t.index_select(0, picked.flatten()).view(*picked.shape, heads, head_dim).transpose(1, 2)
+
+        keys = self.key_rows
+        return gather(q, self.query_rows), gather(k, keys), gather(v, keys), self.mask[self.edge_blocks]
 
 
 _plans = TensorMemo()
 
 
-def plan_for(cu_seqlens: torch.Tensor, total: int, window: int) -> BandPlan:
-    """The BandPlan of this cu_seqlens tensor (memoized on the tensor, its version and the window)."""
-    plan = _plans.get(cu_seqlens, (total, window))
+def plan_for(cu_seqlens: torch.Tensor, total: int, window: int, dtype: torch.dtype = torch.float32) -> BandPlan:
+    """The BandPlan of this cu_seqlens tensor (memoized on the tensor, its version, the window and dtype)."""
+    key = (total, window, dtype)
+    plan = _plans.get(cu_seqlens, key)
     if plan is None:
-        plan = _plans.put(cu_seqlens, (total, window), BandPlan(cu_seqlens, total, window, block_size(window)))
+        plan = _plans.put(cu_seqlens, key, BandPlan(cu_seqlens, total, window, block_size(window), dtype))
     return plan
 
 
 def _window_attention_blocks(q, k, v, cu_seqlens, max_seqlen, window, *, softmax_scale=None, dropout_p=0.0):
-    """The "torch" backend: every query block against its key band, one batched masked SDPA call."""
+    """The "torch" backend: blocks of queries against their key bands, batched masked SDPA calls."""
     total, heads, head_dim = q.shape
     if total == 0:
         return q.new_zeros(q.shape)
-    plan = plan_for(cu_seqlens, total, window)
+    plan = plan_for(cu_seqlens, total, window, q.dtype)
 
-    def gather(t, rows):  # (tokens, heads, head_dim) -> (blocks, heads, slots, head_dim)
-        return t.index_select(0, rows.flatten()).view(*rows.shape, heads, head_dim).transpose(1, 2)
+    def attend(queries, keys, values, mask):  # -> (blocks * block, heads, head_dim)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout_p,
+                                             scale=softmax_scale)
+        return out.transpose(1, 2).reshape(-1, heads, head_dim)
 
-    out = F.scaled_dot_product_attention(
-        gather(q, plan.query_rows), gather(k, plan.key_rows), gather(v, plan.key_rows),
-        attn_mask=plan.mask, dropout_p=dropout_p, scale=softmax_scale,
-    )
-    out = out.transpose(1, 2).reshape(plan.blocks * plan.block, heads, head_dim)
-    return out.index_select(0, plan.slots)
+    edges = attend(*plan.edges(q, k, v)) if plan.edge_blocks.numel() else q[:0]
+    interior = attend(*plan.interior(q, k, v)) if plan.stop > plan.first else q[:0]
+    # Edge rows: the first blocks' rows, then the last blocks' up to the last token.
+    front = plan.first * plan.block
+    back = max(0, total - plan.stop * plan.block) if plan.stop < plan.blocks else 0
+    return torch.cat([edges[:min(front, total)], interior, edges[front:front + back]])
 
 
 def _triton_supports(call: Signature) -> str | None:

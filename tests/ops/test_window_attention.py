@@ -100,3 +100,12 @@ def test_arguments_are_checked():
         window_attention(q, k, v, _cu_seqlens([4]).long(), 4, 1)
     with pytest.raises(ValueError, match="dropout_p"):
         window_attention(q, k, v, _cu_seqlens([4]), 4, 1, dropout_p=1.0)
+
+
+def test_plan_of_an_inference_tensor_follows_its_values():
+    with torch.inference_mode():
+        cu = _cu_seqlens([10, 10])
+        first = plan_for(cu, 20, 2)
+        assert plan_for(cu, 20, 2) is first
+        cu[1] = 5
+        assert plan_for(cu, 20, 2) is not first
