@@ -22,6 +22,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import threading
 
 import torch
 
@@ -85,34 +86,40 @@ def interpreting() -> bool:
     return _interpreting
 
 
-# > 0 while a training-mode forward runs its layers (see training_forward).
-_training_forwards = 0
+# Per thread: > 0 while a training-mode forward runs its layers in this thread (see training_forward).
+# Not process-wide: a thread serving inference beside a thread that trains keeps its fast path.
+_thread_state = threading.local()
 
 
 class training_forward:
-    """Within this block every op call counts as recorded by autograd, even under no_grad.
+    """Within this block every op call made by this thread counts as recorded by autograd, even under no_grad.
 
-    The encoder runs the layers of a model in training mode inside it. Gradient checkpointing with
+    The encoder decides per forward, from the model's mode, whether the forward trains, and each layer
+    runs inside this block when it does (TokenLayout.training). Gradient checkpointing with
     use_reentrant=True runs its first forward under no_grad and recomputes it with grad in backward:
     both passes must take the same implementations (inference-only kernels such as the packed oneDNN
     GEMM refuse autograd calls), or the loss and the gradients come from different numerics, and the
-    weights would be re-packed at every training step.
+    weights would be re-packed at every training step. Ops fastbert owns also receive the decision as
+    an argument; this per-thread flag reaches the implementations that only see tensors.
     """
 
     def __enter__(self):
-        global _training_forwards
-        _training_forwards += 1
+        _thread_state.depth = getattr(_thread_state, "depth", 0) + 1
 
     def __exit__(self, *exc):
-        global _training_forwards
-        _training_forwards -= 1
+        _thread_state.depth -= 1
         return False
+
+
+def in_training_forward() -> bool:
+    """Whether this thread is inside a training-mode forward (training_forward)."""
+    return getattr(_thread_state, "depth", 0) > 0
 
 
 def records_autograd(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records a call on `tensors`: grad mode and a tensor requiring grad, or a
-    training-mode forward (training_forward)."""
-    if _training_forwards > 0:
+    training-mode forward in this thread (training_forward)."""
+    if getattr(_thread_state, "depth", 0) > 0:
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 

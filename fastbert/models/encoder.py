@@ -9,7 +9,6 @@ the end. A batch without padding stays in its dense (batch, seq) layout and skip
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import operator
 import weakref
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastbert import backend
+from fastbert.models import plan, support
 from fastbert.models.families import Family, LayerPieces
 from fastbert.models.support import embeddings_known, gelu_approximation
 from fastbert.ops import add_layer_norm, attention, bias_gelu, varlen_attention
@@ -40,6 +40,9 @@ class TokenLayout:
     # Each layer's modules as this forward's check saw them (support.check_modules), so the layers
     # run exactly what was checked and the module tree is walked once per call.
     views: dict = dataclasses.field(default_factory=dict)
+    # This forward trains (the model's mode, decided once per forward by encode): every op call of the
+    # layers counts as recorded by autograd, even under no_grad (reentrant checkpointing's first pass).
+    training: bool = False
 
     @classmethod
     def from_mask(cls, keep: torch.Tensor | None, batch: int, seqlen: int) -> "TokenLayout":
@@ -104,9 +107,12 @@ _QKV_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDicti
 
 
 def clear_fused_qkv_cache(module: nn.Module) -> None:
-    """Forget the fused QKV weights of every attention module inside `module`."""
+    """Forget the fused QKV weights of every attention module inside `module`, and its inference plans
+    and remembered module checks (patch and unpatch call this)."""
     for sub in module.modules():
         _QKV_CACHE.pop(sub, None)
+    plan.forget_plans(module)
+    support.forget_checks(module)
 
 
 _VERSION = operator.attrgetter("_version")
@@ -117,13 +123,15 @@ def _fused_qkv_parameters(owner: nn.Module, query: nn.Linear, key: nn.Linear, va
 
     PEFT targets the projections by name, so the modules stay separate and are fused here, at run
     time. Without autograd the fused copy is cached until a parameter is replaced or changes
-    (identity and version counter; the entry holds the parameters, so no address is ever reused).
+    (identity, version counter and storage address; the entry holds the parameters, so no address is ever reused).
     (map and operator over generator expressions: this runs per layer per call, batch 1 included.)
     """
     params = (query.weight, query.bias, key.weight, key.bias, value.weight, value.bias)
     caching = not backend.records_autograd() and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
     if caching:
-        versions = tuple(map(_VERSION, params))
+        # version counters and storage addresses: .to(dtype/device) swaps a parameter's data in place
+        # without moving its version counter.
+        versions = (*map(_VERSION, params), *map(torch.Tensor.data_ptr, params))
         cached = _QKV_CACHE.get(owner)
         if cached is not None and cached[1] == versions and all(map(operator.is_, cached[0], params)):
             return cached[2], cached[3]
@@ -194,7 +202,18 @@ def self_attention_forward(modules: dict, heads_attribute: str, hidden: torch.Te
 
 
 def layer_forward(layer: nn.Module, hidden: torch.Tensor, layout: TokenLayout, pieces: LayerPieces) -> torch.Tensor:
-    """One post-LayerNorm encoder layer on packed tokens (tokens, hidden), any family."""
+    """One post-LayerNorm encoder layer on packed tokens (tokens, hidden), any family.
+
+    A training forward runs inside backend.training_forward (this thread only), here rather than around
+    the layer loop, so that the recomputation of gradient checkpointing, which calls the layer again
+    from backward with the same layout, takes the same implementations as the first pass."""
+    if layout.training:
+        with backend.training_forward():
+            return _layer_forward(layer, hidden, layout, pieces)
+    return _layer_forward(layer, hidden, layout, pieces)
+
+
+def _layer_forward(layer: nn.Module, hidden: torch.Tensor, layout: TokenLayout, pieces: LayerPieces) -> torch.Tensor:
     view = layout.views.get(layer)
     modules = (view or pieces.view(layer)).pieces
     context = self_attention_forward(modules, pieces.heads_attribute, hidden, layout)
@@ -288,6 +307,22 @@ def _projection(family: Family, model: nn.Module) -> nn.Module | None:
         return None
 
 
+def _general_forward(model: nn.Module, family: Family, inputs: dict, layout: TokenLayout,
+                     all_hidden: list | None) -> torch.Tensor:
+    """Embeddings, projection and every layer call, each op resolved per call: (tokens, hidden)."""
+    hidden = embeddings_forward(family, model.embeddings, inputs, layout)
+    projection = _projection(family, model)
+    if projection is not None:
+        hidden = projection(hidden)
+    if all_hidden is not None:
+        all_hidden.append(layout.unpack(hidden))
+    for layer in family.schedule(model):
+        hidden = _run_layer(layer, hidden, layout, family)
+        if all_hidden is not None:
+            all_hidden.append(layout.unpack(hidden))
+    return hidden
+
+
 @dataclass
 class EncoderResult:
     last_hidden_state: torch.Tensor  # (batch, seq, hidden), zeros at padding (but see encode)
@@ -307,16 +342,15 @@ def encode(model: nn.Module, family: Family, inputs: dict, keep: torch.Tensor | 
     reference = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
     layout = TokenLayout.from_mask(keep, *reference.shape[:2])
     layout.views = views or {}
-    hidden = embeddings_forward(family, model.embeddings, inputs, layout)
-    projection = _projection(family, model)
-    if projection is not None:
-        hidden = projection(hidden)
-    all_hidden = [layout.unpack(hidden)] if options.get("output_hidden_states") else None
-    with backend.training_forward() if model.training else contextlib.nullcontext():
-        for layer in family.schedule(model):
-            hidden = _run_layer(layer, hidden, layout, family)
-            if all_hidden is not None:
-                all_hidden.append(layout.unpack(hidden))
+    # Training or inference: decided here, per forward, from this forward's module mode and grad mode.
+    layout.training = model.training
+    all_hidden = [] if options.get("output_hidden_states") else None
+    inference = not layout.training and not torch.is_grad_enabled()
+    resolved = plan.plan_for(model, family, views, (family.layer, fast_layer_class(family))) if inference else None
+    if resolved is not None and resolved.takes(inputs, layout):
+        hidden = resolved.run(inputs, layout, all_hidden)
+    else:
+        hidden = _general_forward(model, family, inputs, layout, all_hidden)
     first_tokens = layout.first_tokens(hidden)
     fill = options.get("first_token_at_column_0") and not layout.dense and layout.seqlen > 0
     last = all_hidden[-1] if all_hidden and not fill else layout.unpack(hidden)

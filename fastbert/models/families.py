@@ -71,15 +71,23 @@ class LayerPieces:
         object.__setattr__(self, "_piece_ends", pieces)
         object.__setattr__(self, "_container_ends", containers)
 
-    def view(self, layer: nn.Module) -> LayerView:
-        """The pieces and containers of `layer`, in one walk that looks each module up once."""
+    def view(self, layer: nn.Module, steps: list | None = None) -> LayerView:
+        """The pieces and containers of `layer`, in one walk that looks each module up once.
+
+        steps: if given, receives (parent's _modules dict, name, module found) for every lookup made
+        there, or (None, name, found) for one made by getattr (see support.TreeStamp)."""
         nodes = [layer]
         for parent, name in self._walk:
             # Submodules straight from nn.Module._modules: Module.__getattr__ is a Python call per
             # attribute, and this runs per layer per call. Anything else (an int, a function) by getattr.
             node = nodes[parent]
-            found = node._modules.get(name) if isinstance(node, nn.Module) else None
-            nodes.append(found if found is not None else getattr(node, name))
+            table = node._modules if isinstance(node, nn.Module) else None
+            found = table.get(name) if table is not None else None
+            if found is None:
+                table, found = None, getattr(node, name)
+            nodes.append(found)
+            if steps is not None:
+                steps.append((table, name, found))
         pieces = {name: None if end is None else nodes[end] for name, end in self._piece_ends.items()}
         return LayerView(pieces, tuple((nodes[end], cls) for end, cls in self._container_ends))
 

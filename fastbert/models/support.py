@@ -11,6 +11,8 @@ Linear-like class is accepted.
 """
 from __future__ import annotations
 
+import operator
+import weakref
 from typing import NamedTuple
 
 from torch import nn
@@ -66,13 +68,72 @@ def _is_fsdp_wrapper(layer: nn.Module, expected: tuple[type, ...]) -> bool:
     return len(bases) == 2 and bases[0] is FSDPModule and bases[1] in expected
 
 
+class TreeStamp:
+    """What one module check looked at, so that the next forward can tell in a few C-level passes
+    whether the tree is still the same: every lookup (the parent's _modules, _parameters or __dict__
+    dict, the name, what it held), every module's class, and the layer schedule. A submodule swapped
+    or deleted, a class swapped (patch/unpatch), a norm's weight replaced: the stamp no longer matches.
+    """
+
+    def __init__(self):
+        self.tables: list[dict] = []
+        self.names: list[str] = []
+        self.found: list = []
+        self.modules: list[nn.Module] = []
+        self.classes: list[type] = []
+        self.schedule: tuple = ()
+        self.complete = True  # False when a lookup went through getattr (no dict to re-read)
+
+    def lookup(self, table: dict | None, name: str, found) -> None:
+        if table is None:
+            self.complete = False
+            return
+        self.tables.append(table)
+        self.names.append(name)
+        self.found.append(found)
+
+    def attribute(self, module: nn.Module, name: str):
+        """getattr(module, name, None) for a submodule, recorded: its _modules entry and its __dict__ entry."""
+        found = module._modules.get(name)
+        self.lookup(module._modules, name, found)
+        if found is None:
+            found = module.__dict__.get(name)
+            self.lookup(module.__dict__, name, found)
+        return found
+
+    def typed(self, module) -> None:
+        self.modules.append(module)
+        self.classes.append(type(module))
+
+    def matches(self, schedule: tuple) -> bool:
+        return (
+            all(map(operator.is_, map(dict.get, self.tables, self.names), self.found))
+            and all(map(operator.is_, map(type, self.modules), self.classes))
+            and len(schedule) == len(self.schedule)
+            and all(map(operator.is_, schedule, self.schedule))
+        )
+
+
 def layer_problem(family: Family, layer: nn.Module, layer_classes: tuple[type, ...],
-                  views: dict) -> tuple[nn.Module, str] | None:
+                  views: dict, stamp: TreeStamp | None = None) -> tuple[nn.Module, str] | None:
     """(module, what is unknown about it) for the first piece of `layer` the fused forward cannot run.
-    Records the layer's LayerView in `views` once its class is known (the forward then runs those modules)."""
+    Records the layer's LayerView in `views` once its class is known (the forward then runs those modules),
+    and what it looked at in `stamp`."""
+    stamp = stamp if stamp is not None else TreeStamp()
+    stamp.typed(layer)
     if type(layer) not in layer_classes and not _is_fsdp_wrapper(layer, layer_classes):
         return layer, f"its class {type(layer).__name__} is not transformers' {family.layer.__name__}"
-    view = views[layer] = family.pieces.view(layer)
+    steps: list = []
+    view = views[layer] = family.pieces.view(layer, steps)
+    for table, name, found in steps:
+        stamp.lookup(table, name, found)
+        if isinstance(found, nn.Module):
+            stamp.typed(found)
+    for name in ("attention_norm", "ffn_norm"):
+        norm = view.pieces[name]
+        if isinstance(norm, nn.Module):
+            stamp.lookup(norm._parameters, "weight", norm._parameters.get("weight"))
+            stamp.lookup(norm._parameters, "bias", norm._parameters.get("bias"))
     for module, cls in view.containers:
         if type(module) is not cls:
             return module, f"its class {type(module).__name__} is not transformers' {cls.__name__}"
@@ -89,21 +150,31 @@ def layer_problem(family: Family, layer: nn.Module, layer_classes: tuple[type, .
     return None
 
 
+def schedule_of(family: Family, model: nn.Module) -> tuple:
+    """The layers in call order, then the containers holding them (ALBERT's groups)."""
+    return (*family.schedule(model), *family.container_modules(model))
+
+
 def model_problem(family: Family, model: nn.Module, layer_classes: tuple[type, ...],
-                  views: dict) -> tuple[nn.Module, str] | None:
+                  views: dict, stamp: TreeStamp | None = None) -> tuple[nn.Module, str] | None:
     """(module, what is unknown) for the first module of the base model the fast encoder cannot run."""
+    stamp = stamp if stamp is not None else TreeStamp()
     attribute, encoder_class = family.encoder
-    encoder = getattr(model, attribute)
+    encoder = stamp.attribute(model, attribute)
+    stamp.typed(encoder)
     if type(encoder) is not encoder_class:
         return encoder, f"its class {type(encoder).__name__} is not transformers' {encoder_class.__name__}"
+    stamp.schedule = schedule_of(family, model)
     for group in family.container_modules(model):
+        stamp.typed(group)
         if type(group) is not family.groups:
             return group, f"its class {type(group).__name__} is not transformers' {family.groups.__name__}"
-    pooler = getattr(model, "pooler", None)
+    pooler = stamp.attribute(model, "pooler")
+    stamp.typed(pooler)
     if family.pooler is not None and pooler is not None and type(pooler) is not family.pooler:
         return pooler, f"its class {type(pooler).__name__} is not transformers' {family.pooler.__name__}"
     for layer in dict.fromkeys(family.schedule(model)):  # shared ALBERT layers once
-        problem = layer_problem(family, layer, layer_classes, views)
+        problem = layer_problem(family, layer, layer_classes, views, stamp)
         if problem is not None:
             return problem
     return None
@@ -112,17 +183,45 @@ def model_problem(family: Family, model: nn.Module, layer_classes: tuple[type, .
 class ModuleCheck(NamedTuple):
     problem: str | None  # a sentence naming the first module the fast path would misrun; None: none
     views: dict[nn.Module, LayerView]  # each layer's modules as checked, for the forward to run
+    stamp: TreeStamp | None = None  # what the check looked at (None: not recorded)
+
+
+# base model -> (layer classes, the last passed check). Weak keys: a dropped model takes its entry.
+_PASSED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def check_modules(family: Family, model: nn.Module, layer_classes: tuple[type, ...]) -> ModuleCheck:
     """Whether the fast path knows every module of `model`, and the layers' views it checked.
 
-    Run on every forward (a module may be replaced at any time); the forward reuses the views, so the
-    module tree is walked once per call."""
+    Runs on every forward (a module may be replaced at any time). A passed check is remembered with
+    its TreeStamp; while the stamp matches (a few C-level passes, no walk), the same ModuleCheck,
+    views included, is the answer. The forward reuses the views, so the tree is walked at most once."""
+    remembered = _PASSED.get(model)
+    if remembered is not None and remembered[0] == layer_classes:
+        check = remembered[1]
+        if check.stamp.matches(schedule_of(family, model)):
+            return check
     views: dict[nn.Module, LayerView] = {}
-    problem = model_problem(family, model, layer_classes, views)
+    stamp = TreeStamp()
+    problem = model_problem(family, model, layer_classes, views, stamp)
     if problem is None:
-        return ModuleCheck(None, views)
+        check = ModuleCheck(None, views, stamp)
+        if stamp.complete:
+            _PASSED[model] = (layer_classes, check)  # one assignment: thread-safe
+        return check
+    _PASSED.pop(model, None)
     module, why = problem
     name = next((n for n, m in model.named_modules() if m is module), type(module).__name__)
     return ModuleCheck(f"the module {name} ({why})", views)
+
+
+def remembered_check(model: nn.Module) -> ModuleCheck | None:
+    """The last passed check of `model` (check_modules verified its stamp if it returned it this forward)."""
+    remembered = _PASSED.get(model)
+    return None if remembered is None else remembered[1]
+
+
+def forget_checks(model: nn.Module) -> None:
+    """Drop the remembered check of every base model inside `model` (patch/unpatch)."""
+    for module in model.modules():
+        _PASSED.pop(module, None)

@@ -96,6 +96,11 @@ def dtype_code(dtype: torch.dtype) -> int:
     return _codes()[0][dtype]
 
 
+def dtype_codes() -> dict:
+    """dtype -> the code fastbert._C takes, for the dtypes its kernels run."""
+    return _codes()[0]
+
+
 def gelu_code(approximate: str) -> int:
     codes = _codes()[1]
     if approximate not in codes:

@@ -164,3 +164,32 @@ def add_layer_norm_extension(x: Tensor, residual: Optional[Tensor], weight: Tens
     forward = _forward if common.may_skip_dispatcher(x, residual, weight, bias, x_bias) else add_layer_norm_fwd
     y, _, _ = forward(x.contiguous(), _contiguous(residual), weight, bias, x_bias, float(eps), float(dropout_p), seed)
     return y
+
+
+def cpu_inference_kernel(weight: Tensor, bias: Optional[Tensor], eps: float, x_bias: Optional[Tensor] = None):
+    """(x, residual) -> LayerNorm(x + x_bias + residual) on fixed parameters, for an inference plan
+    (fastbert/models/plan.py) on CPU: the parameters are converted and their addresses read once, here.
+
+    The caller guarantees what `add_layer_norm_extension` would check per call: x and residual are
+    2-D (rows, width of weight), contiguous, of one dtype the kernel takes, no autograd, no dropout;
+    rows > 0. The plan holds the parameters and rebuilds itself when any of them changes.
+    """
+    width = weight.shape[0]
+    for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
+        common.check_vector(OP, name, t, width)
+    held = tuple(common.f32(t) for t in (weight, bias, x_bias))  # kept alive by the closure
+    w_ptr, b_ptr, xb_ptr = (common.ptr(t) for t in held)
+    kernel, eps = common.loader.module().add_layer_norm_fwd, float(eps)
+    empty, empty_like, threads = torch.empty, torch.empty_like, torch.get_num_threads
+
+    def add_layer_norm_rows(x: Tensor, residual: Tensor) -> Tensor:
+        rows = x.shape[0]
+        y, stats = empty_like(x), empty(2 * rows)  # mean and rstd: written, not needed without backward
+        mean = stats.data_ptr()
+        kernel(x.data_ptr(), residual.data_ptr(), w_ptr, b_ptr, xb_ptr, y.data_ptr(), mean, mean + 4 * rows,
+               rows, width, dtype_codes[x.dtype], eps, 0.0, 0, threads())
+        return y
+
+    dtype_codes = common.dtype_codes()
+    add_layer_norm_rows.parameters = held
+    return add_layer_norm_rows

@@ -102,3 +102,22 @@ def bias_gelu_extension(x: Tensor, bias: Optional[Tensor], approximate: str = "n
     """GELU(x + bias) on the extension's kernels; differentiable. The op checks its inputs."""
     forward = _forward if common.may_skip_dispatcher(x, bias) else bias_gelu_fwd
     return forward(x.contiguous(), bias, approximate)
+
+
+def cpu_inference_kernel(bias: Optional[Tensor], approximate: str):
+    """x -> GELU(x + bias) on a fixed bias, for an inference plan (fastbert/models/plan.py) on CPU.
+
+    The caller guarantees what `bias_gelu_extension` would check per call: x is 2-D (rows, width of
+    bias), contiguous, of a dtype the kernel takes, no autograd; rows > 0."""
+    held = common.f32(bias)
+    b_ptr, code = common.ptr(held), common.gelu_code(approximate)
+    kernel, empty_like, threads = common.loader.module().bias_gelu_fwd, torch.empty_like, torch.get_num_threads
+    dtype_codes = common.dtype_codes()
+
+    def bias_gelu_rows(x: Tensor) -> Tensor:
+        y = empty_like(x)
+        kernel(x.data_ptr(), b_ptr, y.data_ptr(), x.shape[0], x.shape[1], dtype_codes[x.dtype], code, threads())
+        return y
+
+    bias_gelu_rows.parameters = held
+    return bias_gelu_rows

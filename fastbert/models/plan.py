@@ -1,0 +1,470 @@
+"""Inference plans: a model's fast forward resolved once, then run as a flat loop of kernel calls.
+
+The general forward (fastbert/models/encoder.py) decides everything per call: which backend runs each
+op, whether a GEMM fuses its epilogue, whether autograd records, where a layer's modules are. That is
+~3,000 Python calls per MiniLM forward, more time than the kernels take for one short request.
+
+A plan is built the first time a model runs an inference forward (grad disabled, every module in eval
+mode). Per layer it binds the kernels the registry resolved for the model's device and dtype, the
+parameters (packed for oneDNN, the query/key/value weights fused) and the heads' geometry. A forward
+then runs the embeddings on the real tokens, and per layer a handful of direct kernel calls: no
+registry lookup, no capability check, no module walk.
+
+Never stale: before each run, a few C-level passes compare what the plan bound with the model now
+(`Plan.current`): every parameter it read (identity in its module, version counter, storage address:
+in-place updates, replaced parameters, .to(dtype/device)), the module tree (the module check's stamp:
+swapped, deleted or re-classed submodules, patch/unpatch), module modes, hooks and instance-level
+forward overrides on the modules the general path calls as modules, the backend selection and the
+registry generation (use_backend, set_packing, clear_cache). Anything else is rebuilt from scratch.
+What a plan does not cover (inputs_embeds, empty batches, unknown activations or Linear wrappers,
+inference-tensor parameters, FSDP-wrapped layers, hooks) runs the general forward, which decides per
+call as before.
+
+A plan holds no per-call state, so threads share it; two threads that build one at once each build
+their own and the last assignment stays. On CUDA, a plan is what a CUDA graph captures: one forward
+per (batch, length) bucket with its inputs in static buffers (docs/design.md).
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import operator
+import os
+import weakref
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from fastbert import backend
+from fastbert.models.families import Family
+from fastbert.models.support import TreeStamp, check_modules, embeddings_known, gelu_approximation, remembered_check
+from fastbert.ops import _dispatch
+
+_VERSION = operator.attrgetter("_version")
+_DATA_PTR = torch.Tensor.data_ptr
+_TRAINING = operator.attrgetter("training")
+_LINEARS = ("query", "key", "value", "attention_dense", "ffn_in", "ffn_out")
+_DROPOUTS = ("attention_dropout", "attention_dense_dropout", "ffn_out_dropout")
+_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+
+
+class LayerSteps(NamedTuple):
+    """One layer as bound callables: x -> y for the GEMMs, (y, residual) -> hidden for the norms."""
+
+    qkv: Callable
+    heads: int
+    head_dim: int
+    scale: float
+    attention_dense: Callable
+    attention_norm: Callable
+    ffn_in: Callable  # GEMM and activation
+    ffn_out: Callable
+    ffn_norm: Callable
+
+
+class EmbeddingSteps(NamedTuple):
+    word: torch.Tensor
+    position: torch.Tensor
+    token_type: torch.Tensor | None
+    norm: Callable  # (words, positions) -> hidden
+    norm_first_type: Callable | None  # fp32: the same with token type 0's row added (no token_type_ids given)
+    projection: Callable | None
+
+
+class Unplannable(Exception):
+    """What keeps a model on the general forward; the message says which module or setting."""
+
+
+# ---- kernels, resolved once ---------------------------------------------------------------------------
+
+class Resolver:
+    """Binds each step to the implementation the registry picks for the plan's device and dtype."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.probe = torch.empty(0, device=device, dtype=dtype)
+        self.cpu = device.type == "cpu"
+
+    def name(self, op: str, width: int = 0, head_dim: int = 0) -> str:
+        return backend.resolved_backend(op, self.probe, width=width, head_dim=head_dim, grad=False)
+
+    def implementation(self, op: str, width: int = 0, head_dim: int = 0) -> Callable:
+        return _dispatch.implementation(op, self.probe, width=width, head_dim=head_dim, grad=False)
+
+    def gemm(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> Callable:
+        """x -> activation(x @ weight.T + bias)."""
+        name = self.name("linear")
+        if name == "onednn":
+            from fastbert.ops import onednn_linear
+
+            attribute, algorithm = onednn_linear.POST_OPS[activation]
+            if bias is not None and bias.dtype != torch.float32:
+                bias = bias.float()  # oneDNN adds an fp32 bias to its fp32 accumulator (as linear_onednn)
+            return functools.partial(
+                torch.ops.mkldnn._linear_pointwise.default, W=onednn_linear.packed_weight(weight), B=bias,
+                attr=attribute, scalars=[], algorithm=algorithm,
+            )
+        if name == "torch" and activation is None:
+            return functools.partial(torch._C._nn.linear, weight=weight, bias=bias)
+        run = self.implementation("linear")
+        return lambda x: run(x, weight, bias, activation)
+
+    def gemm_then_norm(self, linear: nn.Linear, norm: nn.LayerNorm) -> tuple[Callable, Callable]:
+        """(x -> y, (y, residual) -> LayerNorm(y + residual)): the bias in the GEMM when its library
+        adds it itself (oneDNN) or when the norm is the torch reference, else in the fused norm."""
+        split = self.name("linear") != "onednn" and self.name("add_layer_norm", width=norm.weight.shape[0]) != "torch"
+        gemm = self.gemm(linear.weight, None if split else linear.bias)
+        return gemm, self.norm(norm, linear.bias if split else None)
+
+    def norm(self, norm: nn.LayerNorm, x_bias: torch.Tensor | None = None) -> Callable:
+        width = norm.weight.shape[0]
+        if self.cpu and self.name("add_layer_norm", width=width) == "cpp":
+            from fastbert.ops.extension import add_layer_norm as kernels
+
+            return kernels.cpu_inference_kernel(norm.weight, norm.bias, norm.eps, x_bias)
+        run, weight, bias, eps = self.implementation("add_layer_norm", width=width), norm.weight, norm.bias, norm.eps
+        return lambda y, residual: run(y, residual, weight, bias, eps, x_bias=x_bias)
+
+    def gemm_gelu(self, linear: nn.Linear, approximate: str) -> Callable:
+        """x -> GELU(x @ W.T + b): in the GEMM's epilogue on oneDNN, else GEMM then bias_gelu."""
+        from fastbert.ops.linear import GELU_ACTIVATION
+
+        if self.name("linear") == "onednn":
+            return self.gemm(linear.weight, linear.bias, GELU_ACTIVATION[approximate])
+        split = self.name("bias_gelu") != "torch"
+        gemm = self.gemm(linear.weight, None if split else linear.bias)
+        bias = linear.bias if split else None
+        if self.cpu and self.name("bias_gelu") == "cpp":
+            from fastbert.ops.extension import bias_gelu as kernels
+
+            activation = kernels.cpu_inference_kernel(bias, approximate)
+        else:
+            run = self.implementation("bias_gelu")
+            activation = functools.partial(run, bias=bias, approximate=approximate)
+        return lambda x: activation(gemm(x))
+
+
+def fused_qkv(query: nn.Linear, key: nn.Linear, value: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return torch.cat([query.weight, key.weight, value.weight]), torch.cat([query.bias, key.bias, value.bias])
+
+
+# ---- attention on the fused QKV output ----------------------------------------------------------------
+
+def dense_attention(run: Callable | None) -> Callable:
+    """(qkv (tokens, 3*heads*head_dim), heads, head_dim, scale, batch, seqlen) -> context (tokens, heads*head_dim)."""
+    sdpa = torch._C._nn.scaled_dot_product_attention
+
+    def attend(qkv, heads, head_dim, scale, batch, seqlen):
+        q, k, v = qkv.view(batch, seqlen, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        context = sdpa(q, k, v, scale=scale) if run is None else run(q, k, v, None, softmax_scale=scale)
+        return context.transpose(1, 2).reshape(batch * seqlen, heads * head_dim)
+
+    return attend
+
+
+def varlen_attention(run: Callable) -> Callable:
+    """(qkv, heads, head_dim, scale, cu_seqlens, max_seqlen) -> context (tokens, heads*head_dim)."""
+
+    def attend(qkv, heads, head_dim, scale, cu_seqlens, max_seqlen):
+        tokens = qkv.shape[0]
+        q, k, v = qkv.view(tokens, 3, heads, head_dim).unbind(1)
+        return run(q, k, v, cu_seqlens, max_seqlen, softmax_scale=scale).reshape(tokens, heads * head_dim)
+
+    return attend
+
+
+# ---- building ------------------------------------------------------------------------------------------
+
+class Binder:
+    """Collects what a plan reads, so that Plan.current can compare it with the model at each forward."""
+
+    def __init__(self):
+        self.tables: list[dict] = []  # _parameters / _buffers dicts the parameters sit in
+        self.names: list[str] = []
+        self.parameters: list[torch.Tensor] = []
+        self.modules: list[nn.Module] = []  # modules whose mode the general forward reads (dropouts)
+        self.called: list[nn.Module] = []  # modules the general forward calls as modules (hooks, forward)
+
+    def parameter(self, module: nn.Module, name: str) -> torch.Tensor:
+        found = module._parameters.get(name)
+        if found is None:
+            raise Unplannable(f"{type(module).__name__}.{name} is not a parameter")
+        if found.is_inference():  # no version counter: in-place changes could not be seen
+            raise Unplannable(f"{type(module).__name__}.{name} is an inference tensor")
+        self.tables.append(module._parameters)
+        self.names.append(name)
+        self.parameters.append(found)
+        return found
+
+    def linear(self, module: nn.Module, what: str) -> nn.Linear:
+        if type(module) is not nn.Linear or module.bias is None:
+            raise Unplannable(f"the {what} is a {type(module).__name__}, not an nn.Linear with a bias")
+        self.parameter(module, "weight")
+        self.parameter(module, "bias")
+        return module
+
+    def norm(self, module: nn.LayerNorm) -> nn.LayerNorm:
+        if len(module.normalized_shape) != 1:
+            raise Unplannable(f"a LayerNorm over {module.normalized_shape}")
+        self.parameter(module, "weight")
+        self.parameter(module, "bias")
+        return module
+
+
+def _layer_steps(binder: Binder, resolver: Resolver, pieces: dict, heads_attribute: str) -> LayerSteps:
+    for name in _LINEARS:
+        binder.linear(pieces[name], name)
+    for name in ("attention_norm", "ffn_norm"):
+        binder.norm(pieces[name])
+    binder.modules.extend(pieces[name] for name in _DROPOUTS if pieces[name] is not None)
+    approximate = gelu_approximation(pieces["activation"])
+    if approximate is None:
+        raise Unplannable(f"the activation {type(pieces['activation']).__name__} is not a GELU")
+    owner = pieces["attention"]
+    heads, head_dim = getattr(owner, heads_attribute), owner.attention_head_size
+    weight, bias = fused_qkv(pieces["query"], pieces["key"], pieces["value"])
+    if weight.shape[0] != 3 * heads * head_dim:
+        raise Unplannable(f"query/key/value produce {weight.shape[0] // 3} features, not heads * head_dim")
+    attention_dense, attention_norm = resolver.gemm_then_norm(pieces["attention_dense"], pieces["attention_norm"])
+    ffn_out, ffn_norm = resolver.gemm_then_norm(pieces["ffn_out"], pieces["ffn_norm"])
+    return LayerSteps(
+        resolver.gemm(weight, bias), heads, head_dim, float(getattr(owner, "scaling", head_dim**-0.5)),
+        attention_dense, attention_norm, resolver.gemm_gelu(pieces["ffn_in"], approximate), ffn_out, ffn_norm,
+    )
+
+
+def _embedding_steps(binder: Binder, resolver: Resolver, stamp: TreeStamp, family: Family,
+                     model: nn.Module) -> EmbeddingSteps:
+    embeddings = stamp.attribute(model, "embeddings")
+    if embeddings is None or not embeddings_known(family, embeddings):
+        raise Unplannable("the embeddings are not transformers' own")
+    stamp.typed(embeddings)
+    tables = ["word_embeddings", "position_embeddings"] + (["token_type_embeddings"] if family.token_types else [])
+    found = {}
+    for name in (*tables, "LayerNorm", "dropout"):
+        found[name] = stamp.attribute(embeddings, name)
+        stamp.typed(found[name])
+    for name in tables:
+        if found[name].max_norm is not None:
+            raise Unplannable(f"embeddings.{name} renormalizes rows (max_norm)")
+    weights = {name: binder.parameter(found[name], "weight") for name in tables}
+    norm = binder.norm(found["LayerNorm"])
+    binder.modules.extend([embeddings, found["dropout"]])
+    binder.called.extend(found[name] for name in tables)
+    token_type = weights.get("token_type_embeddings")
+    return EmbeddingSteps(
+        weights["word_embeddings"], weights["position_embeddings"], token_type, resolver.norm(norm),
+        # fp32: the kernel adds token type 0's row in fp32, as the general forward's fp32 add does;
+        # in other dtypes that add rounds first, so it stays a separate add
+        None if token_type is None or token_type.dtype != torch.float32 else resolver.norm(norm, token_type[0]),
+        _projection(binder, stamp, family, model),
+    )
+
+
+def _projection(binder: Binder, stamp: TreeStamp, family: Family, model: nn.Module) -> Callable | None:
+    if family.projection is None:
+        return None
+    parent = model
+    *path, last = family.projection.split(".")
+    for name in path:
+        parent = stamp.attribute(parent, name)
+    linear = stamp.attribute(parent, last)
+    if linear is None:  # ELECTRA has embeddings_project only when embedding_size != hidden_size
+        return None
+    binder.linear(linear, "projection")
+    binder.called.append(linear)
+    return functools.partial(torch._C._nn.linear, weight=linear.weight, bias=linear.bias)
+
+
+def _parameters_device_dtype(binder: Binder) -> tuple[torch.device, torch.dtype]:
+    devices = {p.device for p in binder.parameters}
+    dtypes = {p.dtype for p in binder.parameters}
+    if len(devices) != 1 or len(dtypes) != 1:
+        raise Unplannable(f"parameters on {len(devices)} devices in {len(dtypes)} dtypes")
+    device, dtype = devices.pop(), dtypes.pop()
+    if device.type not in ("cpu", "cuda") or dtype not in _DTYPES:
+        raise Unplannable(f"parameters on {device.type} in {dtype}")
+    return device, dtype
+
+
+def _layers(family: Family, model: nn.Module, views: dict, layer_classes: tuple[type, ...]) -> list[nn.Module]:
+    layers = list(family.schedule(model))
+    for layer in layers:
+        if type(layer) not in layer_classes:  # FSDP wrappers and the like keep their own call path
+            raise Unplannable(f"a layer of class {type(layer).__name__}")
+        if layer not in views:
+            raise Unplannable("a layer the module check did not see")
+    return layers
+
+
+# ---- the plan ------------------------------------------------------------------------------------------
+
+class Plan:
+    """A model's inference forward, resolved. `layers` is None when the model runs the general forward
+    (then `reason` says why): that verdict is remembered and checked exactly like a plan."""
+
+    def __init__(self, model: nn.Module, family: Family, check, layer_classes: tuple[type, ...]):
+        self.family, self.views = family, check.views
+        self.selection, self.generation = backend.current_backend(), backend.REGISTRY.generation
+        self.stamp, self.binder = TreeStamp(), Binder()
+        self.reason: str | None = None
+        self.layers: tuple[LayerSteps, ...] | None = None
+        try:
+            self._build(model, layer_classes)
+        except Unplannable as why:
+            self.reason, self.layers = str(why), None
+        self._freeze()
+
+    def _build(self, model: nn.Module, layer_classes: tuple[type, ...]) -> None:
+        family, binder = self.family, self.binder
+        layers = _layers(family, model, self.views, layer_classes)
+        # Resolve on the dtype and device of the first parameter; _parameters_device_dtype checks all.
+        first = family.pieces.view(layers[0]).pieces["query"] if layers else None
+        weight = getattr(first, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise Unplannable("no layer with a query weight")
+        resolver = Resolver(weight.device, weight.dtype)
+        self.embeddings = _embedding_steps(binder, resolver, self.stamp, family, model)
+        self.embeddings_module = self.stamp.modules[0]
+        steps: dict[nn.Module, LayerSteps] = {}
+        for layer in layers:  # ALBERT's shared layers are bound once
+            if layer not in steps:
+                steps[layer] = _layer_steps(binder, resolver, self.views[layer].pieces, family.pieces.heads_attribute)
+        binder.called.extend(layers)
+        self.device, self.dtype = _parameters_device_dtype(binder)
+        self.layers = tuple(steps[layer] for layer in layers)
+        self.dense_attention = dense_attention(
+            None if resolver.name("attention", head_dim=self.layers[0].head_dim) == "torch"
+            else resolver.implementation("attention", head_dim=self.layers[0].head_dim))
+        self.varlen_attention = varlen_attention(resolver.implementation("varlen_attention",
+                                                                          head_dim=self.layers[0].head_dim))
+
+    def _freeze(self) -> None:
+        """Tuples of what `current` compares at each forward."""
+        binder = self.binder
+        self.tables, self.names, self.parameters = tuple(binder.tables), tuple(binder.names), tuple(binder.parameters)
+        self.versions = tuple(map(_VERSION, self.parameters))
+        self.addresses = tuple(map(_DATA_PTR, self.parameters))
+        self.modules = tuple(dict.fromkeys(binder.modules))
+        self.hook_tables = tuple(itertools.chain.from_iterable(
+            (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks) for m in binder.called))
+        self.instance_dicts = tuple(m.__dict__ for m in binder.called)
+        del self.binder
+
+    def current(self, views: dict) -> bool:
+        """Whether the model is still what this plan (or verdict) was built from: else rebuild.
+        `views`: this forward's passed module check (the same dict while its stamp matches)."""
+        return (
+            self.generation == backend.REGISTRY.generation
+            and self.selection == backend.current_backend()
+            and views is self.views
+            and self.stamp.matches(())
+            and all(map(operator.is_, map(dict.get, self.tables, self.names), self.parameters))
+            and tuple(map(_VERSION, self.parameters)) == self.versions
+            and tuple(map(_DATA_PTR, self.parameters)) == self.addresses
+        )
+
+    def takes(self, inputs: dict, layout) -> bool:
+        """Whether the plan runs this call (else the general forward does): input_ids, some real tokens,
+        no autocast, dropouts in eval mode, no hooks or forward overrides on what the general forward calls
+        as modules. (The model's own mode and grad mode: decided by encode.)"""
+        ids = inputs.get("input_ids")
+        return (
+            self.layers is not None and ids is not None and ids.device == self.device
+            and layout.seqlen > 0 and (layout.dense or layout.indices.shape[0] > 0)
+            and not torch.is_autocast_enabled(self.device.type)
+            and not any(map(_TRAINING, self.modules))
+            and not any(map(len, self.hook_tables))
+            and not any(map(operator.contains, self.instance_dicts, itertools.repeat("forward")))
+            and not _global_hooks()
+        )
+
+    def embed(self, inputs: dict, layout) -> torch.Tensor:
+        steps, batch, seqlen = self.embeddings, layout.batch, layout.seqlen
+        ids = inputs["input_ids"]
+        position_ids = inputs.get("position_ids")
+        if position_ids is None:
+            position_ids = self.family.positions(self.embeddings_module, ids, batch, seqlen)
+        words = torch.embedding(steps.word, layout.pack(ids))
+        positions = torch.embedding(steps.position, layout.pack(position_ids.expand(batch, seqlen)))
+        token_type_ids = inputs.get("token_type_ids")
+        if steps.token_type is None:
+            hidden = steps.norm(words, positions)
+        elif token_type_ids is None and steps.norm_first_type is not None:
+            hidden = steps.norm_first_type(words, positions)
+        elif token_type_ids is None:
+            hidden = steps.norm(words + steps.token_type[0], positions)
+        else:
+            words = words + torch.embedding(steps.token_type, layout.pack(token_type_ids.expand(batch, seqlen)))
+            hidden = steps.norm(words, positions)
+        return hidden if steps.projection is None else steps.projection(hidden)
+
+    def run(self, inputs: dict, layout, all_hidden: list | None) -> torch.Tensor:
+        """Embeddings and every layer on the real tokens: (tokens, hidden)."""
+        hidden = self.embed(inputs, layout)
+        if all_hidden is not None:
+            all_hidden.append(layout.unpack(hidden))
+        if layout.dense:
+            attend, shape = self.dense_attention, (layout.batch, layout.seqlen)
+        else:
+            attend, shape = self.varlen_attention, (layout.cu_seqlens, layout.max_seqlen)
+        for step in self.layers:
+            context = attend(step.qkv(hidden), step.heads, step.head_dim, step.scale, *shape)
+            hidden = step.attention_norm(step.attention_dense(context), hidden)
+            hidden = step.ffn_norm(step.ffn_out(step.ffn_in(hidden)), hidden)
+            if all_hidden is not None:
+                all_hidden.append(layout.unpack(hidden))
+        return hidden
+
+
+def _global_hooks() -> bool:
+    """Whether any global module hook is registered (torch.nn.modules.module's registries; private names,
+    fenced by tests/models/test_plan.py: if they move, every forward takes the general path)."""
+    module = torch.nn.modules.module
+    tables = [getattr(module, name, None) for name in _GLOBAL_HOOK_TABLES]
+    return any(table is None or len(table) for table in tables)
+
+
+_GLOBAL_HOOK_TABLES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                       "_global_backward_pre_hooks")
+
+_enabled = os.environ.get("FASTBERT_PLANS", "1").strip().lower() not in ("0", "false", "off")
+
+
+def set_plans(enabled: bool) -> None:
+    """Turn inference plans on or off for the process (off: every forward decides per call, as the
+    general forward does; for A/B measurements and as a way out). FASTBERT_PLANS=0 sets it off."""
+    global _enabled
+    _enabled = bool(enabled)
+    _PLANS.clear()
+
+
+def plans_enabled() -> bool:
+    return _enabled
+
+
+# base model -> its Plan. Weak keys: a dropped model takes its plan; never module state (deepcopy, pickle).
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, Plan]" = weakref.WeakKeyDictionary()
+
+
+def plan_for(model: nn.Module, family: Family, views: dict | None, layer_classes: tuple[type, ...]) -> Plan | None:
+    """The model's current plan (or general-path verdict), rebuilt when anything it bound changed.
+
+    views: this forward's module check (support.check_modules), None if the caller made none. None
+    when the check was not one the plan can follow (a lookup by getattr: no stamp to compare)."""
+    if not _enabled:
+        return None
+    check = remembered_check(model) if views is not None else check_modules(family, model, layer_classes)
+    if check is None or check.problem is not None or (views is not None and check.views is not views):
+        return None
+    plan = _PLANS.get(model)
+    if plan is None or not plan.current(check.views):
+        plan = _PLANS[model] = Plan(model, family, check, layer_classes)  # one assignment: thread-safe
+    return plan
+
+
+def forget_plans(model: nn.Module) -> None:
+    """Drop the plan of every module inside `model`."""
+    for module in model.modules():
+        _PLANS.pop(module, None)

@@ -1,0 +1,262 @@
+"""Inference plans (fastbert/models/plan.py): built once, run when they still describe the model, never stale.
+
+Each test compares the plan's output with the general forward's (plans off: every op resolved per
+call) on the same model and inputs; in fp32 on CPU both run the same kernels, so they must agree
+bitwise. "Ran the plan" is observed by counting Plan.run calls.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastbert
+from fastbert.models import plan
+from fastbert.models.families import FAMILIES
+from tests.helpers import max_error, random_batch, small_config
+from tests.models.family_configs import MODEL_TYPES, family_batch, family_config
+
+
+@pytest.fixture
+def plan_runs(monkeypatch):
+    """The list of plans run, one entry per forward that ran one."""
+    runs = []
+    original = plan.Plan.run
+    monkeypatch.setattr(plan.Plan, "run", lambda self, *a: runs.append(self) or original(self, *a))
+    return runs
+
+
+def general(model, batch):
+    """The general forward's output (plans off), then plans back on."""
+    plan.set_plans(False)
+    try:
+        with torch.no_grad():
+            return model(**batch)
+    finally:
+        plan.set_plans(True)
+
+
+def infer(model, batch):
+    with torch.no_grad():
+        return model(**batch)
+
+
+def model_and_batch(lengths=(10, 6, 1), seqlen=10):
+    torch.manual_seed(0)
+    config = small_config()
+    return fastbert.BertModel(config).eval(), random_batch(config, len(lengths), seqlen, lengths=list(lengths))
+
+
+def assert_same_as_general(model, batch):
+    fast = infer(model, batch)
+    reference = general(model, batch)
+    assert torch.equal(fast.last_hidden_state, reference.last_hidden_state)
+    assert torch.equal(fast.pooler_output, reference.pooler_output)
+    return fast
+
+
+@pytest.mark.parametrize("lengths", [(10, 10), (10, 6, 1)], ids=["dense", "padded"])
+def test_plan_matches_the_general_forward_bitwise(plan_runs, lengths):
+    model, batch = model_and_batch(lengths)
+    batch["output_hidden_states"] = True
+    fast = infer(model, batch)
+    reference = general(model, batch)
+    assert len(plan_runs) == 1 and plan_runs[0].layers is not None
+    assert len(fast.hidden_states) == len(reference.hidden_states) == 3
+    for got, want in zip(fast.hidden_states, reference.hidden_states):
+        assert torch.equal(got, want)
+    assert torch.equal(fast.last_hidden_state, reference.last_hidden_state)
+
+
+def test_plan_is_built_once(plan_runs):
+    model, batch = model_and_batch()
+    for _ in range(3):
+        infer(model, batch)
+    assert len(plan_runs) == 3 and len({id(p) for p in plan_runs}) == 1
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_every_family_runs_a_plan_equal_to_the_general_forward(plan_runs, model_type):
+    torch.manual_seed(0)
+    config = family_config(model_type)
+    family = next(f for f in FAMILIES if f.model_type == model_type)
+    model = fastbert.patch(family.base(config).eval())
+    batch = family_batch(config, [7, 3, 5], 7, generator=torch.Generator().manual_seed(1))
+    fast = infer(model, batch)
+    assert plan_runs and plan_runs[-1].layers is not None, plan.plan_for.__doc__
+    reference = general(model, batch)
+    keep = batch["attention_mask"].bool()
+    assert max_error(fast.last_hidden_state[keep], reference.last_hidden_state[keep]) <= 1e-6
+
+
+def test_token_type_ids_given_or_not(plan_runs):
+    model, batch = model_and_batch()
+    assert_same_as_general(model, {k: v for k, v in batch.items() if k != "token_type_ids"})
+    assert_same_as_general(model, batch)
+    assert len(plan_runs) == 2
+
+
+# ---- invalidation: each change rebuilds the plan (or sends the call to the general forward) ----------------
+
+def test_in_place_parameter_update_rebuilds(plan_runs):
+    model, batch = model_and_batch()
+    before = infer(model, batch).last_hidden_state
+    with torch.no_grad():
+        model.encoder.layer[1].output.dense.weight.mul_(2.0)
+    after = assert_same_as_general(model, batch).last_hidden_state
+    assert max_error(after, before) > 1e-3
+    assert plan_runs[0] is not plan_runs[1]
+
+
+def test_replaced_parameter_rebuilds(plan_runs):
+    model, batch = model_and_batch()
+    infer(model, batch)
+    query = model.encoder.layer[0].attention.self.query
+    query.weight = nn.Parameter(torch.randn_like(query.weight))
+    assert_same_as_general(model, batch)
+    assert plan_runs[0] is not plan_runs[1]
+
+
+def test_dtype_change_rebuilds(plan_runs):
+    model, batch = model_and_batch()
+    infer(model, batch)
+    model.to(torch.bfloat16)
+    out = assert_same_as_general(model, batch)
+    assert out.last_hidden_state.dtype == torch.bfloat16 and plan_runs[-1].dtype == torch.bfloat16
+
+
+def test_backend_selection_and_packing_rebuild(plan_runs):
+    from fastbert.ops import onednn_linear
+
+    model, batch = model_and_batch()
+    infer(model, batch)
+    with fastbert.use_backend("torch"):
+        assert_same_as_general(model, batch)
+        assert plan_runs[-1].selection == "torch"
+    packing = onednn_linear.packing_enabled()
+    try:
+        onednn_linear.set_packing(False)
+        assert_same_as_general(model, batch)
+    finally:
+        onednn_linear.set_packing(packing)
+    assert len({id(p) for p in plan_runs}) == 3
+
+
+def test_unpatch_and_patch_again(plan_runs):
+    torch.manual_seed(0)
+    from transformers import BertModel
+
+    config = small_config()
+    model = BertModel(config).eval()
+    batch = random_batch(config, 2, 8)
+    plain = infer(model, batch).last_hidden_state
+    fastbert.patch(model)
+    first = infer(model, batch)
+    fastbert.unpatch(model)
+    assert torch.equal(infer(model, batch).last_hidden_state, plain)  # transformers' forward: no plan
+    assert len(plan_runs) == 1
+    fastbert.patch(model)
+    second = infer(model, batch)
+    assert torch.equal(first.last_hidden_state, second.last_hidden_state)
+    assert len(plan_runs) == 2 and plan_runs[0] is not plan_runs[1]
+
+
+def test_swapped_submodule_rebuilds(plan_runs):
+    model, batch = model_and_batch()
+    infer(model, batch)
+    layer = model.encoder.layer[0]
+    layer.output.dense = nn.Linear(layer.output.dense.in_features, layer.output.dense.out_features)
+    assert_same_as_general(model, batch)
+    assert plan_runs[0] is not plan_runs[1]
+
+
+def test_unknown_activation_takes_the_general_forward(plan_runs):
+    model, batch = model_and_batch()
+    infer(model, batch)
+    model.encoder.layer[1].intermediate.intermediate_act_fn = nn.ReLU()
+    infer(model, batch)
+    assert "ReLU" in plan._PLANS[model].reason
+    assert_same_as_general(model, batch)
+    assert len(plan_runs) == 1  # a ReLU is not a GELU: the plan's verdict is the general forward
+
+
+def test_swapped_norm_class_falls_back_to_transformers(plan_runs):
+    class ScaledNorm(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model, batch = model_and_batch()
+    infer(model, batch)
+    old = model.encoder.layer[0].output.LayerNorm
+    new = ScaledNorm(old.normalized_shape, eps=old.eps)
+    new.load_state_dict(old.state_dict())
+    model.encoder.layer[0].output.LayerNorm = new
+    with pytest.warns(UserWarning, match="not on the fast path"):
+        infer(model, batch)
+    assert len(plan_runs) == 1
+
+
+def test_hooks_and_forward_overrides_take_the_general_forward(plan_runs):
+    model, batch = model_and_batch()
+    infer(model, batch)
+    seen = []
+    handle = model.encoder.layer[1].register_forward_hook(lambda *args: seen.append(1))
+    assert_same_as_general(model, batch)
+    assert len(plan_runs) == 1 and seen == [1, 1]
+    handle.remove()
+    table = model.embeddings.word_embeddings
+    table.forward = lambda ids: seen.append(2) or nn.Embedding.forward(table, ids)
+    infer(model, batch)
+    assert len(plan_runs) == 1 and seen[-1] == 2
+    del table.forward
+    global_handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        infer(model, batch)
+    finally:
+        global_handle.remove()
+    assert len(plan_runs) == 1
+    infer(model, batch)
+    assert len(plan_runs) == 2  # hooks gone: the plan runs again
+
+
+def test_global_hook_registries_exist():
+    """The plan reads torch's private global hook tables; if they move, this fails (and the plan then
+    never runs, since _global_hooks() reports an unknown table as a hook)."""
+    module = torch.nn.modules.module
+    for name in plan._GLOBAL_HOOK_TABLES:
+        assert isinstance(getattr(module, name, None), dict), name
+    assert not plan._global_hooks()
+
+
+def test_training_mode_and_grad_mode_take_the_general_forward(plan_runs):
+    model, batch = model_and_batch()
+    model.train()
+    infer(model, batch)
+    model.eval()
+    model.encoder.layer[0].attention.self.dropout.train()  # one module in training mode is enough
+    infer(model, batch)
+    model.eval()
+    model(**batch)  # grad enabled
+    assert plan_runs == []
+    infer(model, batch)
+    assert len(plan_runs) == 1
+
+
+def test_inputs_embeds_and_empty_batches_take_the_general_forward(plan_runs):
+    model, batch = model_and_batch()
+    embeds = model.embeddings.word_embeddings(batch["input_ids"]).detach()
+    infer(model, {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]})
+    infer(model, {"input_ids": batch["input_ids"], "attention_mask": torch.zeros_like(batch["attention_mask"])})
+    assert plan_runs == []
+
+
+def test_plans_are_not_module_state():
+    import copy
+    import pickle
+
+    model, batch = model_and_batch()
+    infer(model, batch)
+    clone = copy.deepcopy(model)
+    assert model in plan._PLANS and clone not in plan._PLANS
+    assert b"fastbert.models.plan" not in pickle.dumps(model)
+    assert torch.equal(infer(clone, batch).last_hidden_state, infer(model, batch).last_hidden_state)
