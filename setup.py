@@ -249,6 +249,7 @@ setup(
         "plot": ["matplotlib"],
         "pretrain": ["datasets", "accelerate", "matplotlib"],
         "onnx": ["onnxruntime", "onnx"],
+        "openvino": ["openvino", "onnx"],
         "serve": SERVE_REQUIRES,
         "serve-ray": [*SERVE_REQUIRES, "ray[serve]"],
     },

@@ -15,7 +15,7 @@ from fastbert.serve.cli import main as serve_main
 LENGTHS_HELP = (
     "sequence lengths: full (no padding), uniform (one full-length sequence, the rest uniform in "
     "[max(1, seq//8), seq]), lognormal (median seq/4, right-skewed), or FILE with one token count per "
-    "line (default: uniform)"
+    "line (default: uniform; full for the latency preset --batch 1)"
 )
 
 
@@ -54,12 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=_int_list, help="batch sizes, comma list (default: 8 on CPU, 8,32 on GPU)")
     bench.add_argument("--seq", type=_int_list,
                        help="sequence lengths (caps), comma list (default: 64,128,256 on CPU, 128,256,512 on GPU)")
-    bench.add_argument("--lengths", default="uniform", metavar="full|uniform|lognormal|FILE", help=LENGTHS_HELP)
+    bench.add_argument("--lengths", default=None, metavar="full|uniform|lognormal|FILE", help=LENGTHS_HELP)
     bench.add_argument("--mode", choices=("inference", "training"), default="inference",
                        help="training = forward + backward + AdamW step of BertForMaskedLM")
     bench.add_argument("--baselines", type=_name_list,
                        help="comma list of hf-eager, hf-sdpa, hf-compile, onnxruntime (CPU fp32 inference; "
-                            "pip install 'fastbert[onnx]') (default: hf-sdpa on CPU, hf-sdpa,hf-compile on GPU)")
+                            "pip install 'fastbert[onnx]'), openvino (f32 hint and default precision; "
+                            "pip install 'fastbert[openvino]') (default: hf-sdpa on CPU, hf-sdpa,hf-compile on GPU)")
     bench.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda", "cpp", "onednn"),
                        help="fastbert backend")
     bench.add_argument("--repeats", type=int, help="timed calls per implementation (default: 10 CPU, 30 GPU)")

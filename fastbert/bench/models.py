@@ -14,10 +14,10 @@ import torch
 import transformers
 
 import fastbert
-from fastbert.bench import onnx_baseline
+from fastbert.bench import onnx_baseline, openvino_baseline
 from fastbert.presets import preset_config
 
-BASELINES = ("hf-eager", "hf-sdpa", "hf-compile", "onnxruntime")
+BASELINES = ("hf-eager", "hf-sdpa", "hf-compile", "onnxruntime", "openvino")
 FASTBERT = "fastbert"
 SEED = 0
 # transformers model_type of every family fastbert.patch() runs on the fast path.
@@ -82,7 +82,8 @@ def build_baseline(name: str, reference: torch.nn.Module) -> torch.nn.Module:
     """A HuggingFace copy of the reference: eager or SDPA attention, or torch.compile of the SDPA one."""
     if name not in BASELINES:
         raise ModelSetupError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
-    return _hf_copy(reference, "eager" if name in ("hf-eager", onnx_baseline.NAME) else "sdpa")
+    exported = ("hf-eager", onnx_baseline.NAME, openvino_baseline.NAME)  # the ONNX exporter traces eager attention
+    return _hf_copy(reference, "eager" if name in exported else "sdpa")
 
 
 @dataclass
@@ -150,6 +151,15 @@ def build_onnxruntime(reference: torch.nn.Module, options, device, dtype):
     return onnx_baseline.OnnxRuntimeImplementation(eager, model_input_names(eager))
 
 
+def build_openvino(reference: torch.nn.Module, options, device, dtype) -> dict:
+    try:
+        openvino_baseline.check_usable(device, dtype, options.mode)
+    except openvino_baseline.OpenVinoBaselineError as exc:
+        raise ModelSetupError(str(exc)) from None
+    eager = build_baseline(openvino_baseline.NAME, reference).to(dtype=dtype)
+    return openvino_baseline.build(eager, model_input_names(eager))
+
+
 def build_implementations(options, config, device, dtype) -> dict:
     """fastbert and every requested baseline, all with the same weights, device and dtype."""
     reference = build_reference(config, options.model, options.mode)
@@ -157,6 +167,9 @@ def build_implementations(options, config, device, dtype) -> dict:
     for name in options.baselines:
         if name == onnx_baseline.NAME:
             impls[name] = build_onnxruntime(reference, options, device, dtype)
+            continue
+        if name == openvino_baseline.NAME:  # two implementations: the f32 hint and the default precision
+            impls.update(build_openvino(reference, options, device, dtype))
             continue
         impls[name] = make_implementation(
             name, build_baseline(name, reference), options.mode, device, dtype, options.backend

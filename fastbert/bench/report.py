@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 CSV_FIELDS = (
-    "batch", "seq", "width", "real_tokens", "padding_fraction", "implementation", "median_ms", "q1_ms",
+    "batch", "seq", "width", "real_tokens", "padding_fraction", "implementation", "median_ms", "p99_ms", "q1_ms",
     "q3_ms", "min_ms", "max_ms", "tokens_per_s", "speedup", "paired_speedup", "peak_memory_bytes", "mfu",
     "bandwidth_gb_s", "max_abs_diff",
 )
@@ -32,6 +32,10 @@ def _memory(value) -> str:
     return "n/a" if value is None else f"{value / 2**20:.0f} MiB"
 
 
+def _optional(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def format_table(record: dict) -> str:
     """The human-readable table printed by `fastbert bench`."""
     env, options = record["environment"], record["options"]
@@ -44,7 +48,7 @@ def format_table(record: dict) -> str:
         f"torch {env['torch']}, transformers {env['transformers']}, fastbert {env['fastbert']}"
         + (f" @ {env['fastbert_commit'][:10]}" if env.get("fastbert_commit") else ""),
     ]
-    columns = ["batch", "seq", "pad%", "implementation", "median ms", "IQR ms", "min-max ms", "tokens/s",
+    columns = ["batch", "seq", "pad%", "implementation", "median ms", "p99 ms", "IQR ms", "min-max ms", "tokens/s",
                "speedup", "peak mem"]
     if gpu:
         columns += ["MFU", "GB/s"]
@@ -52,7 +56,7 @@ def format_table(record: dict) -> str:
     for row in rows(record):
         line = [
             str(row["batch"]), str(row["width"]), f"{100 * row['padding_fraction']:.0f}", row["implementation"],
-            f"{row['median_ms']:.2f}", f"{row['q1_ms']:.2f}-{row['q3_ms']:.2f}",
+            f"{row['median_ms']:.2f}", _optional(row.get("p99_ms")), f"{row['q1_ms']:.2f}-{row['q3_ms']:.2f}",
             f"{row['min_ms']:.2f}-{row['max_ms']:.2f}", f"{row['tokens_per_s']:,.0f}",
             f"{row['speedup']:.2f}x", _memory(row["peak_memory_bytes"]),
         ]
@@ -68,6 +72,9 @@ def format_table(record: dict) -> str:
     )
     if gpu:
         footer += f"; MFU vs measured {options['dtype']} matmul peak {record['matmul_peak_flops'] / 1e12:.0f} TFLOP/s"
+    if record.get("openvino_precisions"):
+        chosen = ", ".join(f"{name} runs {precision}" for name, precision in record["openvino_precisions"].items())
+        footer += f"\nOpenVINO CPU plugin: {chosen}"
     if record.get("packed_weight_bytes"):
         packed = _memory(record["packed_weight_bytes"])
         footer += f"\nfastbert's packed oneDNN weights: {packed} extra (FASTBERT_PACKED_WEIGHTS=0 turns them off)"

@@ -11,12 +11,14 @@ from fastbert.bench import environment
 from fastbert.bench.models import BASELINES, FASTBERT, build_implementations, load_config
 from fastbert.bench.timing import interleaved_times, paired_speedup, peak_memory, summarize
 from fastbert.bench.workloads import forward_bytes, forward_flops, make_workload
+from fastbert.models import plan
 from fastbert.ops import onednn_linear
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Cross-check tolerance on real tokens, relative to the reference's scale max(1, max |ref|).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 REFERENCE = "hf-sdpa"
+LATENCY_REPEATS = 300  # --batch 1: enough calls per implementation for a p99
 
 
 class BenchError(RuntimeError):
@@ -35,7 +37,7 @@ class BenchOptions:
     dtype: str | None = None  # None: bf16 on cuda, fp32 on cpu
     batch: list[int] | None = None
     seq: list[int] | None = None
-    lengths: str = "uniform"
+    lengths: str | None = None  # None: "full" for the latency preset (batch 1), else "uniform"
     mode: str = "inference"
     baselines: list[str] | None = None
     backend: str = "auto"
@@ -50,6 +52,8 @@ class BenchOptions:
         """A copy with every device-dependent default filled in."""
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         on_gpu = torch.device(device).type == "cuda"
+        # The latency preset: one request at a time (--batch 1) is timed over many repeats, p50 and p99.
+        latency = self.batch == [1]
         return BenchOptions(
             model=self.model,
             arch=self.arch,
@@ -57,12 +61,12 @@ class BenchOptions:
             dtype=self.dtype or ("bf16" if on_gpu else "fp32"),
             batch=self.batch or ([8, 32] if on_gpu else [8]),
             seq=self.seq or ([128, 256, 512] if on_gpu else [64, 128, 256]),
-            lengths=self.lengths,
+            lengths=self.lengths or ("full" if latency else "uniform"),
             mode=self.mode,
             baselines=self.baselines or (["hf-sdpa", "hf-compile"] if on_gpu else ["hf-sdpa"]),
             backend=self.backend,
-            repeats=self.repeats or (30 if on_gpu else 10),
-            warmup=self.warmup if self.warmup is not None else (5 if on_gpu else 2),
+            repeats=self.repeats or (LATENCY_REPEATS if latency else 30 if on_gpu else 10),
+            warmup=self.warmup if self.warmup is not None else (20 if latency else 5 if on_gpu else 2),
             threads=self.threads,
             seed=self.seed,
             progress=self.progress,
@@ -91,18 +95,20 @@ def cross_check(impls: dict, workload, dtype: torch.dtype, reference: str) -> di
     keep = workload.keep
     expected = impls[reference].output(workload)[keep].float()
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    tolerance = TOLERANCE[dtype] * scale
     diffs = {reference: 0.0}
     for name, impl in impls.items():
         if name == reference:
             continue
+        # an implementation that runs in another precision than asked (openvino-default) says so
+        tolerance_dtype = getattr(impl, "tolerance_dtype", dtype)
+        tolerance = TOLERANCE[tolerance_dtype] * scale
         got = impl.output(workload)[keep].float()
         diff = (got - expected).abs().max().item() if got.numel() else 0.0
         if not diff <= tolerance:  # also catches NaN
             raise MismatchError(
                 f"{name} disagrees with {reference} at batch={workload.batch} seq={workload.seq}: "
                 f"max abs diff on real tokens {diff:.3g} > tolerance {tolerance:.3g} "
-                f"({TOLERANCE[dtype]:g} x scale {scale:.3g}); no timing was reported"
+                f"({TOLERANCE[tolerance_dtype]:g} x scale {scale:.3g}); no timing was reported"
             )
         diffs[name] = diff
     return diffs
@@ -203,6 +209,8 @@ def run_bench(options: BenchOptions, config=None) -> dict:
         "matmul_peak_flops": matmul_peak,
         "implementations": list(impls),
         "onnxruntime_fused_operators": getattr(impls.get("onnxruntime"), "fused_operators", None),
+        "openvino_precisions": {name: impl.precision for name, impl in impls.items() if hasattr(impl, "precision")},
+        "plans": plan.plans_enabled(),
         "packed_weight_bytes": onednn_linear.cache_bytes(),  # extra memory of the packed GEMM weights
         "fastbert": FASTBERT,
         "configurations": configurations,

@@ -7,6 +7,7 @@ never timed.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable
@@ -61,7 +62,7 @@ def peak_memory(fn: Callable[[], None], device: torch.device) -> int | None:
 
 
 def summarize(seconds: list[float]) -> dict:
-    """Median, quartiles and extremes of a list of durations, in milliseconds."""
+    """Median (p50), p99, quartiles and extremes of a list of durations, in milliseconds."""
     ms = sorted(s * 1e3 for s in seconds)
     if len(ms) >= 2:
         q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
@@ -69,12 +70,18 @@ def summarize(seconds: list[float]) -> dict:
         q1 = q3 = ms[0]
     return {
         "median_ms": statistics.median(ms),
+        "p99_ms": _percentile(ms, 0.99),
         "q1_ms": q1,
         "q3_ms": q3,
         "min_ms": ms[0],
         "max_ms": ms[-1],
         "times_ms": [s * 1e3 for s in seconds],
     }
+
+
+def _percentile(ordered: list[float], fraction: float) -> float:
+    """The nearest-rank percentile of an ascending list: the smallest value >= `fraction` of the values."""
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 def paired_speedup(reference: list[float], candidate: list[float]) -> float:
