@@ -1,7 +1,6 @@
 """`fastbert serve` as a command: argument errors in one line, and SIGTERM in a real server process
 (127.0.0.1 only): new connections are refused, every accepted request is answered, the process exits."""
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 import fastbert
 from fastbert.cli import main
 from fastbert.serve.workers import core_slices
+from tests.serve._control import free_port
 
 SLOW_SERVER = Path(__file__).with_name("_slow_server.py")
 FORWARD_DELAY = 0.4
@@ -43,12 +43,6 @@ def test_core_slices_cover_every_core_once():
     assert core_slices([0, 1], 4) == [[0], [1], [0], [1]]  # more workers than cores: shared
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -70,7 +64,7 @@ def _in_flight(url: str) -> float:
 
 @pytest.mark.slow
 def test_sigterm_drains_accepted_requests_then_exits(embed_dir):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen([sys.executable, str(SLOW_SERVER), str(FORWARD_DELAY), embed_dir, "--host",
                                 "127.0.0.1", "--port", str(port), "--max-batch-tokens", "64",
@@ -95,5 +89,24 @@ def test_sigterm_drains_accepted_requests_then_exits(embed_dir):
         assert process.wait(timeout=60) in (0, -signal.SIGTERM)
     finally:
         if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+def test_workers_share_the_port_and_pin_their_cores(embed_dir, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "fastbert", "serve", embed_dir, "--host", "127.0.0.1",
+                                "--port", str(port), "--workers", "2", "--log-level", "warning"])
+    try:
+        _wait_healthy(url, process)
+        responses = [httpx.post(f"{url}/embed", json={"inputs": ["worker", "pinned"]}, timeout=60) for _ in range(4)]
+        assert all(response.status_code == 200 and len(response.json()) == 2 for response in responses)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

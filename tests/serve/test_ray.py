@@ -1,19 +1,13 @@
 """The Ray Serve deployment on a local Ray instance (skipped when ray[serve] is not installed)."""
-import socket
 
 import httpx
 import pytest
 
 from fastbert.serve import ServeOptions
+from tests.serve._control import free_port
 
 ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install 'fastbert[serve-ray]')")
 serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'fastbert[serve-ray]')")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -21,7 +15,7 @@ def test_ray_serve_deployment_answers_like_the_app(embed_dir):
     from fastbert.serve.ray import build_app
     from tests.serve._reference import reference_embeddings
 
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
