@@ -171,6 +171,33 @@ def _candidates(model: nn.Module) -> dict[str, nn.Linear]:
     return found
 
 
+def _layer_name(name: str) -> str:
+    """"encoder.layer.3.attention.self.query" -> "encoder.layer.3"."""
+    parts = name.split(".")
+    index = max(i for i, part in enumerate(parts) if part in ("layer", "layers"))
+    return ".".join(parts[: index + 2])
+
+
+def _open_scope(module, args):
+    ops.enter_shared_scope()
+
+
+def _close_scope(module, args, output):
+    ops.exit_shared_scope()
+
+
+def _share_input_quantization(model: nn.Module, names: list[str]) -> None:
+    """Per encoder layer with int8 Linears: its forward runs inside ops.shared_input_quantization (the
+    query/key/value projections quantize their shared input once). always_call: closed on errors too."""
+    for layer_name in dict.fromkeys(map(_layer_name, names)):
+        layer = model.get_submodule(layer_name)
+        if getattr(layer, "_fastbert_int8_scope", False):
+            continue
+        layer.register_forward_pre_hook(_open_scope)
+        layer.register_forward_hook(_close_scope, always_call=True)
+        layer._fastbert_int8_scope = True
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -234,9 +261,11 @@ def quantize(
     probe_batches = _first_examples(batches, sensitivity_examples)
     layers = _sensitivities(model, originals, quantized, probe_batches, reference[: _count(probe_batches)])
     kept = _greedy_gate(model, originals, quantized, batches, reference, layers, (min_cosine_mean, min_cosine))
+    names = [name for name in originals if name not in kept]
+    _share_input_quantization(model, names)
     cosines = _cosines(_pooled(model, batches), reference)
     return QuantizationReport(
-        quantized=[name for name in originals if name not in kept], kept=kept, layers=layers,
+        quantized=names, kept=kept, layers=layers,
         mean_cosine=cosines.mean().item(), min_cosine=cosines.min().item(), gate=(min_cosine_mean, min_cosine),
         examples=reference.shape[0], model=model,
     )
@@ -309,6 +338,7 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
             raise ValueError(f"{name} is a {type(linear).__name__} in this model, not an nn.Linear")
         _set_module(model, name, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None))
     model.load_state_dict(load_file(path), strict=True)
+    _share_input_quantization(model, names)
     model.eval()
     model.requires_grad_(False)
     return model

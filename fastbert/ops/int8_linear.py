@@ -13,10 +13,18 @@ The fast path, on CPU when fastbert._C and torch's oneDNN int8 ops are there:
 The oneDNN ops are private torch ops: `problem()` says why they cannot run, and `int8_linear` then runs
 the reference (`int8_linear_ref`), which computes the same integer products with torch matmuls.
 Inference only: nothing here has a backward.
+
+Inside `shared_input_quantization()` (opened per encoder layer by fastbert.quantize's hooks), a call
+whose input is the very tensor the previous call quantized (same object, same version counter) reuses
+its int8 rows and scales: the query, key and value projections quantize their shared input once. The
+scope is what makes this safe for inference tensors (no version counter): nothing changes a layer's
+input in place between its three projections.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -103,9 +111,7 @@ def _int8_linear_onednn(x, packed_weight, weight_scale, bias, activation):
         return y.reshape(*x.shape[:-1], out_features)
     code = kernels.FLOAT32 if x.dtype == torch.float32 else kernels.BFLOAT16
     threads = torch.get_num_threads()
-    q = torch.empty(tokens, width, dtype=torch.int8)
-    token_scale = torch.empty(tokens, dtype=torch.float32)
-    kernels.quantize_rows_s8(rows.data_ptr(), q.data_ptr(), token_scale.data_ptr(), tokens, width, code, threads)
+    q, token_scale = _quantized_input(x, rows, kernels, code, threads)
     zero_points = _zero_points(out_features)
     acc = torch.ops.onednn.qlinear_pointwise(
         q, 1.0, 0, packed_weight, weight_scale, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
@@ -113,6 +119,48 @@ def _int8_linear_onednn(x, packed_weight, weight_scale, bias, activation):
     kernels.dequantize_rows(acc.data_ptr(), token_scale.data_ptr(), bias.data_ptr(), y.data_ptr(), tokens,
                             out_features, code, GELU_CODES[activation], threads)
     return y.reshape(*x.shape[:-1], out_features)
+
+
+class _Shared(threading.local):
+    depth = 0
+    last: tuple | None = None  # (input tensor, its version or None, int8 rows, scales)
+
+
+_shared = _Shared()
+
+
+@contextlib.contextmanager
+def shared_input_quantization():
+    """Within this scope (per thread), consecutive int8 linears on the same input tensor quantize it once."""
+    enter_shared_scope()
+    try:
+        yield
+    finally:
+        exit_shared_scope()
+
+
+def enter_shared_scope() -> None:
+    _shared.depth += 1
+
+
+def exit_shared_scope() -> None:
+    _shared.depth -= 1
+    if _shared.depth <= 0:
+        _shared.depth, _shared.last = 0, None
+
+
+def _quantized_input(x, rows, kernels, code, threads):
+    version = None if x.is_inference() else x._version
+    last = _shared.last
+    if last is not None and last[0] is x and last[1] == version:
+        return last[2], last[3]
+    tokens, width = rows.shape
+    q = torch.empty(tokens, width, dtype=torch.int8)
+    token_scale = torch.empty(tokens, dtype=torch.float32)
+    kernels.quantize_rows_s8(rows.data_ptr(), q.data_ptr(), token_scale.data_ptr(), tokens, width, code, threads)
+    if _shared.depth > 0:
+        _shared.last = (x, version, q, token_scale)
+    return q, token_scale
 
 
 @functools.lru_cache(maxsize=64)

@@ -122,3 +122,31 @@ def test_minilm_int8_cosine_on_held_back_texts():
         pooled = [(m(**held).last_hidden_state.double() * mask).sum(1) / mask.sum(1) for m in (model, reference)]
     cosines = torch.nn.functional.cosine_similarity(*pooled, dim=-1)
     assert cosines.mean().item() >= 0.995 and cosines.min().item() >= 0.98
+
+
+def test_query_key_value_quantize_their_shared_input_once(monkeypatch):
+    from fastbert import extension
+    from fastbert.ops import int8_linear
+
+    if int8_linear.problem() is not None:
+        pytest.skip(int8_linear.problem())
+    model, data = tiny_model(), batches(1)
+    report = quantize(model, calibration=data, min_cosine_mean=0.0, min_cosine=-1.0)
+    assert len(report.quantized) == 12  # 2 layers x 6 Linears
+    expected = outputs(model, data)
+    kernels, calls = extension.module(), []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def quantize_rows_s8(self, *args):
+            calls.append(1)
+            return kernels.quantize_rows_s8(*args)
+
+    monkeypatch.setattr(extension, "module", lambda: Counting())
+    torch.testing.assert_close(outputs(model, data), expected, rtol=0, atol=0)
+    assert len(calls) == 2 * 4  # per layer: q/k/v input once, attention output, FFN in, FFN out
+    with torch.no_grad():
+        model.encoder.layer[0].attention.self.query(torch.randn(3, 64))  # outside a layer: no sharing, no leak
+    assert int8_linear._shared.last is None and int8_linear._shared.depth == 0
