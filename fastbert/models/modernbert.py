@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from transformers import activations
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.modernbert import modeling_modernbert as hf
@@ -131,10 +132,13 @@ def attention_forward(layer: nn.Module, hidden: torch.Tensor, packed: PackedToke
     q, k, v = rotary(qkv, cos, sin).unbind(dim=1)
     dropout_p = attn.attention_dropout if attn.training else 0.0
     arguments = dict(softmax_scale=head_dim**-0.5, dropout_p=dropout_p)
+    # Named ranges, so a profile shows local against global attention time (docs/perf-notes.md).
     if layer.attention_type == "sliding_attention":
-        context = window_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, sliding_window, **arguments)
+        with record_function("fastbert::modernbert_local_attention"):
+            context = window_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, sliding_window, **arguments)
     else:
-        context = varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, **arguments)
+        with record_function("fastbert::modernbert_global_attention"):
+            context = varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, **arguments)
     return _dropout(attn.out_drop, _dense(attn.Wo, context.reshape(hidden.shape[0], heads * head_dim)))
 
 

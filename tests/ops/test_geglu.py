@@ -47,3 +47,10 @@ def test_geglu_rejects_odd_width_and_unknown_approximation():
         geglu(torch.randn(2, 5))
     with pytest.raises(ValueError, match="approximate must be one of"):
         geglu(torch.randn(2, 4), "fast")
+
+
+def test_geglu_without_autograd_equals_the_reference():
+    x = torch.randn(5, 3, 40)
+    with torch.no_grad(), fastbert.use_backend("torch"):
+        assert torch.equal(geglu(x), geglu_ref(x))
+        assert torch.equal(geglu(x, "tanh"), geglu_ref(x, "tanh"))

@@ -78,3 +78,13 @@ def test_rotary_rejects_wrong_shapes():
         rotary(torch.randn(4, 2, 1, 8), torch.randn(4, 4), torch.randn(4, 4))
     with pytest.raises(ValueError, match="cos must have shape"):
         rotary(torch.randn(4, 3, 1, 8), torch.randn(4, 8), torch.randn(4, 4))
+
+
+def test_rotary_without_autograd_matches_the_reference():
+    angles = _angles(torch.randint(0, 300, (13,)), 32)
+    qkv = torch.randn(13, 3, 4, 32)
+    with torch.no_grad(), fastbert.use_backend("torch"):
+        fast = rotary(qkv, angles.cos().float(), angles.sin().float())
+    reference = rotary_ref(qkv.double(), angles.cos(), angles.sin())
+    assert (fast.double() - reference).abs().max().item() < 1e-5
+    assert torch.equal(fast[:, 2], qkv[:, 2])
