@@ -15,6 +15,15 @@ def cpu_backend(request):
         yield request.param
 
 
+@pytest.fixture(params=CPU_BACKENDS)
+def cpu_training_backend(request):
+    """cpu_backend for training: the "cpp" attention kernel is inference-only (its registry entry refuses
+    autograd, so an explicit "cpp" raises), so "cpp" trains under "auto": fastbert._C's row ops (with their
+    backward) and torch's attention."""
+    with fastbert.use_backend("auto" if request.param == "cpp" else request.param):
+        yield request.param
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
     """An eval-mode fastbert.BertModel of tests.helpers.small_config (vocab 128, 64 positions, 2 types)."""

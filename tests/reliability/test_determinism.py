@@ -33,7 +33,7 @@ def _run(cls, dtype, batch, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cls_name", ["BertModel", "BertForMaskedLM"])
-def test_forward_and_backward_are_bitwise_repeatable(deterministic, cpu_backend, dtype, cls_name):
+def test_forward_and_backward_are_bitwise_repeatable(deterministic, cpu_training_backend, dtype, cls_name):
     cls = getattr(fastbert, cls_name)
     batch = random_batch(small_config(), 3, 12, lengths=[12, 5, 1], generator=torch.Generator().manual_seed(3))
     if cls_name == "BertForMaskedLM":

@@ -63,7 +63,7 @@ def test_all_padding_batch_gives_zeros_and_finite_pooler(cpu_backend):
     assert torch.isfinite(out.pooler_output).all()
 
 
-def test_all_padding_row_gives_finite_gradients(cpu_backend):
+def test_all_padding_row_gives_finite_gradients(cpu_training_backend):
     model = _model().train()
     batch = _with_padding_row(_batch([12, 5, 1]), 1)
     out = model(**batch)
