@@ -25,7 +25,7 @@ from fastbert.models.support import embeddings_known, gelu_approximation
 from fastbert.ops import add_layer_norm, attention, bias_gelu, varlen_attention
 from fastbert.ops.linear import GELU_ACTIVATION, fuses_epilogue
 from fastbert.ops.linear import linear as linear_op
-from fastbert.ops.padding import gather_rows, packing_from_mask, pad_input
+from fastbert.ops.padding import counts_from_mask, gather_rows, packing_from_counts, pad_input
 
 
 @dataclass
@@ -48,9 +48,10 @@ class TokenLayout:
     def from_mask(cls, keep: torch.Tensor | None, batch: int, seqlen: int) -> "TokenLayout":
         if keep is None:
             return cls(batch, seqlen, None, None, seqlen)
-        indices, cu_seqlens, max_seqlen, total = packing_from_mask(keep)
-        if total == batch * seqlen:
+        lengths, max_seqlen, total = counts_from_mask(keep)
+        if total == batch * seqlen:  # no padding: no gather index (batch-1 requests, mostly)
             return cls(batch, seqlen, None, None, seqlen)
+        indices, cu_seqlens = packing_from_counts(keep, lengths, total)
         return cls(batch, seqlen, indices, cu_seqlens, max_seqlen)
 
     @property
@@ -345,7 +346,8 @@ def encode(model: nn.Module, family: Family, inputs: dict, keep: torch.Tensor | 
     # Training or inference: decided here, per forward, from this forward's module mode and grad mode.
     layout.training = model.training
     all_hidden = [] if options.get("output_hidden_states") else None
-    inference = not layout.training and not torch.is_grad_enabled()
+    # (torch.compile traces the general forward: a plan is Python state bound outside any graph)
+    inference = not layout.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
     resolved = plan.plan_for(model, family, views, (family.layer, fast_layer_class(family))) if inference else None
     if resolved is not None and resolved.takes(inputs, layout):
         hidden = resolved.run(inputs, layout, all_hidden)

@@ -18,18 +18,29 @@ def _check_mask(attention_mask: torch.Tensor, hidden: torch.Tensor) -> None:
         )
 
 
+def counts_from_mask(keep: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(lengths (batch,) int32, max_seqlen, total_tokens) of a (batch, seq) bool mask: one host sync."""
+    lengths = keep.sum(dim=-1, dtype=torch.int32)
+    if lengths.numel() == 0:
+        return lengths, 0, 0
+    max_seqlen, total = torch.stack([lengths.max(), lengths.sum()]).tolist()
+    return lengths, max_seqlen, total
+
+
+def packing_from_counts(keep: torch.Tensor, lengths: torch.Tensor, total: int):
+    """(indices, cu_seqlens) for a mask whose counts_from_mask are known: nonzero_static needs no sync."""
+    indices = torch.nonzero_static(keep.flatten(), size=total).flatten()
+    cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    return indices, cu_seqlens
+
+
 def packing_from_mask(keep: torch.Tensor):
     """(indices, cu_seqlens, max_seqlen, total_tokens) for a (batch, seq) bool mask.
 
     One host sync reads max_seqlen and the token count together; nonzero_static then needs none.
     """
-    lengths = keep.sum(dim=-1, dtype=torch.int32)
-    if lengths.numel() == 0:
-        max_seqlen, total = 0, 0
-    else:
-        max_seqlen, total = torch.stack([lengths.max(), lengths.sum()]).tolist()
-    indices = torch.nonzero_static(keep.flatten(), size=total).flatten()
-    cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    lengths, max_seqlen, total = counts_from_mask(keep)
+    indices, cu_seqlens = packing_from_counts(keep, lengths, total)
     return indices, cu_seqlens, max_seqlen, total
 
 
