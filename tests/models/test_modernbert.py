@@ -249,3 +249,14 @@ def test_pickle_round_trip():
     copy = pickle.loads(pickle.dumps(model))
     assert type(copy) is fastbert.ModernBertModel
     assert type(copy.layers[0]) is modernbert.FastModernBertEncoderLayer
+
+
+def test_modernbert_base_preset_is_the_default_config():
+    from fastbert.presets import preset_config
+
+    config = preset_config("modernbert-base")
+    default = ModernBertConfig()
+    assert type(config) is ModernBertConfig
+    for name in ("hidden_size", "num_hidden_layers", "intermediate_size", "local_attention", "vocab_size"):
+        assert getattr(config, name) == getattr(default, name)
+    assert config.layer_types.count("full_attention") == 8 and len(config.layer_types) == 22
