@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a built-in config with seeded random weights: bert-base, roberta-base, distilbert-base, "
                             "electra-base, albert-base, ... (fastbert/presets.py; default without --model: bert-base)")
     bench.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    bench.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
+    bench.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "int8"),
+                       help="default: bf16 on GPU, fp32 on CPU; int8: fastbert.quantize and bf16 vs ORT int8 and "
+                            "OpenVINO with cosines to fp32 (fastbert/bench/reduced_precision.py)")
     bench.add_argument("--batch", type=_int_list, help="batch sizes, comma list (default: 8 on CPU, 8,32 on GPU)")
     bench.add_argument("--seq", type=_int_list,
                        help="sequence lengths (caps), comma list (default: 64,128,256 on CPU, 128,256,512 on GPU)")
@@ -87,6 +89,10 @@ def run_bench_command(args) -> int:
     from fastbert.bench import report
     from fastbert.bench.run import BenchOptions, run_bench
 
+    if args.dtype == "int8":  # quantized: its own comparison (cosine to fp32 next to time, no tolerance check)
+        from fastbert.bench import reduced_precision
+
+        return reduced_precision.run_from_cli(args)
     if args.plot:
         report._pyplot()  # fail before the run, not after it
     options = BenchOptions(

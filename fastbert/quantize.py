@@ -120,6 +120,7 @@ def _batches(model: nn.Module, calibration, tokenizer, batch_size: int, max_leng
     items = list(calibration)
     if all(isinstance(item, str) for item in items):
         tokenizer = tokenizer or _tokenizer_of(model)
+        max_length = min(max_length, getattr(getattr(model, "config", None), "max_position_embeddings", max_length))
         return [dict(tokenizer(items[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
                                return_tensors="pt")) for i in range(0, len(items), batch_size)]
     if all(isinstance(item, dict) for item in items):

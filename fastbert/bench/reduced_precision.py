@@ -3,6 +3,7 @@ cosine to fp32 next to the time (issue 21).
 
     python -m fastbert.bench.reduced_precision --model DIR_OR_PRESET --shapes 1x128,8x128,32x128@0.4 \
         --json benchmarks/results/<name>.json
+    fastbert bench --dtype int8 --model DIR --batch 1,8 --seq 128 [--lengths uniform]   (the same, from the CLI)
 
 Per model: HF fp32 (the cosine reference), fastbert fp32, fastbert bf16 (the model in bf16),
 fastbert int8 (fastbert.quantize on generated calibration texts, gate at its defaults), fastbert int8
@@ -164,6 +165,20 @@ def format_shape(shape: str, record: dict) -> str:
             lines.append(f"  {name:28s} {row['median_ms']:9.2f} ms  x{row['speedup_vs_hf_fp32']:.2f} vs HF fp32  "
                          f"cos mean {row['cosine_mean']:.5f} min {row['cosine_min']:.5f}")
     return "\n".join(lines)
+
+
+def run_from_cli(args) -> int:
+    """`fastbert bench --dtype int8`: this comparison for --model (or --arch, default bert-base), one shape per
+    --batch x --seq (full lengths, or @0.4 padding with --lengths uniform), the bench's repeats, warmup,
+    threads (default 1 here) and --json."""
+    padding = "@0.4" if args.lengths == "uniform" else ""
+    shapes = [f"{b}x{s}{padding}" for b in (args.batch or [8]) for s in (args.seq or [128])]
+    result = run(args.model or args.arch or "bert-base", shapes, args.repeats or 10, args.warmup or 2, 256,
+                 args.threads or 1)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=1)
+    return 0
 
 
 def main(argv=None) -> None:
