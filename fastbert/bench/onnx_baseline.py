@@ -56,10 +56,13 @@ def export(model: torch.nn.Module, input_names: tuple[str, ...], path: Path) -> 
     """torch.onnx.export (TorchScript exporter: the graph the ORT BERT fusions match), dynamic axes."""
     example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in input_names)
     axes = {name: {0: "batch", 1: "sequence"} for name in (*input_names, "last_hidden_state")}
+    # The wrapper itself must be in eval mode: the exporter puts the wrapper's mode back onto every
+    # submodule afterwards, and a fresh module is in training mode (the model would then run dropout).
+    wrapper = _LastHiddenState(model, input_names).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _LastHiddenState(model.eval(), input_names), example, str(path), input_names=list(input_names),
+            wrapper, example, str(path), input_names=list(input_names),
             output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=17, dynamo=False,
         )
 

@@ -82,3 +82,12 @@ def test_family_workloads_fit_the_model(arch):
     assert (work.inputs["input_ids"][~work.keep] == pad).all() and (work.inputs["input_ids"][work.keep] != pad).all()
     reference = models.build_reference(config, None, "inference")
     assert set(models.model_input_names(reference)) == set(work.inputs)
+
+
+@needs_onnx
+def test_export_leaves_the_model_in_eval_mode(tmp_path):
+    """torch.onnx.export puts the exported wrapper's mode back onto the model: it must be eval, not training."""
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    model = transformers.BertModel(config).eval()
+    onnx_baseline.export(model, ("input_ids", "attention_mask"), tmp_path / "model.onnx")
+    assert not any(module.training for module in model.modules())
