@@ -236,6 +236,16 @@ def arguments_problem(config, arguments: dict) -> str | None:
     return f"the argument {others[0]}" if others else None
 
 
+def _keep_mask(mask) -> torch.Tensor | None | str:
+    """(batch, seq) keep-mask from a 2-D attention_mask, or why the fast path does not take it. transformers
+    applies 4-D masks (and dicts of masks) as given, without the local window, so those run its forward."""
+    if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        return key_padding_mask(mask)
+    if isinstance(mask, torch.Tensor):
+        return f"a {mask.dim()}-D attention_mask (transformers applies it as given, without the local window)"
+    return f"an attention_mask of type {type(mask).__name__}"
+
+
 def _mask_problem(keep: torch.Tensor | None) -> str | None:
     """Packing keeps distances only when each row's tokens are one contiguous run (left or right padding)."""
     if keep is None or keep.shape[1] < 2:
@@ -293,8 +303,7 @@ class FastModernBert:
             validate_inputs(self.config, self.embeddings.tok_embeddings.weight.device,
                             *(arguments.get(name) for name in ("input_ids", "attention_mask")), None,
                             arguments.get("position_ids"), arguments.get("inputs_embeds"))
-        mask = arguments.get("attention_mask")
-        keep = key_padding_mask(mask) if not isinstance(mask, dict) else "a dict of attention masks"
+        keep = _keep_mask(arguments.get("attention_mask"))
         reason = arguments_problem(self.config, arguments) or (keep if isinstance(keep, str) else None)
         reason = reason or model_problem(self) or _mask_problem(keep)
         if reason is not None:

@@ -192,6 +192,14 @@ def test_mask_with_holes_runs_transformers_forward():
     _warns_and_matches(fast, reference, batch, "holes")
 
 
+def test_4d_mask_runs_transformers_forward():
+    """transformers uses a 4-D mask as given on every layer (no window): the fast path must not add one."""
+    reference, fast = pair("Model", modernbert_config(), patched=False)
+    batch = batch_for("Model", "right")
+    batch["attention_mask"] = batch["attention_mask"][:, None, None, :].bool()
+    _warns_and_matches(fast, reference, batch, "4-D attention_mask")
+
+
 def test_unknown_module_runs_transformers_forward():
     class Gelu2(torch.nn.Module):
         def forward(self, x):
