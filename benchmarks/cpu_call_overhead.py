@@ -1,6 +1,7 @@
 """Per-call Python overhead of a fastbert forward on CPU: a 12-layer model of width 64 on 1 x 8 tokens,
 where the arithmetic costs microseconds, so the time is dispatch, Python and op-launch overhead.
-fastbert (patched) and HuggingFace (SDPA) interleaved; medians of many calls. With --count-calls it
+fastbert (patched; with its inference plan, and with plans off: the general forward) and HuggingFace
+(SDPA) interleaved; medians of many calls. With --count-calls it
 also counts the Python-level calls (functions and builtins, via sys.setprofile) of one forward of
 each: the number to compare before and after a change to the forward (docs/perf-notes.md).
 
@@ -17,12 +18,24 @@ import torch
 import transformers
 
 import fastbert
+from fastbert.models import plan
 
 
 def _model(config, patched: bool):
     torch.manual_seed(0)
     model = transformers.BertModel(config).eval()
     return fastbert.patch(model) if patched else model
+
+
+def _general(model):
+    """The model's forward with inference plans off (each op resolved per call, as before plans)."""
+    def forward(**inputs):
+        plan.set_plans(False)
+        try:
+            return model(**inputs)
+        finally:
+            plan.set_plans(True)
+    return forward
 
 
 def count_calls(model, inputs: dict) -> int:
@@ -52,7 +65,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     config = transformers.BertConfig(hidden_size=64, num_attention_heads=1, intermediate_size=256)
     config._attn_implementation = "sdpa"
-    models = {"hf-sdpa": _model(config, False), "fastbert": _model(config, True)}
+    models = {"hf-sdpa": _model(config, False), "fastbert": _model(config, True),
+              "fastbert-general": _general(_model(config, True))}
     ids = torch.randint(1, config.vocab_size, (args.batch, args.seq))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     times = {name: [] for name in models}
@@ -61,7 +75,8 @@ def main() -> None:
             for _ in range(20):
                 model(**inputs)
         for repeat in range(args.repeats):
-            for name in list(models)[repeat % 2:] + list(models)[:repeat % 2]:
+            shift = repeat % len(models)
+            for name in list(models)[shift:] + list(models)[:shift]:
                 start = time.perf_counter()
                 models[name](**inputs)
                 times[name].append(time.perf_counter() - start)

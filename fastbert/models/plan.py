@@ -437,7 +437,6 @@ def set_plans(enabled: bool) -> None:
     general forward does; for A/B measurements and as a way out). FASTBERT_PLANS=0 sets it off."""
     global _enabled
     _enabled = bool(enabled)
-    _PLANS.clear()
 
 
 def plans_enabled() -> bool:
