@@ -313,13 +313,15 @@ def run_levels(servers: dict[str, Server], bodies: list[list[str]], refs: dict) 
     return levels
 
 
-def run(args) -> dict:
+def run(args, record: dict) -> None:
+    """Fills `record` as it goes."""
     bodies = make_requests(args.model, max(LEVELS.values()), args.seed)
     print(f"references for {sum(map(len, bodies))} texts ...", flush=True)
     refs = references(args.model, [text for texts in bodies for text in texts])
-    record = {"model": args.model, "threads": THREADS, "levels": LEVELS, "rounds": ROUNDS,
-              "level_seconds": LEVEL_SECONDS, "load_average_before": _load_average(),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
+    record.update({"model": args.model, "threads": THREADS, "levels": LEVELS, "rounds": ROUNDS,
+                   "level_seconds": LEVEL_SECONDS, "load_average_before": _load_average(),
+                   "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                               "python": platform.python_version()}})
     servers = start_servers(args)
     try:
         for server in servers.values():
@@ -344,11 +346,10 @@ def run(args) -> dict:
         finally:
             server.stop()
     record["load_average_after"] = _load_average()
-    return record
 
 
 def ratios(record: dict) -> dict:
-    servers = record["servers"]
+    servers = record.get("servers", {})
 
     def eps(name, concurrency):
         return servers.get(name, {}).get("levels", {}).get(concurrency, {}).get("embeddings_per_s")
@@ -394,12 +395,16 @@ def main() -> int:
         LEVELS.update({1: 6, 8: 24})
         LEVEL_SECONDS = 15.0
     args.servers = [name.strip() for name in args.servers.split(",") if name.strip()]
-    record = run(args)
-    record["ratios"] = ratios(record)
-    print(json.dumps(record["ratios"], indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's fastbert, installed or not
+    record = {}
+    try:
+        run(args, record)
+    finally:  # a failure late in the run keeps what was measured
+        record["ratios"] = ratios(record)
+        print(json.dumps(record["ratios"], indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+            print(f"wrote {args.json}")
     return 0
 
 
