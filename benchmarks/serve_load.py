@@ -378,6 +378,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the record here")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few requests per level")
+    parser.add_argument("--levels", help="concurrency:requests pairs, e.g. 8:300,64:600 (default: 1:100,8:300,64:600)")
     parser.add_argument("--st-server", metavar="MODEL_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
@@ -394,6 +395,9 @@ def main() -> int:
         LEVELS.clear()
         LEVELS.update({1: 6, 8: 24})
         LEVEL_SECONDS = 15.0
+    if args.levels:
+        LEVELS.clear()
+        LEVELS.update({int(c): int(n) for c, n in (pair.split(":") for pair in args.levels.split(","))})
     args.servers = [name.strip() for name in args.servers.split(",") if name.strip()]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's fastbert, installed or not
     record = {}
