@@ -14,32 +14,17 @@ class ServeError(Exception):
         self.field = field
 
 
-class ValidationFailed(ServeError):
-    status, error_type = 422, "Validation"
+def _kind(name: str, status: int, error_type: str) -> type:
+    return type(name, (ServeError,), {"status": status, "error_type": error_type, "__module__": __name__})
 
 
-class PayloadTooLarge(ServeError):
-    status, error_type = 413, "Validation"
-
-
-class WrongModel(ServeError):
-    status, error_type = 400, "Validation"
-
-
-class Unauthorized(ServeError):
-    status, error_type = 401, "Unauthorized"
-
-
-class OverloadedError(ServeError):
-    status, error_type = 429, "Overloaded"
-
-
-class BackendError(ServeError):
-    status, error_type = 500, "Backend"
-
-
-class Unhealthy(ServeError):
-    status, error_type = 503, "Unhealthy"
+ValidationFailed = _kind("ValidationFailed", 422, "Validation")
+PayloadTooLarge = _kind("PayloadTooLarge", 413, "Validation")
+WrongModel = _kind("WrongModel", 400, "Validation")
+Unauthorized = _kind("Unauthorized", 401, "Unauthorized")
+OverloadedError = _kind("OverloadedError", 429, "Overloaded")
+BackendError = _kind("BackendError", 500, "Backend")
+Unhealthy = _kind("Unhealthy", 503, "Unhealthy")
 
 
 def error_response(error: ServeError, request_id: str | None) -> JSONResponse:
