@@ -73,9 +73,28 @@ def argument_reason(config, arguments: dict, input_names: frozenset) -> str | No
 
 
 def _selection_understood(value) -> bool:
-    if value is None or isinstance(value, (bool, int)):
+    if value is None or isinstance(value, bool):
+        return True
+    if not SELECTS_HIDDEN_STATES_BY_INDEX:  # older transformers reads indices its own way: run its forward
+        return False
+    if isinstance(value, int):
         return True
     return isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+
+def _selects_hidden_states_by_index() -> bool:
+    """Whether the installed transformers reads output_hidden_states=int/list as hidden_state_selection does
+    (indices into the layers + 1 hidden states, negative ones resolved: transformers 5.24 has it, 5.17 counts
+    layers without the embeddings' output and no negatives). Detected by its resolver; without it, indices
+    take the plain path (tests/dropin/test_dropin_bugs.py fences this)."""
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:
+        return False
+    return hasattr(output_capturing, "resolve_hidden_states_indices")
+
+
+SELECTS_HIDDEN_STATES_BY_INDEX = _selects_hidden_states_by_index()
 
 
 def hidden_state_selection(model, value) -> frozenset | bool:

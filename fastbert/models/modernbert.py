@@ -27,8 +27,16 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.modernbert import modeling_modernbert as hf
 
 from fastbert import backend
+from fastbert.models.arguments import (
+    INPUT,
+    RULES,
+    argument_reason,
+    call_value,
+    hidden_state_selection,
+    selected_hidden_states,
+)
 from fastbert.models.loading import StrictLoading
-from fastbert.models.native import _register_output_capture, key_padding_mask, warn_plain_path
+from fastbert.models.native import _register_output_capture, key_padding_mask, warn_plain_path, with_signature
 from fastbert.models.support import gelu_approximation
 from fastbert.models.validation import should_validate, validate_inputs
 from fastbert.ops.attention import varlen_attention
@@ -39,9 +47,6 @@ from fastbert.ops.rotary import RotaryTables, rotary
 from fastbert.ops.window_attention import window_attention
 
 _TABLES = RotaryTables()
-# Arguments the fast path reads (num_items_in_batch is the heads' loss argument: no effect on the encoder).
-_FAST_ARGUMENTS = frozenset({"input_ids", "attention_mask", "position_ids", "inputs_embeds", "output_hidden_states",
-                             "output_attentions", "return_dict", "num_items_in_batch"})
 # Elementwise activations: run as modules on packed tokens, which is exact.
 _ELEMENTWISE = frozenset(e[0] if isinstance(e, tuple) else e for e in activations.ACT2CLS.values()) | {
     nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh}
@@ -229,13 +234,6 @@ def model_problem(model: nn.Module) -> str | None:
     return _rotary_problem(model.rotary_emb)
 
 
-def arguments_problem(config, arguments: dict) -> str | None:
-    if arguments.get("output_attentions", getattr(config, "output_attentions", False)):
-        return "output_attentions=True"
-    others = [name for name, value in arguments.items() if name not in _FAST_ARGUMENTS and value is not None]
-    return f"the argument {others[0]}" if others else None
-
-
 def _keep_mask(mask) -> torch.Tensor | None | str:
     """(batch, seq) keep-mask from a 2-D attention_mask, or why the fast path does not take it. transformers
     applies 4-D masks (and dicts of masks) as given, without the local window, so those run its forward."""
@@ -259,11 +257,6 @@ def _mask_problem(keep: torch.Tensor | None) -> str | None:
 # ---- the base model --------------------------------------------------------------------------------------
 
 
-def _config_flag(config, arguments: dict, name: str, default: bool) -> bool:
-    value = arguments.get(name)
-    return bool(getattr(config, name, default) if value is None else value)
-
-
 def encode(model: nn.Module, arguments: dict, keep: torch.Tensor | None) -> BaseModelOutput:
     """Embeddings, layers and final norm of a transformers ModernBertModel on packed tokens."""
     input_ids, inputs_embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
@@ -273,8 +266,8 @@ def encode(model: nn.Module, arguments: dict, keep: torch.Tensor | None) -> Base
     embeddings = model.embeddings
     words = embeddings.tok_embeddings(packed.pack(input_ids)) if input_ids is not None else packed.pack(inputs_embeds)
     hidden = embeddings.drop(embeddings.norm(words))
-    collect = _config_flag(model.config, arguments, "output_hidden_states", False)
-    all_hidden = [packed.unpack(hidden)] if collect else None
+    selection = hidden_state_selection(model, call_value(model.config, arguments, "output_hidden_states"))
+    all_hidden = [packed.unpack(hidden)] if selection is not False else None
     call = _LayerCall(packed, model)
     with backend.training_forward() if model.training else contextlib.nullcontext():
         for layer in model.layers:
@@ -286,33 +279,42 @@ def encode(model: nn.Module, arguments: dict, keep: torch.Tensor | None) -> Base
     last = packed.unpack(hidden)
     if model.__dict__.get(FIRST_TOKEN_MARK) and packed.indices is not None:
         last[:, 0] = packed.first_tokens(hidden)
-    if all_hidden is not None:
-        all_hidden[-1] = last  # transformers' last hidden state is the final-normed one
-    return BaseModelOutput(last_hidden_state=last, hidden_states=tuple(all_hidden) if all_hidden else None)
+    if all_hidden is not None:  # the last one is transformers' final-normed output
+        all_hidden = selected_hidden_states(tuple(all_hidden), selection, last, model.config)
+    return BaseModelOutput(last_hidden_state=last, hidden_states=all_hidden)
 
 
 _ARGUMENT_NAMES = tuple(inspect.signature(hf.ModernBertModel.forward).parameters)[1:]
+_INPUT_NAMES = frozenset(name for name in _ARGUMENT_NAMES if RULES.get(name) == INPUT)
+
+
+def plain_path_reason(model: nn.Module, arguments: dict, keep) -> str | None:
+    """Why this call (its arguments, mask or the model's modules) runs transformers' forward, or None."""
+    reason = argument_reason(model.config, arguments, _INPUT_NAMES) or (keep if isinstance(keep, str) else None)
+    return reason or model_problem(model) or _mask_problem(keep)
 
 
 class FastModernBert:
     """Mixed in before transformers' ModernBertModel: its forward runs the packed fast path."""
 
     def forward(self, *args, validate=None, **kwargs):
+        """ModernBertModel's forward calls this one under transformers' signature (native.with_signature);
+        validate (keyword only, in **kwargs) as in fastbert.models.native.FastEncoder.forward."""
         arguments = {**dict(zip(_ARGUMENT_NAMES, args)), **kwargs}
+        keep = _keep_mask(arguments.get("attention_mask"))
+        reason = plain_path_reason(self, arguments, keep)
+        if reason is not None:  # decided before validation: transformers' forward checks its own inputs
+            warn_plain_path(reason)
+            return super().forward(*args, **kwargs)
         if should_validate(self.config, validate):
             validate_inputs(self.config, self.embeddings.tok_embeddings.weight.device,
                             *(arguments.get(name) for name in ("input_ids", "attention_mask")), None,
                             arguments.get("position_ids"), arguments.get("inputs_embeds"))
-        keep = _keep_mask(arguments.get("attention_mask"))
-        reason = arguments_problem(self.config, arguments) or (keep if isinstance(keep, str) else None)
-        reason = reason or model_problem(self) or _mask_problem(keep)
-        if reason is not None:
-            warn_plain_path(reason)
-            return super().forward(*args, **kwargs)
         if (arguments.get("input_ids") is None) == (arguments.get("inputs_embeds") is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         output = encode(self, arguments, keep)
-        return output if _config_flag(self.config, arguments, "return_dict", True) else output.to_tuple()
+        # transformers returns a tuple only for return_dict=False (an explicit None means a ModelOutput)
+        return output.to_tuple() if call_value(self.config, arguments, "return_dict") is False else output
 
 
 def _swap_layers(model: nn.Module, to_fast: bool) -> None:
@@ -331,6 +333,7 @@ class ModernBertModel(StrictLoading, FastModernBert, hf.ModernBertModel):
     """transformers.ModernBertModel with fastbert's packed forward (RoPE, GeGLU, windowed local layers)."""
 
     _keys_to_ignore_on_load_unexpected = _HEAD_KEYS
+    forward = with_signature(FastModernBert.forward, hf.ModernBertModel.forward)
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)

@@ -5,6 +5,10 @@ A. output_hidden_states may be a list of layer indices (or one index): the same 
 B. The decision to run transformers' forward comes before input validation: a decoder step with a
    cache and a mask longer than input_ids (what generate() passes) runs, as it does unpatched.
 C. The fast forward keeps transformers' signature: inspect.signature(model.forward) is the same.
+
+Older transformers (5.17) reads indices its own way (no initial hidden state, no negative indices) and its
+configs reject a list: there the fast path runs transformers' forward for indices, and these tests check
+that the outcome is still transformers' own (config lists are skipped where the config rejects them).
 """
 import copy
 import inspect
@@ -15,6 +19,7 @@ import torch
 import transformers
 
 import fastbert
+from fastbert.models import arguments
 from fastbert.models.families import FAMILIES, family_of_model_type
 from tests.dropin._common import real_tokens
 from tests.helpers import max_error, small_config
@@ -22,6 +27,31 @@ from tests.models.family_configs import MODEL_TYPES, family_batch, family_config
 
 TOL = 1e-5
 LENGTHS = [6, 3, 5, 2]
+
+
+def config_takes_hidden_state_indices() -> bool:
+    """Whether the installed transformers' configs accept output_hidden_states=[1] (5.17's reject a list)."""
+    try:
+        transformers.PretrainedConfig().output_hidden_states = [1]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+needs_config_indices = pytest.mark.skipif(
+    not config_takes_hidden_state_indices(),
+    reason=f"transformers {transformers.__version__}'s configs reject output_hidden_states as a list")
+
+
+def test_index_selection_is_detected_as_transformers_behaves():
+    """The capability check (the name of a transformers function) must not go stale: it must say what
+    transformers does with output_hidden_states=[0] (5.24: the embeddings' output, of layers + 1 states)."""
+    config = family_config("bert")
+    model = transformers.BertModel(config).eval()
+    states = _quiet_call(model, {"input_ids": torch.randint(3, config.vocab_size, (1, 4))},
+                         output_hidden_states=[0]).hidden_states
+    by_index = len(states) == config.num_hidden_layers + 1 and states[0] is not None and states[1] is None
+    assert arguments.SELECTS_HIDDEN_STATES_BY_INDEX is by_index
 
 
 def _class_cases():
@@ -81,6 +111,7 @@ def test_output_hidden_states_indices_resolve_as_transformers_does(model_type, s
     _assert_same_selection(fast, reference, _batch(reference.config, "Model"), selection)
 
 
+@needs_config_indices
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_output_hidden_states_list_from_the_config(model_type):
     reference, fast = _models(model_type, "Model", patched=True)
@@ -101,7 +132,8 @@ def _cached_step(model, ids, mask):
     """A first forward with use_cache, then one step of two new tokens with the whole mask."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        past = model(ids[:, :-2], attention_mask=mask[:, :-2], use_cache=True).cache
+        first = model(ids[:, :-2], attention_mask=mask[:, :-2], use_cache=True)
+        past = first.cache if "cache" in first else first.past_key_values  # transformers < 5.24: past_key_values
         return model(ids[:, -2:], attention_mask=mask, past_key_values=past).logits
 
 
