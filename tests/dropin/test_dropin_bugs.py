@@ -33,7 +33,7 @@ def config_takes_hidden_state_indices() -> bool:
     """Whether the installed transformers' configs accept output_hidden_states=[1] (5.17's reject a list)."""
     try:
         transformers.PretrainedConfig().output_hidden_states = [1]
-    except (TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - 5.17 raises huggingface_hub's StrictDataclassFieldValidationError
         return False
     return True
 
