@@ -48,6 +48,10 @@ AUTO_PREFERENCE = {
         "attention": ("triton", "torch"),
         "varlen_attention": ("triton", "torch"),
         "linear": ("torch",),
+        # ModernBERT's ops: Triton kernels, unmeasured on a GPU so far (docs/gpu-validation.md)
+        "rotary": ("triton", "torch"),
+        "geglu": ("triton", "torch"),
+        "window_attention": ("triton", "torch"),
     },
     "cpu": {
         "bias_gelu": ("cpp", "torch"),

@@ -22,7 +22,8 @@ CAPABILITIES = (80, 90)
 # Usable shared memory per block (bytes): A100 163 KB, H100 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # The modules that define AOT_CASES.
-KERNEL_MODULES = ("fastbert.kernels.bias_gelu", "fastbert.kernels.add_layer_norm", "fastbert.kernels.attention")
+KERNEL_MODULES = ("fastbert.kernels.bias_gelu", "fastbert.kernels.add_layer_norm", "fastbert.kernels.attention",
+                  "fastbert.kernels.geglu", "fastbert.kernels.rotary", "fastbert.kernels.window_attention")
 
 _REGISTERS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")

@@ -42,7 +42,6 @@ REGISTRY.register(Implementation(
     supports=lambda call: triton_limits.cpu_problem(call.device, call.interpreting),
 ))
 # Until the hand-kept order in fastbert/backend.py names this op: Triton first on CUDA.
-REGISTRY.auto_preference.setdefault("cuda", {}).setdefault("geglu", ("triton", "torch"))
 
 
 def geglu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:

@@ -55,7 +55,6 @@ REGISTRY.register(Implementation(
     supports=lambda call: triton_limits.cpu_problem(call.device, call.interpreting),
 ))
 # Until the hand-kept order in fastbert/backend.py names this op: Triton first on CUDA.
-REGISTRY.auto_preference.setdefault("cuda", {}).setdefault("rotary", ("triton", "torch"))
 
 
 def _check_arguments(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

@@ -155,7 +155,6 @@ REGISTRY.register(Implementation(
     devices=triton_limits.DEVICES, dtypes=triton_limits.DTYPES, probe=triton_probe, supports=_triton_supports,
 ))
 # Until the hand-kept order in fastbert/backend.py names this op: Triton first on CUDA.
-REGISTRY.auto_preference.setdefault("cuda", {}).setdefault("window_attention", ("triton", "torch"))
 
 
 def _check_arguments(q, k, v, cu_seqlens, window: int, dropout_p: float) -> None:
