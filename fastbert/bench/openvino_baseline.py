@@ -8,7 +8,10 @@ compiled for its CPU plugin twice:
                       else f32; the record names what it chose), cross-checked at bf16's tolerance
                       when it is not f32.
 Both use as many inference threads as torch uses, one stream and the LATENCY hint; the bench times
-them interleaved with the other implementations, in rotated order.
+them interleaved with the other implementations, in rotated order. In one process the two runtimes'
+thread pools contend for the cores, which slows both on a small machine (MiniLM 1 x 16 on 2 cores:
+OpenVINO f32 4.07 ms here, 2.33 ms alone); for latency figures run each runtime in its own process
+with benchmarks/isolated_latency.py.
 """
 from __future__ import annotations
 
