@@ -57,7 +57,10 @@ AUTO_PREFERENCE = {
         "bias_gelu": ("cpp", "torch"),
         "add_layer_norm": ("cpp", "torch"),
         "attention": ("torch",),
-        "varlen_attention": ("cpp", "torch"),
+        # varlen_attention: torch's SDPA per sequence, not the cpp kernel. On the AMX Xeon of 2026-12-01 a
+        # whole padded forward with the cpp kernel took 1.00-1.06x the time at 32 x 128 and 1.24x (fp32)
+        # / 1.93x (bf16) at 8 x 512 (docs/perf-notes.md); "cpp" stays available by name.
+        "varlen_attention": ("torch",),
         "linear": ("onednn", "torch"),
     },
 }

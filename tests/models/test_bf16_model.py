@@ -58,21 +58,20 @@ def test_bf16_model_cosine_to_fp32(checkpoint, batch, fp32_pooled):
     assert cosines(mean_pooled(model, batch), fp32_pooled).min().item() >= MIN_COSINE
 
 
-def test_autocast_runs_bf16_and_keeps_cosine(fp32_model, batch, fp32_pooled, monkeypatch):
-    cpu_attention = importlib.import_module("fastbert.ops.cpu_attention")
+@pytest.mark.parametrize("selection", ["auto", "cpp"])
+def test_autocast_runs_bf16_and_keeps_cosine(fp32_model, batch, fp32_pooled, monkeypatch, selection):
+    """Under CPU autocast the packed batch's attention gets bf16 inputs, on whichever implementation runs it."""
+    attention_module = importlib.import_module("fastbert.ops.attention")
     seen = []
-    kernel = cpu_attention.varlen_attention_cpp
+    resolve = attention_module.implementation
 
-    def spy(q, *args, **kwargs):
-        seen.append(q.dtype)
-        return kernel(q, *args, **kwargs)
+    def spy(op, x, **kwargs):
+        if op == "varlen_attention":
+            seen.append(x.dtype)
+        return resolve(op, x, **kwargs)
 
-    monkeypatch.setattr(cpu_attention, "varlen_attention_cpp", spy)
-    fastbert.backend.REGISTRY.clear_cache()  # re-import the (spied) target
-    from fastbert.ops import _dispatch
-
-    monkeypatch.setattr(_dispatch, "_loaded", _dispatch._Loaded())
-    with torch.autocast("cpu", torch.bfloat16):
+    monkeypatch.setattr(attention_module, "implementation", spy)
+    with fastbert.use_backend(selection), torch.autocast("cpu", torch.bfloat16):
         pooled = mean_pooled(fp32_model, batch)
     assert seen and set(seen) == {torch.bfloat16}, f"attention ran on {set(seen)}"
     assert (pooled - fp32_pooled).abs().max().item() > 0, "autocast must not silently run fp32"

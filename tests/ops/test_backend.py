@@ -86,6 +86,8 @@ EXPECTED_CAPABILITIES = {
 SIZE_LIMITS = {("triton", "add_layer_norm"): 4096, ("cuda", "add_layer_norm"): 8192,
                ("triton", "attention"): 128, ("triton", "varlen_attention"): 128}
 AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
+# Registered but never chosen by "auto" (measured slower than torch there; docs/perf-notes.md).
+AUTO_NEVER = {("cpp", "varlen_attention", "cpu")}
 
 
 def _can_run(name, op, device, dtype, size):
@@ -100,7 +102,8 @@ def _expected(requested, op, device, dtype, size):
         return "torch"
     if requested != "auto" and op in EXPECTED_CAPABILITIES[requested][0]:
         return requested if _can_run(requested, op, device, dtype, size) else BackendUnavailableError
-    return next((name for name in AUTO_ORDER[device] if _can_run(name, op, device, dtype, size)), "torch")
+    choices = [name for name in AUTO_ORDER[device] if (name, op, device) not in AUTO_NEVER]
+    return next((name for name in choices if _can_run(name, op, device, dtype, size)), "torch")
 
 
 def _signature(op, device, dtype, size):
