@@ -35,6 +35,7 @@ from fastbert.models.arguments import (
     hidden_state_selection,
     selected_hidden_states,
 )
+from fastbert.models.encoder import TokenLayout
 from fastbert.models.loading import StrictLoading
 from fastbert.models.native import _register_output_capture, key_padding_mask, warn_plain_path, with_signature
 from fastbert.models.support import gelu_approximation
@@ -42,7 +43,6 @@ from fastbert.models.validation import should_validate, validate_inputs
 from fastbert.ops.attention import varlen_attention
 from fastbert.ops.geglu import geglu
 from fastbert.ops.linear import linear as linear_op
-from fastbert.ops.padding import gather_rows, packing_from_mask, pad_input
 from fastbert.ops.rotary import RotaryTables, rotary
 from fastbert.ops.window_attention import window_attention
 
@@ -56,43 +56,25 @@ PATCH_MARK = "_fastbert_patched"
 
 
 @dataclass
-class PackedTokens:
-    """The real tokens of a (batch, seq) batch, packed: (tokens, ...), sequences described by cu_seqlens."""
+class PackedTokens(TokenLayout):
+    """encoder.TokenLayout (pack, unpack, first_tokens), plus what ModernBERT's layers read: cu_seqlens even
+    without padding (the attention ops take packed tokens) and each token's rotary position."""
 
-    batch: int
-    seqlen: int
-    indices: torch.Tensor | None  # (tokens,) rows of batch*seq that are real; None = no padding
-    cu_seqlens: torch.Tensor  # (batch+1,) int32
-    max_seqlen: int
-    positions: torch.Tensor  # (tokens,) int64 rotary position of each token
+    positions: torch.Tensor | None = None  # (tokens,) int64 rotary position of each token
     position_limit: int = 0  # the largest position + 1 when position_ids were given
     rotations: dict = field(default_factory=dict)  # inv_freq id -> (cos, sin) rows of the tokens, per forward
 
     @classmethod
     def build(cls, keep: torch.Tensor | None, position_ids: torch.Tensor | None, batch: int, seqlen: int, device):
-        indices, max_seqlen = None, seqlen
-        cu_seqlens = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
-        if keep is not None:
-            found, found_cu, found_max, total = packing_from_mask(keep)
-            if total != batch * seqlen:
-                indices, cu_seqlens, max_seqlen = found, found_cu, found_max
-        layout = cls(batch, seqlen, indices, cu_seqlens, max_seqlen, positions=None)
+        layout = cls.from_mask(keep, batch, seqlen)
+        if layout.cu_seqlens is None:
+            layout.cu_seqlens = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
         # transformers' default positions are the column index, padding included (left padding shifts them).
         columns = torch.arange(seqlen, device=device) if position_ids is None else position_ids
         layout.positions = layout.pack(columns.expand(batch, seqlen))
         if position_ids is not None and layout.positions.numel():
             layout.position_limit = int(layout.positions.max()) + 1
         return layout
-
-    def pack(self, padded: torch.Tensor) -> torch.Tensor:
-        if self.indices is None:
-            return padded.reshape(self.batch * self.seqlen, *padded.shape[2:])
-        return gather_rows(padded, self.indices)
-
-    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        if self.indices is None:
-            return packed.view(self.batch, self.seqlen, *packed.shape[1:])
-        return pad_input(packed, self.indices, self.batch, self.seqlen)
 
     def rotation(self, inv_freq: torch.Tensor, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) (tokens, head_dim // 2) of every token's position, looked up once per forward."""
@@ -101,14 +83,6 @@ class PackedTokens:
             length = max(max_positions, self.seqlen, self.position_limit)
             self.rotations[key] = _TABLES.lookup(inv_freq, self.positions, length)
         return self.rotations[key]
-
-    def first_tokens(self, packed: torch.Tensor) -> torch.Tensor:
-        """(batch, hidden): each sequence's first real token; zeros for empty sequences."""
-        if packed.shape[0] == 0:
-            return packed.new_zeros(self.batch, packed.shape[-1])
-        starts = self.cu_seqlens[:-1].long().clamp(max=packed.shape[0] - 1)
-        nonempty = (self.cu_seqlens[1:] > self.cu_seqlens[:-1])[:, None]
-        return torch.where(nonempty, packed.index_select(0, starts), torch.zeros((), dtype=packed.dtype))
 
 
 # ---- one layer -----------------------------------------------------------------------------------------
