@@ -1,6 +1,9 @@
 """Shared test helpers: the tolerance rule, small model configs, random batches."""
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import transformers
 
@@ -90,3 +93,17 @@ def multiple_choice_batch(config):
     """2 questions x 3 choices x 10 tokens with mixed padding, and the labels: (batch, labels)."""
     batch = random_batch(config, 6, 10, lengths=[10, 4, 7, 10, 2, 9])
     return {k: v.view(2, 3, 10) for k, v in batch.items()}, torch.tensor([0, 2])
+
+
+def run_every_batch_in_threads(infer, batches: list, threads: int) -> list[dict]:
+    """Each of `threads` threads runs infer on every batch, all released at once and each starting at a
+    different batch, so the threads overlap; one {batch index: result} per thread."""
+    start = threading.Barrier(threads)
+
+    def work(offset):
+        start.wait()
+        order = [(offset + i) % len(batches) for i in range(len(batches))]
+        return {i: infer(batches[i]) for i in order}
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(work, range(threads)))

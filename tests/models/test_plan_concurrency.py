@@ -3,14 +3,13 @@ fast path from another (training or inference is decided per forward, per thread
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 import fastbert
 from fastbert import backend
 from fastbert.models import plan
-from tests.helpers import random_batch, small_config
+from tests.helpers import random_batch, run_every_batch_in_threads, small_config
 
 THREADS = 4
 
@@ -46,15 +45,7 @@ def test_four_threads_with_different_shapes_match_serial(monkeypatch):
     serial = [_infer(model, batch) for batch in batches]
     plan.forget_plans(model)  # the threads race to build the plan
     runs = _spy_runs(monkeypatch)
-    start = threading.Barrier(THREADS)
-
-    def work(offset):
-        start.wait()
-        order = [(offset + i) % len(batches) for i in range(len(batches))]
-        return {i: _infer(model, batches[i]) for i in order}
-
-    with ThreadPoolExecutor(THREADS) as pool:
-        results = list(pool.map(work, range(THREADS)))
+    results = run_every_batch_in_threads(lambda batch: _infer(model, batch), batches, THREADS)
     for per_thread in results:
         for i, hidden in per_thread.items():
             assert torch.equal(hidden, serial[i]), f"batch {i}"

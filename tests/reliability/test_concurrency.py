@@ -7,15 +7,12 @@ complete one; the worst case is that two threads both build it.
 """
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import torch
 
 import fastbert
 from fastbert.models.encoder import clear_fused_qkv_cache
-from tests.helpers import random_batch, small_config
+from tests.helpers import random_batch, run_every_batch_in_threads, small_config
 
 THREADS = 4
 
@@ -45,16 +42,7 @@ def test_threads_match_serial(cpu_backend, cold_cache):
     serial = [_infer(model, batch) for batch in batches]
     if cold_cache:  # every thread races to build the fused QKV weights
         clear_fused_qkv_cache(model)
-    start = threading.Barrier(THREADS)
-
-    def work(offset):
-        start.wait()
-        # Each thread runs every batch, starting at a different one, so the threads overlap.
-        order = [(offset + i) % len(batches) for i in range(len(batches))]
-        return {i: _infer(model, batches[i]) for i in order}
-
-    with ThreadPoolExecutor(THREADS) as pool:
-        results = list(pool.map(work, range(THREADS)))
+    results = run_every_batch_in_threads(lambda batch: _infer(model, batch), batches, THREADS)
     for per_thread in results:
         for i, (hidden, pooled) in per_thread.items():
             assert torch.equal(hidden, serial[i][0]), f"batch {i}"
