@@ -40,7 +40,7 @@ REGISTRY.register(Implementation(
 ))
 REGISTRY.register(Implementation(
     op="linear", backend="onednn", target="fastbert.ops.onednn_linear:linear_onednn",
-    devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
+    devices=frozenset({"cpu"}), dtypes=onednn_linear.DTYPES,
     probe=onednn_linear.problem, supports=_refuse_autograd,
 ))
 
