@@ -63,13 +63,19 @@ class Int8Linear(nn.Module):
         return self._packed[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_activation(x, None)
+
+    def forward_with_activation(self, x: torch.Tensor, activation: str | None) -> torch.Tensor:
+        """activation(self(x)), activation None, "gelu" or "gelu_tanh": the GELU runs in the dequantizing
+        epilogue, one pass instead of two (fastbert.models.encoder calls this for the FFN's first GEMM)."""
         if self.training:
             raise RuntimeError("an int8-quantized model is inference-only: call model.eval() (training would "
                                "need gradients through rounding; fine-tune the unquantized model instead)")
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("an int8-quantized model has no backward: run it under torch.no_grad() or "
                                "torch.inference_mode() (autograd is recording this call)")
-        return ops.int8_linear(x, self.weight_int8, self.weight_scale, self.bias, packed_weight=self.packed_weight())
+        return ops.int8_linear(x, self.weight_int8, self.weight_scale, self.bias, activation,
+                               packed_weight=self.packed_weight())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

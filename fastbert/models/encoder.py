@@ -162,8 +162,15 @@ def ffn_in_activation(dense: nn.Module, activation: nn.Module, x: torch.Tensor) 
         return activation(dense(x))
     if type(dense) is nn.Linear and fuses_epilogue(x, dense.weight, dense.bias):  # GELU as the GEMM's epilogue
         return linear_op(x, dense.weight, dense.bias, activation=GELU_ACTIVATION[approximate])
+    if hasattr(dense, "forward_with_activation") and not _called_with_hooks(dense):  # fastbert.Int8Linear
+        return dense.forward_with_activation(x, GELU_ACTIVATION[approximate])
     y, y_bias = linear_for_fusion(dense, x, "bias_gelu")
     return bias_gelu(y, y_bias, approximate)
+
+
+def _called_with_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` would run forward hooks (its own or global): then it is called as a module."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or plan.global_hooks())
 
 
 def dense_add_layer_norm(dense: nn.Module, dropout, norm: nn.LayerNorm, x, residual) -> torch.Tensor:

@@ -377,7 +377,7 @@ class Plan:
             and not any(map(_TRAINING, self.modules))
             and not any(map(len, self.hook_tables))
             and not any(map(operator.contains, self.instance_dicts, itertools.repeat("forward")))
-            and not _global_hooks()
+            and not global_hooks()
         )
 
     def embed(self, inputs: dict, layout) -> torch.Tensor:
@@ -418,7 +418,7 @@ class Plan:
         return hidden
 
 
-def _global_hooks() -> bool:
+def global_hooks() -> bool:
     """Whether any global module hook is registered (torch.nn.modules.module's registries; private names,
     fenced by tests/models/test_plan.py: if they move, every forward takes the general path)."""
     module = torch.nn.modules.module

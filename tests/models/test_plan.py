@@ -221,11 +221,11 @@ def test_hooks_and_forward_overrides_take_the_general_forward(plan_runs):
 
 def test_global_hook_registries_exist():
     """The plan reads torch's private global hook tables; if they move, this fails (and the plan then
-    never runs, since _global_hooks() reports an unknown table as a hook)."""
+    never runs, since global_hooks() reports an unknown table as a hook)."""
     module = torch.nn.modules.module
     for name in plan._GLOBAL_HOOK_TABLES:
         assert isinstance(getattr(module, name, None), dict), name
-    assert not plan._global_hooks()
+    assert not plan.global_hooks()
 
 
 def test_training_mode_and_grad_mode_take_the_general_forward(plan_runs):

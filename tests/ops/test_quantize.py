@@ -150,3 +150,33 @@ def test_query_key_value_quantize_their_shared_input_once(monkeypatch):
     with torch.no_grad():
         model.encoder.layer[0].attention.self.query(torch.randn(3, 64))  # outside a layer: no sharing, no leak
     assert int8_linear._shared.last is None and int8_linear._shared.depth == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ffn_gelu_runs_in_the_dequantizing_epilogue(monkeypatch, dtype):
+    """The FFN's first int8 GEMM applies the GELU itself (one pass, not dequantize then bias_gelu), with the
+    same result as the module followed by the GELU; a forward hook on it sends it back to the module call."""
+    model, data = tiny_model(), batches(2)
+    model = model.to(dtype)
+    quantize(model, calibration=data, min_cosine_mean=0.0, min_cosine=0.0)
+    ffn_in = model.encoder.layer[0].intermediate.dense
+    assert isinstance(ffn_in, Int8Linear)
+    fused = []
+    original = Int8Linear.forward_with_activation
+    monkeypatch.setattr(Int8Linear, "forward_with_activation",
+                        lambda self, x, activation: fused.append(activation) or original(self, x, activation))
+    fast = outputs(model, data)
+    layers = len(model.encoder.layer)
+    assert fused.count("gelu") == len(data) * layers
+    x = torch.randn(5, 64).to(dtype)
+    with torch.no_grad():
+        expected = torch.nn.functional.gelu(ffn_in(x).double())
+        got = ffn_in.forward_with_activation(x, "gelu").double()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the unfused path rounds before the GELU
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+    fused.clear()
+    calls = []
+    ffn_in.register_forward_hook(lambda *args: calls.append(1))
+    hooked = outputs(model, data)
+    assert len(calls) == len(data) and fused.count("gelu") == len(data) * (layers - 1)  # layer 0: the module, hooked
+    torch.testing.assert_close(hooked.double(), fast.double(), rtol=0, atol=3e-2 if dtype == torch.bfloat16 else 1e-5)
