@@ -8,9 +8,9 @@ process builds its runtime, warms up, then times --repeats forwards of the same 
 gives each runtime's median over rounds of its per-round median, and the ratio of those medians.
 
 Input: --batch rows of real text (generated sentences, tokenized) with attention_mask, made by
-fastbert.bench.reduced_precision.make_inputs with a fixed seed: the first row is --seq tokens, the
-others are drawn uniformly in [(1 - 2 F) seq, seq] for --padding F, so about F of batch x seq are
-padding (the JSON records the fraction the batch actually has). Accuracy: per row, the cosine between
+fastbert.bench.reduced_precision.make_inputs with a fixed seed: the row lengths are spread evenly
+from --seq down to (1 - 2 F) seq for --padding F, in shuffled order, so F of batch x seq are
+padding (to rounding) (the JSON records the fraction the batch actually has). Accuracy: per row, the cosine between
 the mean over real tokens of each runtime's last_hidden_state and HF fp32's (the hf-sdpa child, run
 once more if it is not timed); the JSON records the minimum and the mean over rows.
 
