@@ -95,13 +95,17 @@ class Resolver:
         """x -> activation(x @ weight.T + bias)."""
         name = self.name("linear")
         if name == "onednn":
-            from fastbert.ops import onednn_linear
+            from fastbert.ops import onednn_linear, onednn_row_blocks
 
             attribute, algorithm = onednn_linear.POST_OPS[activation]
             if bias is not None and bias.dtype != torch.float32:
                 bias = bias.float()  # oneDNN adds an fp32 bias to its fp32 accumulator (as linear_onednn)
+            packed = onednn_linear.packed_weight(weight)
+            if weight.dtype == torch.bfloat16:  # row blocks where oneDNN's bf16 GEMM would idle a thread
+                return functools.partial(onednn_row_blocks.bf16_linear, weight=packed, bias=bias,
+                                         attribute=attribute, algorithm=algorithm)
             return functools.partial(
-                torch.ops.mkldnn._linear_pointwise.default, W=onednn_linear.packed_weight(weight), B=bias,
+                torch.ops.mkldnn._linear_pointwise.default, W=packed, B=bias,
                 attr=attribute, scalars=[], algorithm=algorithm,
             )
         if name == "torch" and activation is None:

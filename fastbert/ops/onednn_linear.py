@@ -156,4 +156,8 @@ def linear_onednn(
     attribute, algorithm = POST_OPS[activation]
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()  # oneDNN adds an fp32 bias to its fp32 accumulator for either input dtype
+    if dtype == torch.bfloat16:  # on row blocks where oneDNN's bf16 GEMM would idle a thread
+        from fastbert.ops.onednn_row_blocks import bf16_linear
+
+        return bf16_linear(x.to(dtype), packed_weight(weight, dtype), bias, attribute, algorithm)
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed_weight(weight, dtype), bias, attribute, [], algorithm)

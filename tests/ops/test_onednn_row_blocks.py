@@ -1,0 +1,84 @@
+"""The bf16 packed GEMM on row blocks (fastbert/ops/onednn_row_blocks.py): the same result as the whole GEMM,
+measured once per shape, only from 512 rows on and with more than one thread."""
+import math
+
+import pytest
+import torch
+
+from fastbert.ops import onednn_linear, onednn_row_blocks
+
+pytestmark = pytest.mark.skipif(onednn_linear.mkldnn_problem() is not None, reason=str(onednn_linear.mkldnn_problem()))
+
+
+@pytest.fixture(autouse=True)
+def fresh_measurements():
+    onednn_row_blocks.forget_measurements()
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    onednn_row_blocks.forget_measurements()
+
+
+def problem(rows, fan_in=64, fan_out=48):
+    x = torch.randn(rows, fan_in).bfloat16()
+    weight = (torch.randn(fan_out, fan_in) / math.sqrt(fan_in)).bfloat16()
+    return x, weight, torch.randn(fan_out)
+
+
+@pytest.mark.parametrize("attribute,algorithm", [("none", ""), ("gelu", "none"), ("gelu", "tanh")])
+@pytest.mark.parametrize("in_blocks", [False, True])
+def test_blocks_give_the_whole_gemms_result(attribute, algorithm, in_blocks):
+    torch.set_num_threads(2)
+    x, weight, bias = problem(700)
+    packed = onednn_linear.packed_weight(weight)
+    with torch.no_grad():
+        whole = torch.ops.mkldnn._linear_pointwise(x, packed, bias, attribute, [], algorithm)
+        onednn_row_blocks._faster_in_blocks[(1024, 64, 48, 2)] = in_blocks  # decide instead of measuring
+        got = onednn_row_blocks.bf16_linear(x, packed, bias, attribute, algorithm)
+    assert torch.equal(got, whole)  # each row depends on that row alone, summed in the same order
+    reference = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    if attribute == "gelu":
+        reference = torch.nn.functional.gelu(reference, approximate=algorithm)
+    assert (got.double() - reference).abs().max() < 5e-2  # bf16 output rounding
+
+
+def test_first_call_of_a_shape_measures_and_remembers():
+    torch.set_num_threads(2)
+    x, weight, bias = problem(600)
+    packed = onednn_linear.packed_weight(weight)
+    with torch.no_grad():
+        first = onednn_row_blocks.bf16_linear(x, packed, bias)
+        assert set(onednn_row_blocks.measured_shapes()) == {(1024, 64, 48, 2)}
+        assert torch.equal(onednn_row_blocks.bf16_linear(x, packed, bias), first)
+
+
+def test_small_batches_and_one_thread_are_not_measured():
+    x, weight, bias = problem(onednn_row_blocks.MIN_ROWS - 1)
+    packed = onednn_linear.packed_weight(weight)
+    with torch.no_grad():
+        torch.set_num_threads(2)
+        onednn_row_blocks.bf16_linear(x, packed, bias)
+        torch.set_num_threads(1)
+        onednn_row_blocks.bf16_linear(torch.cat([x, x]), packed, bias)
+    assert onednn_row_blocks.measured_shapes() == {}
+
+
+def test_linear_onednn_and_bf16_plans_use_it(monkeypatch):
+    calls = []
+    original = onednn_row_blocks.bf16_linear
+    monkeypatch.setattr(onednn_row_blocks, "bf16_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x, weight, bias = problem(8)
+    with torch.no_grad():
+        onednn_linear.linear_onednn(x, weight, bias.bfloat16())
+        onednn_linear.linear_onednn(x.float(), weight.float(), bias)  # fp32: oneDNN's own threading is fine
+    assert len(calls) == 1
+    import transformers
+
+    import fastbert
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64)
+    model = fastbert.BertModel(config).to(torch.bfloat16).eval()
+    with torch.inference_mode():
+        model(input_ids=torch.randint(0, 64, (2, 5)))
+    assert len(calls) == 1 + 2 * 4  # the plan's four GEMMs per layer
