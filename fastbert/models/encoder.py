@@ -336,6 +336,7 @@ class EncoderResult:
     last_hidden_state: torch.Tensor  # (batch, seq, hidden), zeros at padding (but see encode)
     first_tokens: torch.Tensor  # (batch, hidden): each sequence's first real token, for the pooler
     hidden_states: tuple[torch.Tensor, ...] | None  # input of the first layer + each layer, padded, if asked
+    pooled: torch.Tensor | None = None  # the pooler's output when the inference plan computed it
 
 
 def encode(model: nn.Module, family: Family, inputs: dict, keep: torch.Tensor | None, options: dict,
@@ -356,13 +357,15 @@ def encode(model: nn.Module, family: Family, inputs: dict, keep: torch.Tensor | 
     # (torch.compile traces the general forward: a plan is Python state bound outside any graph)
     inference = not layout.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
     resolved = plan.plan_for(model, family, views, (family.layer, fast_layer_class(family))) if inference else None
-    if resolved is not None and resolved.takes(inputs, layout):
+    planned = resolved is not None and resolved.takes(inputs, layout)
+    if planned:
         hidden = resolved.run(inputs, layout, all_hidden)
     else:
         hidden = _general_forward(model, family, inputs, layout, all_hidden)
     first_tokens = layout.first_tokens(hidden)
+    pooled = resolved.pool(first_tokens) if planned else None
     fill = options.get("first_token_at_column_0") and not layout.dense and layout.seqlen > 0
     last = all_hidden[-1] if all_hidden and not fill else layout.unpack(hidden)
     if fill:
         last[:, 0] = first_tokens
-    return EncoderResult(last, first_tokens, tuple(all_hidden) if all_hidden else None)
+    return EncoderResult(last, first_tokens, tuple(all_hidden) if all_hidden else None, pooled)

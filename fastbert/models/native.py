@@ -147,7 +147,8 @@ class FastEncoder:
             hidden_states = selected_hidden_states(hidden_states, selection, result.last_hidden_state, config)
         fields = {"last_hidden_state": result.last_hidden_state, "hidden_states": hidden_states}
         if "pooler_output" in family.output_class.__dataclass_fields__:
-            fields["pooler_output"] = family.pool(self, result.first_tokens)
+            pooled = result.pooled  # computed by the inference plan, else the pooler module runs here
+            fields["pooler_output"] = pooled if pooled is not None else family.pool(self, result.first_tokens)
         output = family.output_class(**fields)
         # transformers returns a tuple only for return_dict=False (an explicit None means a ModelOutput)
         return output.to_tuple() if call_value(config, arguments, "return_dict") is False else output

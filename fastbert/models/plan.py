@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from fastbert import backend
-from fastbert.models.families import Family
+from fastbert.models.families import Family, module_pooler
 from fastbert.models.support import TreeStamp, check_modules, embeddings_known, gelu_approximation, remembered_check
 from fastbert.ops import _dispatch
 
@@ -128,6 +128,13 @@ class Resolver:
             return kernels.cpu_inference_kernel(norm.weight, norm.bias, norm.eps, x_bias)
         run, weight, bias, eps = self.implementation("add_layer_norm", width=width), norm.weight, norm.bias, norm.eps
         return lambda y, residual: run(y, residual, weight, bias, eps, x_bias=x_bias)
+
+    def gemm_tanh(self, linear: nn.Linear) -> Callable:
+        """x -> tanh(x @ W.T + b), a BertPooler: the tanh in oneDNN's epilogue, else after the GEMM."""
+        if self.name("linear") == "onednn":
+            return self.gemm(linear.weight, linear.bias, "tanh")
+        gemm = self.gemm(linear.weight, linear.bias)
+        return lambda x: torch.tanh(gemm(x))
 
     def gemm_gelu(self, linear: nn.Linear, approximate: str) -> Callable:
         """x -> GELU(x @ W.T + b): in the GEMM's epilogue on oneDNN, else GEMM then bias_gelu."""
@@ -281,6 +288,26 @@ def _projection(binder: Binder, stamp: TreeStamp, family: Family, model: nn.Modu
     return functools.partial(torch._C._nn.linear, weight=linear.weight, bias=linear.bias)
 
 
+def _pooler_step(binder: Binder, resolver: Resolver, stamp: TreeStamp, family: Family,
+                 model: nn.Module) -> Callable | None:
+    """first tokens (batch, hidden) -> pooler_output for transformers' own Linear-then-Tanh pooler; None for
+    any other (or no) pooler, which native.py then calls as a module, as without a plan."""
+    if family.pool is not module_pooler:
+        return None
+    pooler = stamp.attribute(model, "pooler")
+    if pooler is None or type(pooler) is not family.pooler:
+        return None
+    stamp.typed(pooler)
+    dense, activation = stamp.attribute(pooler, "dense"), stamp.attribute(pooler, "activation")
+    for module in (dense, activation):
+        stamp.typed(module)
+    if type(dense) is not nn.Linear or dense.bias is None or type(activation) is not nn.Tanh:
+        return None
+    binder.linear(dense, "pooler")
+    binder.called.extend([pooler, dense, activation])
+    return resolver.gemm_tanh(dense)
+
+
 def _parameters_device_dtype(binder: Binder) -> tuple[torch.device, torch.dtype]:
     devices = {p.device for p in binder.parameters}
     dtypes = {p.dtype for p in binder.parameters}
@@ -331,6 +358,7 @@ class Plan:
         resolver = Resolver(weight.device, weight.dtype)
         self.embeddings = _embedding_steps(binder, resolver, self.stamp, family, model)
         self.embeddings_module = self.stamp.modules[0]
+        self.pooler = _pooler_step(binder, resolver, self.stamp, family, model)
         steps: dict[nn.Module, LayerSteps] = {}
         for layer in layers:  # ALBERT's shared layers are bound once
             if layer not in steps:
@@ -403,6 +431,10 @@ class Plan:
             words = words + torch.embedding(steps.token_type, layout.pack(token_type_ids.expand(batch, seqlen)))
             hidden = steps.norm(words, positions)
         return hidden if steps.projection is None else steps.projection(hidden)
+
+    def pool(self, first_tokens: torch.Tensor) -> torch.Tensor | None:
+        """The pooler's output for each sequence's first real token, or None: native.py calls the pooler."""
+        return None if self.pooler is None else self.pooler(first_tokens.contiguous())
 
     def run(self, inputs: dict, layout, all_hidden: list | None) -> torch.Tensor:
         """Embeddings and every layer on the real tokens: (tokens, hidden)."""

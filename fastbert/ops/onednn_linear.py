@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 # activation name -> (oneDNN post-op attribute, its algorithm)
-POST_OPS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+# ("tanh": the plan's BertPooler; the linear op itself takes None and the two GELUs)
+POST_OPS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "tanh": ("tanh", "")}
 _REQUIRED_OPS = ("_reorder_linear_weight", "_linear_pointwise")
 # the dtypes the packed GEMM runs (as the input's dtype, or as the CPU autocast dtype)
 DTYPES = frozenset({torch.float32, torch.bfloat16})
