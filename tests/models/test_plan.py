@@ -2,7 +2,8 @@
 
 Each test compares the plan's output with the general forward's (plans off: every op resolved per
 call) on the same model and inputs; in fp32 on CPU both run the same kernels, so they must agree
-bitwise (the pooler: to 1e-6, the plan runs it as a packed GEMM with the tanh in its epilogue). "Ran the plan" is observed by counting Plan.run calls.
+bitwise (the pooler: to 1e-6, the plan runs it as a packed GEMM with the tanh in its epilogue).
+"Ran the plan" is observed by counting Plan.run calls.
 """
 from __future__ import annotations
 
