@@ -59,6 +59,23 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features that decide which kernels are fast (AMX: bf16/int8 GEMMs; AVX-512 BF16/VNNI: bf16/int8
+# dot products); results taken on different CPUs are not comparable (docs/perf-notes.md).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_fp16")
+
+
+def cpu_features() -> list[str]:
+    """Which of CPU_FEATURES /proc/cpuinfo lists (Linux); an empty list where it cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [name for name in CPU_FEATURES if name in flags]
+    except OSError:
+        pass
+    return []
+
+
 def device_info(device: torch.device) -> dict:
     """Name and properties of `device` (CUDA: name, capability, memory, driver; CPU: threads)."""
     if device.type == "cuda":
@@ -76,6 +93,7 @@ def device_info(device: torch.device) -> dict:
         "name": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "features": cpu_features(),
     }
 
 

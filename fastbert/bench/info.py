@@ -25,7 +25,9 @@ def _device_lines() -> list[str]:
     else:
         lines.append("  cuda: none (torch.cuda.is_available() is False)")
     cpu = environment.device_info(torch.device("cpu"))
-    lines.append(f"  cpu: {cpu['name']}, {cpu['cpu_count']} cores, torch threads {cpu['torch_threads']}")
+    features = " ".join(cpu["features"]) or "unknown"
+    lines.append(f"  cpu: {cpu['name']}, {cpu['cpu_count']} cores, torch threads {cpu['torch_threads']}, "
+                 f"features: {features}")
     return lines
 
 

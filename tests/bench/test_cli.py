@@ -42,6 +42,23 @@ def test_info_prints_backends(capsys, monkeypatch):
     assert "quick check" in out and "max abs diff" in out
 
 
+def test_info_and_results_name_the_cpu_features(capsys, monkeypatch, tmp_path):
+    """Kernel rankings differ between CPUs (AMX or not), so `info` and every result say which features ran."""
+    from fastbert.bench import environment
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Some CPU\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    real_path = environment.Path
+    monkeypatch.setattr(environment, "Path", lambda name: cpuinfo if name == "/proc/cpuinfo" else real_path(name))
+    assert environment.cpu_features() == ["avx2", "avx512f", "amx_bf16"]
+    assert environment.device_info(torch.device("cpu"))["features"] == ["avx2", "avx512f", "amx_bf16"]
+    monkeypatch.setattr("fastbert.bench.info.QUICK_CONFIG", TINY)
+    assert main(["info", "--no-compare"]) == 0
+    assert "features: avx2 avx512f amx_bf16" in capsys.readouterr().out
+    cpuinfo.unlink()
+    assert environment.cpu_features() == []
+
+
 def test_python_dash_m_runs_info(tmp_path):
     import subprocess
     import sys
