@@ -306,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _environment() -> dict:
+    """The CPU (with its AMX / AVX-512 BF16 features) and the versions the figures came from."""
+    import torch
+
+    from fastbert.bench import environment
+
+    return {"cpu": environment.device_info(torch.device("cpu")), "versions": environment.versions(),
+            "load_average": os.getloadavg()}
+
+
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -322,7 +332,8 @@ def main(argv=None) -> None:
     if args.json:
         config = {key: value for key, value in vars(args).items() if key not in ("child", "int8_folder")}
         with open(args.json, "w") as handle:
-            json.dump({"config": config, "padding_fraction": padding, "results": summary}, handle, indent=1)
+            json.dump({"config": config, "padding_fraction": padding, "results": summary,
+                       "environment": _environment()}, handle, indent=1)
 
 
 if __name__ == "__main__":

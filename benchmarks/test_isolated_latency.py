@@ -53,6 +53,7 @@ def test_fp32_runtimes_match_hf_on_real_tokens(tiny_model, tmp_path):
     assert list(record["results"]) == ["hf-sdpa", "fastbert-fp32"]
     assert (record["config"]["batch"], record["config"]["seq"], record["config"]["padding"]) == (BATCH, SEQ, PADDING)
     assert record["config"]["model"] == str(tiny_model)
+    assert "features" in record["environment"]["cpu"] and record["environment"]["versions"]["torch"]
     assert 0.1 < record["padding_fraction"] < 0.6  # rows really are padded
     for name, result in record["results"].items():
         assert len(result["round_medians_ms"]) == 1 and result["median_ms"] > 0, name
