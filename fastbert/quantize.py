@@ -193,6 +193,10 @@ def _close_scope(module, args, output):
     ops.exit_shared_scope()
 
 
+# The hooks quantize adds to encoder layers; an inference plan may skip them (it quantizes the QKV input once).
+SCOPE_HOOKS = (_open_scope, _close_scope)
+
+
 def _share_input_quantization(model: nn.Module, names: list[str]) -> None:
     """Per encoder layer with int8 Linears: its forward runs inside ops.shared_input_quantization (the
     query/key/value projections quantize their shared input once). always_call: closed on errors too."""

@@ -40,6 +40,7 @@ from fastbert import backend
 from fastbert.models.families import Family, module_pooler
 from fastbert.models.support import TreeStamp, check_modules, embeddings_known, gelu_approximation, remembered_check
 from fastbert.ops import _dispatch
+from fastbert.quantize import SCOPE_HOOKS, Int8Linear
 
 _VERSION = operator.attrgetter("_version")
 _DATA_PTR = torch.Tensor.data_ptr
@@ -113,9 +114,11 @@ class Resolver:
         run = self.implementation("linear")
         return lambda x: run(x, weight, bias, activation)
 
-    def gemm_then_norm(self, linear: nn.Linear, norm: nn.LayerNorm) -> tuple[Callable, Callable]:
+    def gemm_then_norm(self, linear: nn.Module, norm: nn.LayerNorm) -> tuple[Callable, Callable]:
         """(x -> y, (y, residual) -> LayerNorm(y + residual)): the bias in the GEMM when its library
-        adds it itself (oneDNN) or when the norm is the torch reference, else in the fused norm."""
+        adds it itself (oneDNN, int8) or when the norm is the torch reference, else in the fused norm."""
+        if _is_int8(linear):
+            return int8_gemm(linear.weight_int8, linear.weight_scale, linear.bias), self.norm(norm)
         split = self.name("linear") != "onednn" and self.name("add_layer_norm", width=norm.weight.shape[0]) != "torch"
         gemm = self.gemm(linear.weight, None if split else linear.bias)
         return gemm, self.norm(norm, linear.bias if split else None)
@@ -136,10 +139,12 @@ class Resolver:
         gemm = self.gemm(linear.weight, linear.bias)
         return lambda x: torch.tanh(gemm(x))
 
-    def gemm_gelu(self, linear: nn.Linear, approximate: str) -> Callable:
-        """x -> GELU(x @ W.T + b): in the GEMM's epilogue on oneDNN, else GEMM then bias_gelu."""
+    def gemm_gelu(self, linear: nn.Module, approximate: str) -> Callable:
+        """x -> GELU(x @ W.T + b): in the GEMM's epilogue on oneDNN and int8, else GEMM then bias_gelu."""
         from fastbert.ops.linear import GELU_ACTIVATION
 
+        if _is_int8(linear):
+            return int8_gemm(linear.weight_int8, linear.weight_scale, linear.bias, GELU_ACTIVATION[approximate])
         if self.name("linear") == "onednn":
             return self.gemm(linear.weight, linear.bias, GELU_ACTIVATION[approximate])
         split = self.name("bias_gelu") != "torch"
@@ -158,6 +163,35 @@ class Resolver:
 def fused_qkv(query: nn.Linear, key: nn.Linear, value: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         return torch.cat([query.weight, key.weight, value.weight]), torch.cat([query.bias, key.bias, value.bias])
+
+
+def _is_int8(module: nn.Module) -> bool:
+    return type(module) is Int8Linear
+
+
+def int8_gemm(weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor,
+              activation: str | None = None) -> Callable:
+    """x -> activation(x @ W.T + b) on an int8 weight (fastbert.quantize), prepacked here once."""
+    from fastbert.ops import int8_linear
+
+    packed = int8_linear.prepack(weight_int8) if int8_linear.problem() is None else None
+    return functools.partial(int8_linear.int8_linear, weight_int8=weight_int8, weight_scale=weight_scale,
+                             bias=bias, activation=activation, packed_weight=packed)
+
+
+def _qkv_gemm(resolver: Resolver, query: nn.Module, key: nn.Module, value: nn.Module) -> tuple[Callable, int]:
+    """(x -> the fused query/key/value projection, its output features). Three int8 Linears become one int8
+    GEMM: they quantize the same input with the same per-token scales, so the concatenated weight gives the
+    same columns as the three GEMMs (and one quantization instead of three)."""
+    modules = (query, key, value)
+    if all(map(_is_int8, modules)):
+        weight = torch.cat([m.weight_int8 for m in modules])
+        scale, bias = torch.cat([m.weight_scale for m in modules]), torch.cat([m.bias for m in modules])
+        return int8_gemm(weight, scale, bias), weight.shape[0]
+    if any(map(_is_int8, modules)):
+        raise Unplannable("query/key/value mix int8 and float Linears")
+    weight, bias = fused_qkv(query, key, value)
+    return resolver.gemm(weight, bias), weight.shape[0]
 
 
 # ---- attention on the fused QKV output ----------------------------------------------------------------
@@ -194,21 +228,30 @@ class Binder:
         self.tables: list[dict] = []  # _parameters / _buffers dicts the parameters sit in
         self.names: list[str] = []
         self.parameters: list[torch.Tensor] = []
+        self.floats: list[torch.Tensor] = []  # the float parameters: one device and dtype for the whole plan
         self.modules: list[nn.Module] = []  # modules whose mode the general forward reads (dropouts)
         self.called: list[nn.Module] = []  # modules the general forward calls as modules (hooks, forward)
 
-    def parameter(self, module: nn.Module, name: str) -> torch.Tensor:
-        found = module._parameters.get(name)
+    def parameter(self, module: nn.Module, name: str, table: str = "_parameters") -> torch.Tensor:
+        found = getattr(module, table).get(name)
         if found is None:
-            raise Unplannable(f"{type(module).__name__}.{name} is not a parameter")
+            raise Unplannable(f"{type(module).__name__}.{name} is not in its {table}")
         if found.is_inference():  # no version counter: in-place changes could not be seen
             raise Unplannable(f"{type(module).__name__}.{name} is an inference tensor")
-        self.tables.append(module._parameters)
+        self.tables.append(getattr(module, table))
         self.names.append(name)
         self.parameters.append(found)
+        if table == "_parameters":
+            self.floats.append(found)
         return found
 
-    def linear(self, module: nn.Module, what: str) -> nn.Linear:
+    def linear(self, module: nn.Module, what: str) -> nn.Module:
+        """An nn.Linear with a bias, or a fastbert.Int8Linear with one (its int8 weight, scales and bias buffers)."""
+        if _is_int8(module) and module.bias is not None:
+            for name in ("weight_int8", "weight_scale", "bias"):
+                self.parameter(module, name, "_buffers")
+            self.called.append(module)  # the general forward calls it as a module: its hooks send calls there
+            return module
         if type(module) is not nn.Linear or module.bias is None:
             raise Unplannable(f"the {what} is a {type(module).__name__}, not an nn.Linear with a bias")
         self.parameter(module, "weight")
@@ -234,13 +277,13 @@ def _layer_steps(binder: Binder, resolver: Resolver, pieces: dict, heads_attribu
         raise Unplannable(f"the activation {type(pieces['activation']).__name__} is not a GELU")
     owner = pieces["attention"]
     heads, head_dim = getattr(owner, heads_attribute), owner.attention_head_size
-    weight, bias = fused_qkv(pieces["query"], pieces["key"], pieces["value"])
-    if weight.shape[0] != 3 * heads * head_dim:
-        raise Unplannable(f"query/key/value produce {weight.shape[0] // 3} features, not heads * head_dim")
+    qkv, features = _qkv_gemm(resolver, pieces["query"], pieces["key"], pieces["value"])
+    if features != 3 * heads * head_dim:
+        raise Unplannable(f"query/key/value produce {features // 3} features, not heads * head_dim")
     attention_dense, attention_norm = resolver.gemm_then_norm(pieces["attention_dense"], pieces["attention_norm"])
     ffn_out, ffn_norm = resolver.gemm_then_norm(pieces["ffn_out"], pieces["ffn_norm"])
     return LayerSteps(
-        resolver.gemm(weight, bias), heads, head_dim, float(getattr(owner, "scaling", head_dim**-0.5)),
+        qkv, heads, head_dim, float(getattr(owner, "scaling", head_dim**-0.5)),
         attention_dense, attention_norm, resolver.gemm_gelu(pieces["ffn_in"], approximate), ffn_out, ffn_norm,
     )
 
@@ -310,7 +353,7 @@ def _pooler_step(binder: Binder, resolver: Resolver, stamp: TreeStamp, family: F
 
 def _parameters_device_dtype(binder: Binder) -> tuple[torch.device, torch.dtype]:
     devices = {p.device for p in binder.parameters}
-    dtypes = {p.dtype for p in binder.parameters}
+    dtypes = {p.dtype for p in binder.floats}
     if len(devices) != 1 or len(dtypes) != 1:
         raise Unplannable(f"parameters on {len(devices)} devices in {len(dtypes)} dtypes")
     device, dtype = devices.pop(), dtypes.pop()
@@ -350,11 +393,12 @@ class Plan:
     def _build(self, model: nn.Module, layer_classes: tuple[type, ...]) -> None:
         family, binder = self.family, self.binder
         layers = _layers(family, model, self.views, layer_classes)
-        # Resolve on the dtype and device of the first parameter; _parameters_device_dtype checks all.
-        first = family.pieces.view(layers[0]).pieces["query"] if layers else None
+        # resolved on the device and dtype of the first layer's LayerNorm (a query Linear may be int8);
+        # _parameters_device_dtype checks all float parameters
+        first = family.pieces.view(layers[0]).pieces["attention_norm"] if layers else None
         weight = getattr(first, "weight", None)
         if not isinstance(weight, torch.Tensor):
-            raise Unplannable("no layer with a query weight")
+            raise Unplannable("no layer with a LayerNorm weight")
         resolver = Resolver(weight.device, weight.dtype)
         self.embeddings = _embedding_steps(binder, resolver, self.stamp, family, model)
         self.embeddings_module = self.stamp.modules[0]
@@ -381,6 +425,10 @@ class Plan:
         self.modules = tuple(dict.fromkeys(binder.modules))
         self.hook_tables = tuple(itertools.chain.from_iterable(
             (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks) for m in binder.called))
+        # Hooks: any change rebuilds the plan (`current`); a plan runs only when every hook is one it may skip,
+        # fastbert.quantize's shared-quantization scope (the plan quantizes the QKV input once itself).
+        self.hook_keys = tuple(map(tuple, self.hook_tables))
+        self.only_skippable_hooks = all(hook in SCOPE_HOOKS for table in self.hook_tables for hook in table.values())
         self.instance_dicts = tuple(m.__dict__ for m in binder.called)
         del self.binder
 
@@ -395,6 +443,7 @@ class Plan:
             and all(map(operator.is_, map(dict.get, self.tables, self.names), self.parameters))
             and tuple(map(_VERSION, self.parameters)) == self.versions
             and tuple(map(_DATA_PTR, self.parameters)) == self.addresses
+            and tuple(map(tuple, self.hook_tables)) == self.hook_keys
         )
 
     def takes(self, inputs: dict, layout) -> bool:
@@ -407,7 +456,7 @@ class Plan:
             and layout.seqlen > 0 and (layout.dense or layout.indices.shape[0] > 0)
             and not torch.is_autocast_enabled(self.device.type)
             and not any(map(_TRAINING, self.modules))
-            and not any(map(len, self.hook_tables))
+            and self.only_skippable_hooks
             and not any(map(operator.contains, self.instance_dicts, itertools.repeat("forward")))
             and not global_hooks()
         )

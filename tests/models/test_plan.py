@@ -284,3 +284,31 @@ def test_the_plan_runs_the_pooler_and_hands_a_hooked_one_back(plan_runs):
     changed = infer(model, batch)
     exact = torch.tanh(first @ dense.weight.double().T + dense.bias.double())
     assert len(plan_runs) == 2 and max_error(changed.pooler_output, exact) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_int8_model_runs_its_plan_bitwise_and_hands_back_what_it_cannot_bind(plan_runs, dtype):
+    """fastbert.quantize'd models: the plan fuses the int8 query/key/value into one int8 GEMM (the same per-token
+    scales, so the same columns) and skips quantize's own scope hooks; a user's hook, or query/key/value that mix
+    int8 and float, send the call to the general forward; an in-place change to an int8 weight rebuilds."""
+    from fastbert.quantize import quantize
+
+    model, batch = model_and_batch()
+    model = model.to(dtype)
+    quantize(model, calibration=[batch], min_cosine_mean=0.0, min_cosine=0.0)
+    plan_runs.clear()  # quantize's own calibration forwards ran plans too
+    assert_same_as_general(model, batch)
+    assert len(plan_runs) == 1
+    value = model.encoder.layer[0].attention.self.value
+    handle = value.register_forward_hook(lambda *args: None)
+    assert_same_as_general(model, batch)
+    assert len(plan_runs) == 1  # a user's hook on an int8 Linear: the general forward
+    handle.remove()
+    with torch.no_grad():
+        value.weight_int8.neg_()
+    changed = assert_same_as_general(model, batch)
+    assert len(plan_runs) == 2
+    value.weight_int8.neg_()
+    model.encoder.layer[0].attention.self.key = nn.Linear(*reversed(value.weight_int8.shape)).to(dtype)
+    mixed = assert_same_as_general(model, batch)
+    assert len(plan_runs) == 2 and not torch.equal(mixed.last_hidden_state, changed.last_hidden_state)
