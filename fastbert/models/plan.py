@@ -18,7 +18,9 @@ forward overrides on the modules the general path calls as modules, the backend 
 registry generation (use_backend, set_packing, clear_cache). Anything else is rebuilt from scratch.
 What a plan does not cover (inputs_embeds, empty batches, unknown activations or Linear wrappers,
 inference-tensor parameters, FSDP-wrapped layers, hooks) runs the general forward, which decides per
-call as before.
+call as before. fastbert.quantize's Int8Linear is bound (its buffers checked like parameters; the three
+int8 query/key/value projections fused into one int8 GEMM), and quantize's own per-layer scope hooks are
+the only hooks a plan skips (any change to a hook table rebuilds the plan).
 
 A plan holds no per-call state, so threads share it; two threads that build one at once each build
 their own and the last assignment stays. On CUDA, a plan is what a CUDA graph captures: one forward
