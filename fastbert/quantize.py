@@ -55,11 +55,10 @@ class Int8Linear(nn.Module):
         return module.to(linear.weight.device).eval()
 
     def packed_weight(self) -> torch.Tensor | None:
-        if self.weight_int8.device.type != "cpu" or ops.problem() is not None:
-            return None
+        """The oneDNN-packed weight (cached while weight_int8 is unchanged), or None where the reference runs."""
         stamp = (self.weight_int8.data_ptr(), self.weight_int8._version)
         if self._packed is None or self._packed[:2] != stamp:
-            self._packed = (*stamp, ops.prepack(self.weight_int8))
+            self._packed = (*stamp, ops.packed_or_none(self.weight_int8))
         return self._packed[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -120,7 +120,7 @@ class Resolver:
         """(x -> y, (y, residual) -> LayerNorm(y + residual)): the bias in the GEMM when its library
         adds it itself (oneDNN, int8) or when the norm is the torch reference, else in the fused norm."""
         if _is_int8(linear):
-            return int8_gemm(linear.weight_int8, linear.weight_scale, linear.bias), self.norm(norm)
+            return _int8_module_gemm(linear), self.norm(norm)
         split = self.name("linear") != "onednn" and self.name("add_layer_norm", width=norm.weight.shape[0]) != "torch"
         gemm = self.gemm(linear.weight, None if split else linear.bias)
         return gemm, self.norm(norm, linear.bias if split else None)
@@ -146,7 +146,7 @@ class Resolver:
         from fastbert.ops.linear import GELU_ACTIVATION
 
         if _is_int8(linear):
-            return int8_gemm(linear.weight_int8, linear.weight_scale, linear.bias, GELU_ACTIVATION[approximate])
+            return _int8_module_gemm(linear, GELU_ACTIVATION[approximate])
         if self.name("linear") == "onednn":
             return self.gemm(linear.weight, linear.bias, GELU_ACTIVATION[approximate])
         split = self.name("bias_gelu") != "torch"
@@ -171,14 +171,18 @@ def _is_int8(module: nn.Module) -> bool:
     return type(module) is Int8Linear
 
 
-def int8_gemm(weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor,
-              activation: str | None = None) -> Callable:
-    """x -> activation(x @ W.T + b) on an int8 weight (fastbert.quantize), prepacked here once."""
+def _int8_gemm(weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor,
+               packed_weight: torch.Tensor | None, activation: str | None = None) -> Callable:
+    """x -> activation(x @ W.T + b) on an int8 weight (fastbert.quantize); packed_weight None runs the reference."""
     from fastbert.ops import int8_linear
 
-    packed = int8_linear.prepack(weight_int8) if int8_linear.problem() is None else None
     return functools.partial(int8_linear.int8_linear, weight_int8=weight_int8, weight_scale=weight_scale,
-                             bias=bias, activation=activation, packed_weight=packed)
+                             bias=bias, activation=activation, packed_weight=packed_weight)
+
+
+def _int8_module_gemm(linear: Int8Linear, activation: str | None = None) -> Callable:
+    """An Int8Linear's GEMM, on the packed weight the module caches (no second packed copy)."""
+    return _int8_gemm(linear.weight_int8, linear.weight_scale, linear.bias, linear.packed_weight(), activation)
 
 
 def _qkv_gemm(resolver: Resolver, query: nn.Module, key: nn.Module, value: nn.Module) -> tuple[Callable, int]:
@@ -187,9 +191,11 @@ def _qkv_gemm(resolver: Resolver, query: nn.Module, key: nn.Module, value: nn.Mo
     same columns as the three GEMMs (and one quantization instead of three)."""
     modules = (query, key, value)
     if all(map(_is_int8, modules)):
+        from fastbert.ops.int8_linear import packed_or_none
+
         weight = torch.cat([m.weight_int8 for m in modules])
         scale, bias = torch.cat([m.weight_scale for m in modules]), torch.cat([m.bias for m in modules])
-        return int8_gemm(weight, scale, bias), weight.shape[0]
+        return _int8_gemm(weight, scale, bias, packed_or_none(weight)), weight.shape[0]
     if any(map(_is_int8, modules)):
         raise Unplannable("query/key/value mix int8 and float Linears")
     weight, bias = fused_qkv(query, key, value)

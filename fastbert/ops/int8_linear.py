@@ -99,6 +99,14 @@ def prepack(weight_int8: torch.Tensor) -> torch.Tensor:
     return torch.ops.onednn.qlinear_prepack(weight_int8, None)
 
 
+def packed_or_none(weight_int8: torch.Tensor) -> torch.Tensor | None:
+    """prepack(weight_int8) where the fast path runs it (a CPU weight, problem() None); else None, which
+    makes int8_linear run the reference."""
+    if weight_int8.device.type != "cpu" or problem() is not None:
+        return None
+    return prepack(weight_int8)
+
+
 def _int8_linear_onednn(x, packed_weight, weight_scale, bias, activation):
     from fastbert import extension
 

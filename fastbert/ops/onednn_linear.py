@@ -30,6 +30,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from fastbert.ops import onednn_row_blocks
+
 # activation name -> (oneDNN post-op attribute, its algorithm)
 # ("tanh": the plan's BertPooler; the linear op itself takes None and the two GELUs)
 POST_OPS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "tanh": ("tanh", "")}
@@ -158,7 +160,5 @@ def linear_onednn(
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()  # oneDNN adds an fp32 bias to its fp32 accumulator for either input dtype
     if dtype == torch.bfloat16:  # on row blocks where oneDNN's bf16 GEMM would idle a thread
-        from fastbert.ops.onednn_row_blocks import bf16_linear
-
-        return bf16_linear(x.to(dtype), packed_weight(weight, dtype), bias, attribute, algorithm)
+        return onednn_row_blocks.bf16_linear(x.to(dtype), packed_weight(weight, dtype), bias, attribute, algorithm)
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed_weight(weight, dtype), bias, attribute, [], algorithm)
