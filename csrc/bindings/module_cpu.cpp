@@ -31,6 +31,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("BFLOAT16") = static_cast<int>(fastbert::kBFloat16);
   m.attr("GELU_ERF") = static_cast<int>(fastbert::kGeluErf);
   m.attr("GELU_TANH") = static_cast<int>(fastbert::kGeluTanh);
+  m.attr("ACTIVATION_NONE") = static_cast<int>(fastbert::kActivationNone);
+  m.attr("ACTIVATION_TANH") = static_cast<int>(fastbert::kActivationTanh);
   // The CUDA LayerNorm's widest row, exported here too: the backend registry checks it on any machine.
   m.attr("CUDA_MAX_LAYER_NORM_COLS") = fastbert::cuda::kMaxLayerNormCols;
 
@@ -108,4 +110,21 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("acc"), py::arg("scales"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("cols"),
       py::arg("dtype"), py::arg("gelu_mode"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("amx_bf16_usable", &fastbert::cpu::amx_bf16_usable,
+        "Whether this CPU and OS run the AMX bf16 GEMM (asks Linux for the tile state on the first call).");
+  m.def(
+      "amx_bf16_pack",
+      [](uintptr_t w, uintptr_t packed, int64_t n, int64_t k) {
+        fastbert::cpu::amx_bf16_pack(ptr<const uint16_t>(w), ptr<uint16_t>(packed), n, k);
+      },
+      py::arg("w"), py::arg("packed"), py::arg("n"), py::arg("k"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "amx_bf16_linear",
+      [](uintptr_t x, uintptr_t packed, uintptr_t bias, uintptr_t y, int64_t rows, int64_t n, int64_t k,
+         int activation, int threads) {
+        fastbert::cpu::amx_bf16_linear(ptr<const uint16_t>(x), ptr<const uint16_t>(packed), ptr<const float>(bias),
+                                       ptr<uint16_t>(y), rows, n, k, activation, threads);
+      },
+      py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("n"), py::arg("k"),
+      py::arg("activation"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
 }

@@ -16,6 +16,9 @@ namespace fastbert {
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // GELU approximations: exact erf ("none") and tanh ("tanh")
 enum GeluMode : int { kGeluErf = 0, kGeluTanh = 1 };
+// Epilogue activations of the GEMM kernels: none, GELU (the GeluMode codes) and tanh (BERT's pooler)
+enum Activation : int { kActivationNone = -1, kActivationGeluErf = kGeluErf, kActivationGeluTanh = kGeluTanh,
+                        kActivationTanh = 2 };
 
 namespace cpu {
 
@@ -59,6 +62,15 @@ void quantize_rows_s8(const void* x, int8_t* q, float* scales, int64_t rows, int
 // y fp32 or bf16 (dtype code); gelu_mode kGeluErf, kGeluTanh or -1 (no activation).
 void dequantize_rows(const float* acc, const float* scales, const float* bias, void* y, int64_t rows, int64_t cols,
                      int dtype, int gelu_mode, int num_threads);
+
+// AMX bf16 GEMM for few rows (inference): y = act(x @ w^T + bias); x [rows, k], y [rows, n] bf16, contiguous;
+// bias fp32 [n] optional; activation an Activation code. n % 16 == 0 and k % 32 == 0 (else invalid_argument).
+// The weight is first packed once: w [n, k] bf16 -> packed (n * k bf16) by amx_bf16_pack.
+// amx_bf16_usable(): the CPU has AMX-BF16 and AVX512-BF16 and Linux granted the tile state (asked once).
+bool amx_bf16_usable();
+void amx_bf16_pack(const uint16_t* w, uint16_t* packed, int64_t n, int64_t k);
+void amx_bf16_linear(const uint16_t* x, const uint16_t* packed, const float* bias, uint16_t* y, int64_t rows,
+                     int64_t n, int64_t k, int activation, int num_threads);
 
 }  // namespace cpu
 

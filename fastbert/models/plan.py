@@ -98,15 +98,16 @@ class Resolver:
         """x -> activation(x @ weight.T + bias)."""
         name = self.name("linear")
         if name == "onednn":
-            from fastbert.ops import onednn_linear, onednn_row_blocks
+            from fastbert.ops import amx_linear, onednn_linear, onednn_row_blocks
 
             attribute, algorithm = onednn_linear.POST_OPS[activation]
             if bias is not None and bias.dtype != torch.float32:
                 bias = bias.float()  # oneDNN adds an fp32 bias to its fp32 accumulator (as linear_onednn)
             packed = onednn_linear.packed_weight(weight)
             if weight.dtype == torch.bfloat16:  # row blocks where oneDNN's bf16 GEMM would idle a thread
-                return functools.partial(onednn_row_blocks.bf16_linear, weight=packed, bias=bias,
-                                         attribute=attribute, algorithm=algorithm)
+                large = functools.partial(onednn_row_blocks.bf16_linear, weight=packed, bias=bias,
+                                          attribute=attribute, algorithm=algorithm)
+                return amx_linear.by_rows(weight, bias, activation, large)  # AMX for few rows
             return functools.partial(
                 torch.ops.mkldnn._linear_pointwise.default, W=packed, B=bias,
                 attr=attribute, scalars=[], algorithm=algorithm,

@@ -23,14 +23,12 @@ the torch reference, which applies autocast itself, so autocast is never silentl
 from __future__ import annotations
 
 import os
-import threading
-import weakref
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from fastbert.ops import onednn_row_blocks
+from fastbert.ops import amx_linear, onednn_row_blocks
+from fastbert.ops.weight_cache import PackedWeights
 
 # activation name -> (oneDNN post-op attribute, its algorithm)
 # ("tanh": the plan's BertPooler; the linear op itself takes None and the two GELUs)
@@ -42,17 +40,8 @@ DTYPES = frozenset({torch.float32, torch.bfloat16})
 _packing_enabled = os.environ.get("FASTBERT_PACKED_WEIGHTS", "1").strip() not in ("0", "false", "off")
 
 
-class _Packed(NamedTuple):
-    source: weakref.ref  # the weight it was packed from (the key is its id; this proves it is the same tensor)
-    stamp: tuple  # (version counter, storage address) of the weight when packed
-    packed: torch.Tensor
-    nbytes: int
-
-
-# (id(weight), dtype) -> _Packed; a plain dict, not a WeakIdKeyDictionary, whose lookups cost a Python-level
-# weak reference per call. Each entry is removed when its weight dies (the weakref's callback).
-_cache: dict[int, _Packed] = {}
-_cache_lock = threading.Lock()
+# Packed copies, per (weight, dtype packed in)
+_cache = PackedWeights()
 
 
 def mkldnn_problem() -> str | None:
@@ -82,6 +71,7 @@ def set_packing(enabled: bool) -> None:
     global _packing_enabled
     _packing_enabled = bool(enabled)
     clear_cache()
+    amx_linear.clear_cache()
     from fastbert.backend import REGISTRY
 
     REGISTRY.clear_cache()  # resolution is memoized; the probe's answer just changed
@@ -92,45 +82,19 @@ def packing_enabled() -> bool:
 
 
 def clear_cache() -> None:
-    with _cache_lock:
-        _cache.clear()
+    _cache.clear()
 
 
 def cache_bytes() -> int:
-    """Memory held by packed weights now (the size of the fp32 weights they copy)."""
-    return sum(entry.nbytes for entry in list(_cache.values()))
-
-
-def _version(weight: torch.Tensor) -> int | None:
-    """The version counter; None for inference tensors, which have none (an inference tensor changed in
-    place inside inference_mode is not noticed: fastbert's own fused QKV weight is rebuilt, never changed)."""
-    return None if weight.is_inference() else weight._version
-
-
-def _forget(key: tuple):
-    def callback(_reference) -> None:
-        with _cache_lock:
-            entry = _cache.get(key)
-            if entry is not None and entry.source() is None:
-                del _cache[key]
-    return callback
+    """Memory held by packed weights now (the size of the weights they copy, in the packed dtype)."""
+    return _cache.nbytes()
 
 
 def packed_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """weight (cast to `dtype`, default its own) reordered for oneDNN, from the cache while the weight is
     the same tensor, unchanged."""
     dtype = weight.dtype if dtype is None else dtype
-    key, stamp = (id(weight), dtype), (_version(weight), weight.data_ptr())
-    entry = _cache.get(key)
-    if entry is not None and entry.source() is weight and entry.stamp == stamp:
-        return entry.packed
-    with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype))
-    nbytes = weight.numel() * packed.element_size()
-    entry = _Packed(weakref.ref(weight, _forget(key)), stamp, packed, nbytes)
-    with _cache_lock:
-        _cache[key] = entry
-    return packed
+    return _cache.get(weight, dtype, lambda w: torch.ops.mkldnn._reorder_linear_weight(w.to(dtype)))
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
@@ -159,6 +123,10 @@ def linear_onednn(
     attribute, algorithm = POST_OPS[activation]
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()  # oneDNN adds an fp32 bias to its fp32 accumulator for either input dtype
-    if dtype == torch.bfloat16:  # on row blocks where oneDNN's bf16 GEMM would idle a thread
-        return onednn_row_blocks.bf16_linear(x.to(dtype), packed_weight(weight, dtype), bias, attribute, algorithm)
+    if dtype == torch.bfloat16:
+        x = x.to(dtype)
+        if x.numel() <= amx_linear.MAX_ROWS * x.shape[-1] and amx_linear.problem(weight) is None:  # few rows
+            return amx_linear.amx_linear(x, amx_linear.packed_weight(weight), bias, activation, weight.shape[0])
+        # on row blocks where oneDNN's bf16 GEMM would idle a thread
+        return onednn_row_blocks.bf16_linear(x, packed_weight(weight, dtype), bias, attribute, algorithm)
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed_weight(weight, dtype), bias, attribute, [], algorithm)
