@@ -21,44 +21,51 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kQueryTile = 16;
-constexpr int64_t kKeyTile = 64;
+constexpr int64_t kKeyTile = 64;       // keys per score tile ...
+constexpr int64_t kShortKeyTile = 16;  // ... or one AVX-512 vector of them when every sequence is that short
 constexpr int64_t kRowBlock = 4;
+constexpr int64_t kWorkPerThread = int64_t{1} << 17;
 
 struct VarlenShape {
   int64_t heads, head_dim, row_stride;
   float scale;
+  bool short_keys;  // max_seqlen <= kShortKeyTile: score tiles of kShortKeyTile keys, not kKeyTile
 };
 
-// scores[i, 0:kKeyTile] = q[i, :] . kt[:, key0 : key0 + kKeyTile] for the tile's query rows (q already
-// scaled). kt's rows are padded with zeros to a multiple of kKeyTile, so every tile is full width.
+// scores[i, 0:KT] = q[i, :] . kt[:, key0 : key0 + KT] for the tile's query rows (q already scaled).
+// kt's rows are padded with zeros to a multiple of KT (the key tile), so every tile is full width.
 // Rows go in blocks of kRowBlock: each kt vector loaded is used by kRowBlock FMAs, and the
-// kRowBlock x kKeyTile accumulators (16 AVX-512 registers) stay in registers across the head_dim loop.
-template <int R>
+// kRowBlock x KT accumulators (16 AVX-512 registers for KT = 64) stay in registers across the head_dim loop.
+template <int R, int64_t KT>
 FB_INLINE void score_rows(const float* __restrict__ q, const float* __restrict__ kt, int64_t kt_stride, int64_t key0,
                           int64_t head_dim, float* __restrict__ scores) {
-  float s[R][kKeyTile];
+  float s[R][KT];
   for (int r = 0; r < R; ++r)
 #pragma omp simd
-    for (int64_t j = 0; j < kKeyTile; ++j) s[r][j] = 0.0f;
+    for (int64_t j = 0; j < KT; ++j) s[r][j] = 0.0f;
   for (int64_t d = 0; d < head_dim; ++d) {
     const float* kd = kt + d * kt_stride + key0;
 #pragma omp simd
-    for (int64_t j = 0; j < kKeyTile; ++j) {
+    for (int64_t j = 0; j < KT; ++j) {
       const float kj = kd[j];
       for (int r = 0; r < R; ++r) s[r][j] += q[r * head_dim + d] * kj;
     }
   }
   for (int r = 0; r < R; ++r)
 #pragma omp simd
-    for (int64_t j = 0; j < kKeyTile; ++j) scores[r * kKeyTile + j] = s[r][j];
+    for (int64_t j = 0; j < KT; ++j) scores[r * KT + j] = s[r][j];
 }
 
+template <int64_t KT>
 FB_INLINE void tile_scores(const float* __restrict__ q, int64_t rows, const float* __restrict__ kt, int64_t kt_stride,
                            int64_t key0, int64_t head_dim, float* __restrict__ scores) {
+  // a short tile is one vector per row: 4 x KT / 16 accumulators would leave the FMAs waiting on each other
+  constexpr int R = KT == kShortKeyTile ? 4 * kRowBlock : kRowBlock;
   int64_t i = 0;
+  for (; i + R <= rows; i += R) score_rows<R, KT>(q + i * head_dim, kt, kt_stride, key0, head_dim, scores + i * KT);
   for (; i + kRowBlock <= rows; i += kRowBlock)
-    score_rows<kRowBlock>(q + i * head_dim, kt, kt_stride, key0, head_dim, scores + i * kKeyTile);
-  for (; i < rows; ++i) score_rows<1>(q + i * head_dim, kt, kt_stride, key0, head_dim, scores + i * kKeyTile);
+    score_rows<kRowBlock, KT>(q + i * head_dim, kt, kt_stride, key0, head_dim, scores + i * KT);
+  for (; i < rows; ++i) score_rows<1, KT>(q + i * head_dim, kt, kt_stride, key0, head_dim, scores + i * KT);
 }
 
 // Online softmax step for one query row: s[0:n] becomes exp(s - new max) in place, the running max m
@@ -80,9 +87,35 @@ FB_INLINE float softmax_step(float* __restrict__ s, int64_t n, float* m, float* 
   return correction;
 }
 
+// The same for a tile of kShortKeyTile keys (one vector; n <= kShortKeyTile of them real): the max and
+// the sum as pairwise trees over the whole vector, which vectorize, where the loops above end in a
+// 16-step scalar chain (GCC keeps a float sum in order). Lanes j >= n count as exp(-inf) = 0.
+FB_INLINE float softmax_step_short(float* __restrict__ s, int64_t n, float* m, float* l) {
+  constexpr int64_t W = kShortKeyTile;
+  float t[W];
+#pragma omp simd
+  for (int64_t j = 0; j < W; ++j) t[j] = j < n ? s[j] : -3.0e38f;
+  for (int64_t width = W / 2; width > 0; width /= 2)
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) t[j] = t[j] > t[j + width] ? t[j] : t[j + width];
+  const float new_max = t[0] > *m ? t[0] : *m;
+  const float correction = fast_exp(*m - new_max);
+#pragma omp simd
+  for (int64_t j = 0; j < W; ++j) {
+    s[j] = j < n ? fast_exp(s[j] - new_max) : 0.0f;
+    t[j] = s[j];
+  }
+  for (int64_t width = W / 2; width > 0; width /= 2)
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) t[j] += t[j + width];
+  *l = *l * correction + t[0];
+  *m = new_max;
+  return correction;
+}
+
 // acc[r] = acc[r] * correction[r] + p[r, 0:n] . v[0:n] for R rows at once (HD known at compile time):
 // each V row loaded is used by R FMAs, and the R x HD accumulators stay in registers over the keys.
-template <int HD, int R>
+template <int HD, int R, int64_t KT>
 FB_INLINE void accumulate_rows(const float* __restrict__ p, int64_t n, const float* __restrict__ v, int64_t v_stride,
                                const float* correction, float* acc, int64_t acc_stride) {
   float a[R][HD];
@@ -94,7 +127,7 @@ FB_INLINE void accumulate_rows(const float* __restrict__ p, int64_t n, const flo
 #pragma omp simd
     for (int64_t d = 0; d < HD; ++d) {
       const float vd = vj[d];
-      for (int r = 0; r < R; ++r) a[r][d] += p[r * kKeyTile + j] * vd;
+      for (int r = 0; r < R; ++r) a[r][d] += p[r * KT + j] * vd;
     }
   }
   for (int r = 0; r < R; ++r)
@@ -116,23 +149,23 @@ FB_INLINE void accumulate_row(const float* __restrict__ p, int64_t n, const floa
 }
 
 // P.V for the tile's rows: blocks of kRowBlock rows, then the remainder one by one.
-template <int HD>
+template <int HD, int64_t KT>
 FB_INLINE void accumulate_tile(const float* p, int64_t rows, int64_t n, const float* v, int64_t v_stride,
                                int64_t head_dim, const float* correction, float* acc, int64_t acc_stride) {
   if constexpr (HD > 0) {
     int64_t i = 0;
     for (; i + kRowBlock <= rows; i += kRowBlock)
-      accumulate_rows<HD, kRowBlock>(p + i * kKeyTile, n, v, v_stride, correction + i, acc + i * acc_stride,
-                                     acc_stride);
+      accumulate_rows<HD, kRowBlock, KT>(p + i * KT, n, v, v_stride, correction + i, acc + i * acc_stride,
+                                         acc_stride);
     for (; i < rows; ++i)
-      accumulate_rows<HD, 1>(p + i * kKeyTile, n, v, v_stride, correction + i, acc + i * acc_stride, acc_stride);
+      accumulate_rows<HD, 1, KT>(p + i * KT, n, v, v_stride, correction + i, acc + i * acc_stride, acc_stride);
   } else {
     for (int64_t i = 0; i < rows; ++i)
-      accumulate_row(p + i * kKeyTile, n, v, v_stride, head_dim, correction[i], acc + i * acc_stride);
+      accumulate_row(p + i * KT, n, v, v_stride, head_dim, correction[i], acc + i * acc_stride);
   }
 }
 
-FB_INLINE int64_t padded_length(int64_t len) { return (len + kKeyTile - 1) / kKeyTile * kKeyTile; }
+FB_INLINE int64_t padded_length(int64_t len, int64_t key_tile) { return (len + key_tile - 1) / key_tile * key_tile; }
 
 // Per-thread scratch of one task: K^T (fp32, key-padded), V rows widened to fp32 (bf16 only), the scaled
 // query tile, its scores, and the fp32 output accumulators (bf16 only; fp32 accumulates in `out` itself).
@@ -141,12 +174,12 @@ struct Scratch {
 };
 
 // One (sequence, head): rows [start, start + len) of q/k/v at column offset head * head_dim.
-template <int HD, typename T>
+template <int HD, int64_t KT, typename T>
 FB_INLINE void attend_one(const T* q, const T* k, const T* v, T* out, int64_t start, int64_t len, int64_t head,
                           const VarlenShape& shape, const Scratch& w) {
   constexpr bool kWide = std::is_same_v<T, float>;
   const int64_t hd = shape.head_dim, stride = shape.row_stride, col = head * hd;
-  const int64_t kt_stride = padded_length(len);
+  const int64_t kt_stride = padded_length(len, KT);
   float* kt = w.kt;
   for (int64_t d = 0; d < hd; ++d)
     for (int64_t j = len; j < kt_stride; ++j) kt[d * kt_stride + j] = 0.0f;
@@ -193,12 +226,14 @@ FB_INLINE void attend_one(const T* q, const T* k, const T* v, T* out, int64_t st
       m[i] = -3.0e38f;
       l[i] = 0.0f;
     }
-    for (int64_t key0 = 0; key0 < len; key0 += kKeyTile) {
-      const int64_t n = std::min<int64_t>(kKeyTile, len - key0);
-      tile_scores(w.qtile, rows, kt, kt_stride, key0, hd, w.scores);
+    for (int64_t key0 = 0; key0 < len; key0 += KT) {
+      const int64_t n = std::min<int64_t>(KT, len - key0);
+      tile_scores<KT>(w.qtile, rows, kt, kt_stride, key0, hd, w.scores);
       float correction[kQueryTile];
-      for (int64_t i = 0; i < rows; ++i) correction[i] = softmax_step(w.scores + i * kKeyTile, n, &m[i], &l[i]);
-      accumulate_tile<HD>(w.scores, rows, n, vrows + key0 * v_stride, v_stride, hd, correction, acc0, acc_stride);
+      for (int64_t i = 0; i < rows; ++i)
+        correction[i] = KT == kShortKeyTile ? softmax_step_short(w.scores + i * KT, n, &m[i], &l[i])
+                                            : softmax_step(w.scores + i * KT, n, &m[i], &l[i]);
+      accumulate_tile<HD, KT>(w.scores, rows, n, vrows + key0 * v_stride, v_stride, hd, correction, acc0, acc_stride);
     }
     for (int64_t i = 0; i < rows; ++i) {
       float* acc = acc0 + i * acc_stride;
@@ -218,12 +253,18 @@ using AttendFn = void (*)(const T*, const T*, const T*, T*, int64_t, int64_t, in
   template <typename T>                                                                                       \
   ATTR void attend_##SUFFIX(const T* q, const T* k, const T* v, T* out, int64_t start, int64_t len,           \
                             int64_t head, const VarlenShape& shape, const Scratch& w) {                       \
-    if (shape.head_dim == 64)                                                                                 \
-      attend_one<64>(q, k, v, out, start, len, head, shape, w);                                               \
+    if (shape.short_keys && shape.head_dim == 64)                                                             \
+      attend_one<64, kShortKeyTile>(q, k, v, out, start, len, head, shape, w);                                \
+    else if (shape.short_keys && shape.head_dim == 32)                                                        \
+      attend_one<32, kShortKeyTile>(q, k, v, out, start, len, head, shape, w);                                \
+    else if (shape.short_keys)                                                                                \
+      attend_one<0, kShortKeyTile>(q, k, v, out, start, len, head, shape, w);                                 \
+    else if (shape.head_dim == 64)                                                                            \
+      attend_one<64, kKeyTile>(q, k, v, out, start, len, head, shape, w);                                     \
     else if (shape.head_dim == 32)                                                                            \
-      attend_one<32>(q, k, v, out, start, len, head, shape, w);                                               \
+      attend_one<32, kKeyTile>(q, k, v, out, start, len, head, shape, w);                                     \
     else                                                                                                      \
-      attend_one<0>(q, k, v, out, start, len, head, shape, w);                                                \
+      attend_one<0, kKeyTile>(q, k, v, out, start, len, head, shape, w);                                      \
   }
 
 FB_ATTENTION_VARIANT(base, )
@@ -249,12 +290,15 @@ void run_tasks(const T* q, const T* k, const T* v, T* out, const int32_t* cu_seq
   const AttendFn<T> fn = pick_attend<T>();
   const int64_t heads = shape.heads, head_dim = shape.head_dim;
   const int64_t tasks = batch * heads;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(num_threads, 1), tasks)));
   const bool wide = std::is_same_v<T, float>;
   const int64_t longest = std::max<int64_t>(max_seqlen, 1);
+  // a thread per kWorkPerThread multiply-adds at most: waking a second thread costs more than a short
+  // sequence's attention (one 16-token MiniLM query: ~100k)
+  const int64_t by_work = std::max<int64_t>(1, tasks * longest * longest * head_dim / kWorkPerThread);
+  const int nt = static_cast<int>(std::min<int64_t>({std::max(num_threads, 1), tasks, by_work}));
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<float> kt(static_cast<size_t>(head_dim * padded_length(longest)));
+    std::vector<float> kt(static_cast<size_t>(head_dim * padded_length(longest, kKeyTile)));
     std::vector<float> vrows(wide ? 0 : static_cast<size_t>(head_dim * longest));
     std::vector<float> scores(static_cast<size_t>(kQueryTile * kKeyTile));
     std::vector<float> qtile(static_cast<size_t>(kQueryTile * head_dim));
@@ -280,7 +324,7 @@ void varlen_attention_fwd(const void* q, const void* k, const void* v, void* out
   for (int64_t b = 0; b < batch; ++b)
     if (cu_seqlens[b + 1] < cu_seqlens[b] || cu_seqlens[b + 1] - cu_seqlens[b] > max_seqlen)
       throw std::invalid_argument("varlen_attention_fwd: cu_seqlens must be non-decreasing, gaps <= max_seqlen");
-  const VarlenShape shape{heads, head_dim, row_stride, softmax_scale};
+  const VarlenShape shape{heads, head_dim, row_stride, softmax_scale, max_seqlen <= kShortKeyTile};
   if (dtype == kFloat32)
     run_tasks(static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v),
               static_cast<float*>(out), cu_seqlens, batch, shape, max_seqlen, num_threads);

@@ -42,6 +42,7 @@ from fastbert import backend
 from fastbert.models.families import Family, module_pooler
 from fastbert.models.support import TreeStamp, check_modules, embeddings_known, gelu_approximation, remembered_check
 from fastbert.ops import _dispatch
+from fastbert.ops.cpu_attention import SHORT_SEQLEN, fused_qkv_attention
 from fastbert.quantize import SCOPE_HOOKS, Int8Linear
 
 _VERSION = operator.attrgetter("_version")
@@ -93,6 +94,15 @@ class Resolver:
 
     def implementation(self, op: str, width: int = 0, head_dim: int = 0) -> Callable:
         return _dispatch.implementation(op, self.probe, width=width, head_dim=head_dim, grad=False)
+
+    def short_attention(self, head_dim: int) -> Callable | None:
+        """The cpp attention kernel for sequences of at most SHORT_SEQLEN tokens, where it beats SDPA on CPU
+        (docs/perf-notes.md); None unless the selection is "auto" or "cpp" and the kernel takes the call."""
+        if not self.cpu or backend.current_backend() not in ("auto", "cpp"):
+            return None
+        kernel = backend.REGISTRY.get("varlen_attention", "cpp")
+        call = backend.signature("varlen_attention", self.probe, head_dim=head_dim)
+        return None if kernel is None or kernel.problem(call) is not None else fused_qkv_attention
 
     def gemm(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> Callable:
         """x -> activation(x @ weight.T + bias)."""
@@ -205,11 +215,20 @@ def _qkv_gemm(resolver: Resolver, query: nn.Module, key: nn.Module, value: nn.Mo
 
 # ---- attention on the fused QKV output ----------------------------------------------------------------
 
-def dense_attention(run: Callable | None) -> Callable:
-    """(qkv (tokens, 3*heads*head_dim), heads, head_dim, scale, batch, seqlen) -> context (tokens, heads*head_dim)."""
+def dense_attention(run: Callable | None, short: Callable | None) -> Callable:
+    """(qkv (tokens, 3*heads*head_dim), heads, head_dim, scale, batch, seqlen) -> context (tokens, heads*head_dim).
+    short: the kernel for sequences of at most SHORT_SEQLEN tokens (Resolver.short_attention), or None."""
     sdpa = torch._C._nn.scaled_dot_product_attention
+    offsets: dict[tuple[int, int], torch.Tensor] = {}  # (batch, seqlen) -> cu_seqlens of equal lengths
 
     def attend(qkv, heads, head_dim, scale, batch, seqlen):
+        if short is not None and seqlen <= SHORT_SEQLEN:
+            cu_seqlens = offsets.get((batch, seqlen))
+            if cu_seqlens is None:
+                if len(offsets) > 64:
+                    offsets.clear()
+                cu_seqlens = offsets[batch, seqlen] = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32)
+            return short(qkv, heads, head_dim, scale, cu_seqlens, seqlen)
         q, k, v = qkv.view(batch, seqlen, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         context = sdpa(q, k, v, scale=scale) if run is None else run(q, k, v, None, softmax_scale=scale)
         return context.transpose(1, 2).reshape(batch * seqlen, heads * head_dim)
@@ -217,10 +236,12 @@ def dense_attention(run: Callable | None) -> Callable:
     return attend
 
 
-def varlen_attention(run: Callable) -> Callable:
+def varlen_attention(run: Callable, short: Callable | None) -> Callable:
     """(qkv, heads, head_dim, scale, cu_seqlens, max_seqlen) -> context (tokens, heads*head_dim)."""
 
     def attend(qkv, heads, head_dim, scale, cu_seqlens, max_seqlen):
+        if short is not None and max_seqlen <= SHORT_SEQLEN:
+            return short(qkv, heads, head_dim, scale, cu_seqlens, max_seqlen)
         tokens = qkv.shape[0]
         q, k, v = qkv.view(tokens, 3, heads, head_dim).unbind(1)
         return run(q, k, v, cu_seqlens, max_seqlen, softmax_scale=scale).reshape(tokens, heads * head_dim)
@@ -419,11 +440,12 @@ class Plan:
         binder.called.extend(layers)
         self.device, self.dtype = _parameters_device_dtype(binder)
         self.layers = tuple(steps[layer] for layer in layers)
+        head_dim = self.layers[0].head_dim
+        short = resolver.short_attention(head_dim)
         self.dense_attention = dense_attention(
-            None if resolver.name("attention", head_dim=self.layers[0].head_dim) == "torch"
-            else resolver.implementation("attention", head_dim=self.layers[0].head_dim))
-        self.varlen_attention = varlen_attention(resolver.implementation("varlen_attention",
-                                                                          head_dim=self.layers[0].head_dim))
+            None if resolver.name("attention", head_dim=head_dim) == "torch"
+            else resolver.implementation("attention", head_dim=head_dim), short)
+        self.varlen_attention = varlen_attention(resolver.implementation("varlen_attention", head_dim=head_dim), short)
 
     def _freeze(self) -> None:
         """Tuples of what `current` compares at each forward."""

@@ -57,3 +57,25 @@ def varlen_attention_cpp(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None,
         heads, head_dim, q.stride(0), int(max_seqlen), scale, _dtype_code(q.dtype), torch.get_num_threads(),
     )
     return out
+
+
+# Sequences this short attend as one vector of keys per query row (csrc/cpu/attention.cpp, kShortKeyTile),
+# on one thread, where the kernel beats SDPA (docs/perf-notes.md): the inference plan sends them here.
+SHORT_SEQLEN = 16
+
+
+def fused_qkv_attention(qkv: torch.Tensor, heads: int, head_dim: int, scale: float, cu_seqlens: torch.Tensor,
+                        max_seqlen: int) -> torch.Tensor:
+    """The kernel straight on a fused QKV GEMM's output, for the inference plan: qkv (tokens, 3 * heads *
+    head_dim), contiguous fp32 or bf16 CPU, the query, key and value blocks in that order; cu_seqlens int32,
+    contiguous, CPU. Returns the context (tokens, heads * head_dim). The kernel checks cu_seqlens itself."""
+    if not qkv.is_contiguous() or qkv.shape[1] != 3 * heads * head_dim or qkv.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"fused_qkv_attention: qkv must be a contiguous fp32/bf16 (tokens, 3 * {heads} * {head_dim}) "
+                         f"tensor, got {qkv.dtype} {tuple(qkv.shape)}")
+    out = torch.empty(qkv.shape[0], heads * head_dim, dtype=qkv.dtype)
+    base, block = qkv.data_ptr(), heads * head_dim * qkv.element_size()
+    extension.module().varlen_attention_fwd(
+        base, base + block, base + 2 * block, out.data_ptr(), cu_seqlens.data_ptr(), cu_seqlens.numel() - 1, heads,
+        head_dim, 3 * heads * head_dim, max_seqlen, scale, _dtype_code(qkv.dtype), torch.get_num_threads(),
+    )
+    return out

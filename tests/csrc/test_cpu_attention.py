@@ -26,7 +26,11 @@ def packed_qkv(lengths, heads, head_dim):
     return q, k, v, cu_seqlens
 
 
-@pytest.mark.parametrize("lengths", [[1], [7, 0, 65], [64, 128, 3], [200, 31]])
+# max_seqlen <= 16 runs the kernel's short-key path (one vector of keys per row, tree reductions)
+SHORT = [[16], [3, 16, 0, 9], [1, 1]]
+
+
+@pytest.mark.parametrize("lengths", [[1], [7, 0, 65], [64, 128, 3], [200, 31], *SHORT])
 @pytest.mark.parametrize("heads,head_dim", [(1, 8), (2, 24), (3, 32), (4, 64)])
 def test_matches_float64_reference(lengths, heads, head_dim):
     q, k, v, cu = packed_qkv(lengths, heads, head_dim)
@@ -69,7 +73,7 @@ def test_bad_cu_seqlens_raise():
 BF16_ATOL = 2e-2
 
 
-@pytest.mark.parametrize("lengths", [[1], [7, 0, 65], [64, 128, 3]])
+@pytest.mark.parametrize("lengths", [[1], [7, 0, 65], [64, 128, 3], *SHORT])
 @pytest.mark.parametrize("heads,head_dim", [(2, 24), (3, 32), (4, 64)])
 def test_bf16_runs_the_kernel_and_matches_float64_reference(lengths, heads, head_dim, monkeypatch):
     import importlib
@@ -121,3 +125,21 @@ def test_training_runs_under_auto():
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
     model(input_ids=ids, attention_mask=mask).last_hidden_state.sum().backward()
     assert model.embeddings.word_embeddings.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_qkv_attention_reads_the_fused_projection(dtype):
+    from fastbert.ops.cpu_attention import fused_qkv_attention
+
+    heads, head_dim, lengths = 3, 32, [16, 5]
+    q, k, v, cu = packed_qkv(lengths, heads, head_dim)
+    fused = q.as_strided((sum(lengths), 3 * heads * head_dim), (3 * heads * head_dim, 1)).to(dtype)
+    q, k, v = (t.view(sum(lengths), heads, head_dim) for t in fused.float().chunk(3, dim=-1))
+    with torch.no_grad():
+        got = fused_qkv_attention(fused, heads, head_dim, head_dim ** -0.5, cu, 16)
+        ref64 = varlen_attention_ref(q.double(), k.double(), v.double(), cu, 16)
+    assert got.shape == (21, heads * head_dim) and got.dtype == dtype
+    tolerance = BF16_ATOL if dtype == torch.bfloat16 else 1e-5
+    assert (got.double() - ref64.reshape(21, -1)).abs().max().item() <= tolerance * ref64.abs().max().item()
+    with pytest.raises(ValueError, match="contiguous"):
+        fused_qkv_attention(fused[:, :-1], heads, head_dim, 1.0, cu, 16)

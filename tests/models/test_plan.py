@@ -2,7 +2,8 @@
 
 Each test compares the plan's output with the general forward's (plans off: every op resolved per
 call) on the same model and inputs; in fp32 on CPU both run the same kernels, so they must agree
-bitwise (the pooler: to 1e-6, the plan runs it as a packed GEMM with the tanh in its epilogue).
+bitwise (the pooler: to 1e-6, the plan runs it as a packed GEMM with the tanh in its epilogue). The
+batches are longer than SHORT_SEQLEN: shorter sequences attend on the plan's own kernel (tested apart).
 "Ran the plan" is observed by counting Plan.run calls.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def infer(model, batch):
         return model(**batch)
 
 
-def model_and_batch(lengths=(10, 6, 1), seqlen=10):
+def model_and_batch(lengths=(20, 12, 1), seqlen=20):
     torch.manual_seed(0)
     config = small_config()
     return fastbert.BertModel(config).eval(), random_batch(config, len(lengths), seqlen, lengths=list(lengths))
@@ -58,7 +59,7 @@ def assert_same_as_general(model, batch):
     return fast
 
 
-@pytest.mark.parametrize("lengths", [(10, 10), (10, 6, 1)], ids=["dense", "padded"])
+@pytest.mark.parametrize("lengths", [(20, 20), (20, 6, 1)], ids=["dense", "padded"])
 def test_plan_matches_the_general_forward_bitwise(plan_runs, lengths):
     model, batch = model_and_batch(lengths)
     batch["output_hidden_states"] = True
@@ -84,7 +85,7 @@ def test_every_family_runs_a_plan_equal_to_the_general_forward(plan_runs, model_
     config = family_config(model_type)
     family = next(f for f in FAMILIES if f.model_type == model_type)
     model = fastbert.patch(family.base(config).eval())
-    batch = family_batch(config, [7, 3, 5], 7, generator=torch.Generator().manual_seed(1))
+    batch = family_batch(config, [20, 3, 17], 20, generator=torch.Generator().manual_seed(1))
     fast = infer(model, batch)
     assert plan_runs and plan_runs[-1].layers is not None, plan.plan_for.__doc__
     reference = general(model, batch)
@@ -151,7 +152,7 @@ def test_unpatch_and_patch_again(plan_runs):
 
     config = small_config()
     model = BertModel(config).eval()
-    batch = random_batch(config, 2, 8)
+    batch = random_batch(config, 2, 20)
     plain = infer(model, batch).last_hidden_state
     fastbert.patch(model)
     first = infer(model, batch)
@@ -312,3 +313,24 @@ def test_an_int8_model_runs_its_plan_bitwise_and_hands_back_what_it_cannot_bind(
     model.encoder.layer[0].attention.self.key = nn.Linear(*reversed(value.weight_int8.shape)).to(dtype)
     mixed = assert_same_as_general(model, batch)
     assert len(plan_runs) == 2 and not torch.equal(mixed.last_hidden_state, changed.last_hidden_state)
+
+
+@pytest.mark.parametrize("lengths", [(16, 16), (16, 6, 1)], ids=["dense", "padded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_sequences_attend_on_the_plans_kernel(plan_runs, monkeypatch, lengths, dtype):
+    from fastbert.ops.cpu_attention import SHORT_SEQLEN, fused_qkv_attention
+
+    calls = []
+    monkeypatch.setattr(plan, "fused_qkv_attention", lambda *a: calls.append(a[-1]) or fused_qkv_attention(*a))
+    model, batch = model_and_batch(lengths, seqlen=SHORT_SEQLEN)
+    model = model.to(dtype)
+    fast = infer(model, batch)
+    reference = general(model, batch)
+    if fastbert.extension.load_problem() is None:
+        assert calls == [SHORT_SEQLEN] * len(model.encoder.layer)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: a step of the output's rounding
+    assert max_error(fast.last_hidden_state, reference.last_hidden_state) < tolerance
+    batch = random_batch(small_config(), 1, SHORT_SEQLEN + 1, lengths=[SHORT_SEQLEN + 1])
+    calls.clear()
+    infer(model, batch)
+    assert calls == []
