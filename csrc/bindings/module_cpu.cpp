@@ -127,4 +127,20 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("n"), py::arg("k"),
       py::arg("activation"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("avx512_fp32_usable", &fastbert::cpu::avx512_fp32_usable, "Whether this CPU runs the AVX-512 fp32 GEMM.");
+  m.def(
+      "avx512_fp32_pack",
+      [](uintptr_t w, uintptr_t packed, int64_t n, int64_t k) {
+        fastbert::cpu::avx512_fp32_pack(ptr<const float>(w), ptr<float>(packed), n, k);
+      },
+      py::arg("w"), py::arg("packed"), py::arg("n"), py::arg("k"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "avx512_fp32_linear",
+      [](uintptr_t x, uintptr_t packed, uintptr_t bias, uintptr_t y, int64_t rows, int64_t n, int64_t k,
+         int activation, int threads) {
+        fastbert::cpu::avx512_fp32_linear(ptr<const float>(x), ptr<const float>(packed), ptr<const float>(bias),
+                                          ptr<float>(y), rows, n, k, activation, threads);
+      },
+      py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("n"), py::arg("k"),
+      py::arg("activation"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
 }

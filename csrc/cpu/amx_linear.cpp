@@ -75,17 +75,6 @@ bool linux_grants_tiles() {
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureTileData) == 0;
 }
 
-template <int MODE>
-FB_INLINE float activate(float v) {
-  if constexpr (MODE == kActivationGeluErf || MODE == kActivationGeluTanh) {
-    return gelu<MODE>(v);
-  } else if constexpr (MODE == kActivationTanh) {
-    return 1.0f - 2.0f / (1.0f + fast_exp(2.0f * v));
-  } else {
-    return v;
-  }
-}
-
 // C tiles -> y rows: bias, activation, bf16 (round to nearest even).
 template <int MODE>
 FB_ISA_AMX void store_rows(const float* acc, const float* bias, bf16_t* y, int64_t n, int64_t rows, int64_t cols) {

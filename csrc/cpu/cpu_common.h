@@ -117,6 +117,18 @@ FB_INLINE float gelu_grad(float v) {
   }
 }
 
+// A GEMM epilogue's activation (an Activation code): none, GELU (erf or tanh) or tanh.
+template <int MODE>
+FB_INLINE float activate(float v) {
+  if constexpr (MODE == kActivationGeluErf || MODE == kActivationGeluTanh) {
+    return gelu<MODE>(v);
+  } else if constexpr (MODE == kActivationTanh) {
+    return 1.0f - 2.0f / (1.0f + fast_exp(2.0f * v));
+  } else {
+    return v;
+  }
+}
+
 // 2 = AVX-512 variant, 1 = AVX2+FMA, 0 = baseline. Decided once per process.
 inline int isa_level() {
 #if FB_HAS_ISA_VARIANTS

@@ -72,6 +72,13 @@ void amx_bf16_pack(const uint16_t* w, uint16_t* packed, int64_t n, int64_t k);
 void amx_bf16_linear(const uint16_t* x, const uint16_t* packed, const float* bias, uint16_t* y, int64_t rows,
                      int64_t n, int64_t k, int activation, int num_threads);
 
+// The fp32 GEMM for few rows on AVX-512, same contract with fp32 x, y and packed weight; n % 16 == 0.
+// avx512_fp32_pack: w [n, k] fp32 -> packed (n * k fp32). avx512_fp32_usable(): the CPU has AVX-512.
+bool avx512_fp32_usable();
+void avx512_fp32_pack(const float* w, float* packed, int64_t n, int64_t k);
+void avx512_fp32_linear(const float* x, const float* packed, const float* bias, float* y, int64_t rows, int64_t n,
+                        int64_t k, int activation, int num_threads);
+
 }  // namespace cpu
 
 namespace cuda {

@@ -108,7 +108,7 @@ class Resolver:
         """x -> activation(x @ weight.T + bias)."""
         name = self.name("linear")
         if name == "onednn":
-            from fastbert.ops import amx_linear, onednn_linear, onednn_row_blocks
+            from fastbert.ops import few_rows_linear, onednn_linear, onednn_row_blocks
 
             attribute, algorithm = onednn_linear.POST_OPS[activation]
             if bias is not None and bias.dtype != torch.float32:
@@ -117,11 +117,10 @@ class Resolver:
             if weight.dtype == torch.bfloat16:  # row blocks where oneDNN's bf16 GEMM would idle a thread
                 large = functools.partial(onednn_row_blocks.bf16_linear, weight=packed, bias=bias,
                                           attribute=attribute, algorithm=algorithm)
-                return amx_linear.by_rows(weight, bias, activation, large)  # AMX for few rows
-            return functools.partial(
-                torch.ops.mkldnn._linear_pointwise.default, W=packed, B=bias,
-                attr=attribute, scalars=[], algorithm=algorithm,
-            )
+            else:
+                large = functools.partial(torch.ops.mkldnn._linear_pointwise.default, W=packed, B=bias,
+                                          attr=attribute, scalars=[], algorithm=algorithm)
+            return few_rows_linear.by_rows(weight, bias, activation, large)  # fastbert's kernels for few rows
         if name == "torch" and activation is None:
             return functools.partial(torch._C._nn.linear, weight=weight, bias=bias)
         run = self.implementation("linear")

@@ -27,7 +27,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fastbert.ops import amx_linear, onednn_row_blocks
+from fastbert.ops import few_rows_linear, onednn_row_blocks
 from fastbert.ops.weight_cache import PackedWeights
 
 # activation name -> (oneDNN post-op attribute, its algorithm)
@@ -71,7 +71,6 @@ def set_packing(enabled: bool) -> None:
     global _packing_enabled
     _packing_enabled = bool(enabled)
     clear_cache()
-    amx_linear.clear_cache()
     from fastbert.backend import REGISTRY
 
     REGISTRY.clear_cache()  # resolution is memoized; the probe's answer just changed
@@ -82,12 +81,15 @@ def packing_enabled() -> bool:
 
 
 def clear_cache() -> None:
+    """Free every packed copy: oneDNN's and the few-rows kernels' (few_rows_linear)."""
     _cache.clear()
+    few_rows_linear.clear_cache()
 
 
 def cache_bytes() -> int:
-    """Memory held by packed weights now (the size of the weights they copy, in the packed dtype)."""
-    return _cache.nbytes()
+    """Memory held by packed weights now (the size of the weights they copy, in the packed dtype): oneDNN's and
+    the few-rows kernels' copies."""
+    return _cache.nbytes() + few_rows_linear.cache_bytes()
 
 
 def packed_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -123,10 +125,10 @@ def linear_onednn(
     attribute, algorithm = POST_OPS[activation]
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()  # oneDNN adds an fp32 bias to its fp32 accumulator for either input dtype
-    if dtype == torch.bfloat16:
-        x = x.to(dtype)
-        if x.numel() <= amx_linear.MAX_ROWS * x.shape[-1] and amx_linear.problem(weight) is None:  # few rows
-            return amx_linear.amx_linear(x, amx_linear.packed_weight(weight), bias, activation, weight.shape[0])
-        # on row blocks where oneDNN's bf16 GEMM would idle a thread
+    x = x.to(dtype)
+    if x.numel() <= few_rows_linear.MAX_ROWS * x.shape[-1] and few_rows_linear.problem(weight, dtype) is None:
+        return few_rows_linear.few_rows_linear(x, few_rows_linear.packed_weight(weight, dtype), bias, activation,
+                                               weight.shape[0])
+    if dtype == torch.bfloat16:  # on row blocks where oneDNN's bf16 GEMM would idle a thread
         return onednn_row_blocks.bf16_linear(x, packed_weight(weight, dtype), bias, attribute, algorithm)
-    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed_weight(weight, dtype), bias, attribute, [], algorithm)
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight, dtype), bias, attribute, [], algorithm)

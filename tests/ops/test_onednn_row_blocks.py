@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fastbert.ops import amx_linear, onednn_linear, onednn_row_blocks
+from fastbert.ops import few_rows_linear, onednn_linear, onednn_row_blocks
 
 pytestmark = pytest.mark.skipif(onednn_linear.mkldnn_problem() is not None, reason=str(onednn_linear.mkldnn_problem()))
 
@@ -67,7 +67,7 @@ def test_linear_onednn_and_bf16_plans_use_it(monkeypatch):
     calls = []
     original = onednn_row_blocks.bf16_linear
     monkeypatch.setattr(onednn_row_blocks, "bf16_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
-    x, weight, bias = problem(amx_linear.MAX_ROWS + 8)  # fewer rows run the AMX GEMM where it runs
+    x, weight, bias = problem(few_rows_linear.MAX_ROWS + 8)  # fewer rows run the AMX GEMM where it runs
     with torch.no_grad():
         onednn_linear.linear_onednn(x, weight, bias.bfloat16())
         onednn_linear.linear_onednn(x.float(), weight.float(), bias)  # fp32: oneDNN's own threading is fine
@@ -82,4 +82,4 @@ def test_linear_onednn_and_bf16_plans_use_it(monkeypatch):
     with torch.inference_mode():
         model(input_ids=torch.randint(0, 64, (2, 130)))
     # the plan's four GEMMs per layer, and the pooler's unless its 2 rows ran on AMX
-    assert len(calls) == 1 + 2 * 4 + (amx_linear.problem(weight) is not None)
+    assert len(calls) == 1 + 2 * 4 + (few_rows_linear.problem(weight) is not None)

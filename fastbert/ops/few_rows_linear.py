@@ -1,0 +1,168 @@
+"""CPU GEMMs for few rows: y = activation(x @ weight.T + bias), bf16 on AMX, fp32 on AVX-512.
+
+Why: up to a few hundred rows (one short request, a small batch) a GEMM takes the time it needs to stream
+its weight, and oneDNN's packed GEMM behind torch's ops streams it at about half the rate these kernels
+do (csrc/cpu/amx_linear.cpp, csrc/cpu/fp32_linear.cpp; docs/perf-notes.md, "GEMMs for few rows"). Above
+MAX_ROWS oneDNN is as fast or faster, so `by_rows` sends larger calls there.
+
+Where they run: CPU inference (no backward); bf16 on a CPU with AMX-BF16 whose OS grants the tile state
+(out_features % 16 == 0, in_features % 32 == 0), fp32 on a CPU with AVX-512 (out_features % 16 == 0);
+every BERT-family width qualifies; the extension must be built. `problem(weight)` says why not. The
+inference plan and oneDNN's packed linear (fastbert.ops.onednn_linear) call them; nothing else does.
+
+Packed weights: one copy of each weight they run, in the kernel's layout, made on first use and cached
+like oneDNN's (fastbert.ops.weight_cache; `cache_bytes()`). FASTBERT_PACKED_WEIGHTS=0 (or
+onednn_linear.set_packing(False)) turns packing, and so these kernels, off; FASTBERT_FEW_ROWS_GEMM=0
+turns off only these kernels.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from fastbert.ops.weight_cache import PackedWeights
+
+MAX_ROWS = 256  # above this, oneDNN's GEMM is as fast (bert-base shapes) or faster (docs/perf-notes.md)
+ACTIVATIONS = (None, "gelu", "gelu_tanh", "tanh")
+
+_enabled = os.environ.get("FASTBERT_FEW_ROWS_GEMM", "1").strip().lower() not in ("0", "false", "off")
+_cache = PackedWeights()
+
+
+class _Kernel(NamedTuple):
+    usable: str  # fastbert._C function names
+    pack: str
+    linear: str
+    k_multiple: int  # in_features must be a multiple of this
+    needs: str  # what the CPU must have, for messages
+
+
+_KERNELS = {
+    torch.bfloat16: _Kernel("amx_bf16_usable", "amx_bf16_pack", "amx_bf16_linear", 32,
+                            "AMX-BF16 (and an OS that grants its tile state)"),
+    torch.float32: _Kernel("avx512_fp32_usable", "avx512_fp32_pack", "avx512_fp32_linear", 1, "AVX-512"),
+}
+_usable: dict[torch.dtype, bool] = {}  # the CPU (and OS) check per dtype, made once
+
+
+def _module():
+    from fastbert import extension
+
+    return extension.module()
+
+
+def _machine_problem(dtype: torch.dtype) -> str | None:
+    from fastbert.ops import onednn_linear
+
+    if not _enabled:
+        return "the few-rows GEMMs are switched off (FASTBERT_FEW_ROWS_GEMM=0)"
+    if not onednn_linear.packing_enabled():
+        return "packed weights are switched off (FASTBERT_PACKED_WEIGHTS=0 or onednn_linear.set_packing(False))"
+    kernel, module = _KERNELS[dtype], _module()
+    if module is None or not hasattr(module, kernel.linear):
+        return "the fastbert._C extension with the few-rows GEMMs is not built"
+    if dtype not in _usable:
+        _usable[dtype] = bool(getattr(module, kernel.usable)())
+    return None if _usable[dtype] else f"this CPU has no {kernel.needs}"
+
+
+def problem(weight: torch.Tensor, dtype: torch.dtype | None = None) -> str | None:
+    """Why the few-rows GEMM cannot run `weight` (out_features, in_features) in `dtype` (default: the
+    weight's own); None if it can."""
+    dtype = weight.dtype if dtype is None else dtype
+    if dtype not in _KERNELS:
+        return f"the few-rows GEMMs run bf16 or fp32, got {dtype}"
+    if weight.device.type != "cpu" or weight.dim() != 2:
+        return f"the few-rows GEMMs take a 2-D CPU weight, got shape {tuple(weight.shape)} on {weight.device}"
+    out_features, in_features = weight.shape
+    multiple = _KERNELS[dtype].k_multiple
+    if out_features % 16 or in_features % multiple:
+        return (f"the {dtype} few-rows GEMM needs out_features % 16 == 0 and in_features % {multiple} == 0, got "
+                f"{out_features} and {in_features}")
+    return _machine_problem(dtype)
+
+
+def packed_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """weight in `dtype` (default its own), packed for the few-rows kernel (cached while the weight is the
+    same tensor, unchanged)."""
+    dtype = weight.dtype if dtype is None else dtype
+    return _cache.get(weight, dtype, lambda w: _pack(w, dtype))
+
+
+def _pack(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    source = weight.to(dtype).contiguous()
+    packed = torch.empty(source.numel(), dtype=dtype)
+    getattr(_module(), _KERNELS[dtype].pack)(source.data_ptr(), packed.data_ptr(), *source.shape)
+    return packed
+
+
+def clear_cache() -> None:
+    _cache.clear()
+
+
+def cache_bytes() -> int:
+    return _cache.nbytes()
+
+
+def _activation_code(module, activation: str | None) -> int:
+    codes = {None: module.ACTIVATION_NONE, "gelu": module.GELU_ERF, "gelu_tanh": module.GELU_TANH,
+             "tanh": module.ACTIVATION_TANH}
+    if activation not in codes:
+        raise ValueError(f"few_rows_linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return codes[activation]
+
+
+def few_rows_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+                    out_features: int) -> torch.Tensor:
+    """activation(x @ W.T + bias) for a bf16 or fp32 CPU x (..., in_features) and W packed in x's dtype by
+    `packed_weight`; bias fp32 (out_features,) or None. Inference only."""
+    in_features = x.shape[-1]
+    if x.dtype not in _KERNELS or x.device.type != "cpu" or packed.dtype != x.dtype:
+        raise ValueError(f"few_rows_linear: x must be a bf16 or fp32 CPU tensor in the packed weight's dtype "
+                         f"{packed.dtype}, got {x.dtype} on {x.device}")
+    if packed.numel() != out_features * in_features:
+        raise ValueError(f"few_rows_linear: the packed weight holds {packed.numel()} elements, x's in_features "
+                         f"{in_features} x out_features {out_features} need {out_features * in_features}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,)):
+        raise ValueError(f"few_rows_linear: bias must be fp32 of shape ({out_features},), got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    rows = x.reshape(-1, in_features).contiguous()
+    y = torch.empty(rows.shape[0], out_features, dtype=x.dtype)
+    module = _module()
+    getattr(module, _KERNELS[x.dtype].linear)(
+        rows.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), rows.shape[0],
+        out_features, in_features, _activation_code(module, activation), torch.get_num_threads())
+    return y.view(*x.shape[:-1], out_features)
+
+
+def few_rows_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        activation: str | None) -> torch.Tensor:
+    """The reference: the products in fp32 (bf16 x bf16 is exact there), then the bias and the activation,
+    rounded to x's dtype once at the end."""
+    y = F.linear(x.float(), weight.to(x.dtype).float(), None if bias is None else bias.float())
+    if activation == "tanh":
+        y = torch.tanh(y)
+    elif activation is not None:
+        y = F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return y.to(x.dtype)
+
+
+def by_rows(weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+            large: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> activation(x @ weight.T + bias) in the weight's dtype: the few-rows kernel for calls of at most
+    MAX_ROWS rows, `large(x)` for more; just `large` where the kernel cannot run this weight. The inference
+    plan binds this."""
+    if problem(weight) is not None:
+        return large
+    packed, out_features, in_features = packed_weight(weight), weight.shape[0], weight.shape[1]
+    bias = None if bias is None else bias.float()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > MAX_ROWS * in_features:
+            return large(x)
+        return few_rows_linear(x, packed, bias, activation, out_features)
+
+    return run
