@@ -154,15 +154,25 @@ def by_rows(weight: torch.Tensor, bias: torch.Tensor | None, activation: str | N
             large: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> activation(x @ weight.T + bias) in the weight's dtype: the few-rows kernel for calls of at most
     MAX_ROWS rows, `large(x)` for more; just `large` where the kernel cannot run this weight. The inference
-    plan binds this."""
+    plan binds this: what `few_rows_linear` checks per call is checked here once (x must have the weight's
+    dtype and device: the plan's activations do)."""
     if problem(weight) is not None:
         return large
-    packed, out_features, in_features = packed_weight(weight), weight.shape[0], weight.shape[1]
-    bias = None if bias is None else bias.float()
+    out_features, in_features, dtype = weight.shape[0], weight.shape[1], weight.dtype
+    module = _module()
+    kernel, code = getattr(module, _KERNELS[dtype].linear), _activation_code(module, activation)
+    packed, bias = packed_weight(weight), None if bias is None else bias.float().contiguous()
+    addresses = (packed.data_ptr(), 0 if bias is None else bias.data_ptr())
+    most = MAX_ROWS * in_features
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > MAX_ROWS * in_features:
+        if x.numel() > most or x.dtype != dtype:
             return large(x)
-        return few_rows_linear(x, packed, bias, activation, out_features)
+        rows = x.reshape(-1, in_features).contiguous()
+        y = torch.empty(rows.shape[0], out_features, dtype=dtype)
+        kernel(rows.data_ptr(), *addresses, y.data_ptr(), rows.shape[0], out_features, in_features, code,
+               torch.get_num_threads())
+        return y.view(*x.shape[:-1], out_features)
 
+    run.packed, run.bias = packed, bias  # the closure's buffers stay alive with it (and are visible to tests)
     return run
