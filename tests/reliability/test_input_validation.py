@@ -185,7 +185,13 @@ class _SyncCounter:
             monkeypatch.setattr(torch.Tensor, name, counted)
 
 
-def test_all_range_checks_share_one_host_sync(monkeypatch):
+@pytest.mark.parametrize("on_cpu", [True, False], ids=["cpu", "accelerator"])
+def test_all_range_checks_share_one_host_sync(monkeypatch, on_cpu):
+    """On an accelerator (simulated: the CPU shortcut off), one read for all checks; on CPU, where a read
+    syncs nothing, two plain reads per tensor instead of stacking."""
+    from fastbert.models import validation
+
+    monkeypatch.setattr(validation, "_reads_are_free", lambda tensors: on_cpu)
     counter = _SyncCounter(monkeypatch)
     check(
         input_ids=ids(4, 16),
@@ -193,7 +199,7 @@ def test_all_range_checks_share_one_host_sync(monkeypatch):
         token_type_ids=torch.zeros(4, 16, dtype=torch.long),
         position_ids=torch.arange(16)[None],
     )
-    assert counter.calls == 1
+    assert counter.calls == (2 * 4 if on_cpu else 1)
 
 
 def test_should_validate_switches():
