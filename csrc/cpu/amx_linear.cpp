@@ -6,10 +6,11 @@
 // on an AMX Xeon (docs/perf-notes.md, "AMX GEMM for few rows").
 //
 // Work split: the columns come in groups of up to 4 blocks of 16; each thread owns a contiguous range of
-// groups, so its slice of the packed weight is one sequential stream. Per group, every 16-row block of x
-// runs against the group's weight panel (<= 4 x 16 columns x k, which stays in L2 after its first pass),
-// accumulating 4 C tiles of 16 x 16 fp32; the epilogue adds the bias, applies the activation and rounds
-// to bf16. A last block of fewer than 16 rows is copied, zero-padded, into a whole tile first.
+// groups, so its slice of the packed weight is one sequential stream. Per group, the rows of x run against
+// the group's weight panel (<= 4 x 16 columns x k, which stays in L2 after its first pass): pairs of
+// 16-row blocks as 2 x 2 C tiles per pair of column blocks, a remaining block as 1 x 4 C tiles, all
+// 16 x 16 fp32; the epilogue adds the bias, applies the activation and rounds to bf16. A last block of
+// fewer than 16 rows is copied, zero-padded, into a whole tile first.
 //
 // Packed weight layout (amx_bf16_pack): group after group; inside a group, for each 32-wide slice of k,
 // the 16 x 32 bf16 tile of each of its column blocks in AMX's B layout (tile row r holds k = 2r and 2r+1
@@ -123,6 +124,35 @@ FB_ISA_AMX void group_tiles(const bf16_t* x, int64_t k, const bf16_t* panel, flo
   if (BLOCKS > 3) _tile_stored(3, acc + 3 * kBlockCols, acc_stride);
 }
 
+// Two 16-row blocks of x (rows 0-31) against column blocks j and j + 1 of a group's panel (`blocks` in the
+// group): 2 x 2 C tiles, each A and B tile loaded once per k slice and used twice (the 1 x 4 loop above loads
+// 1.25 tiles per product; from L2 that load rate, not the products, sets the pace once x has 32 rows).
+// acc: [32, 4 * 16] fp32; columns 16 j .. 16 j + 31 are written.
+FB_ISA_AMX void pair_tiles(const bf16_t* x, int64_t k, const bf16_t* panel, int64_t blocks, int64_t j, float* acc) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t stride = k * static_cast<int64_t>(sizeof(bf16_t));
+  for (int64_t s = 0; s < k / kSliceK; ++s) {
+    const bf16_t* b = panel + (s * blocks + j) * kTileElements;
+    _tile_loadd(4, x + s * kSliceK, stride);
+    _tile_loadd(5, x + kTileRows * k + s * kSliceK, stride);
+    _tile_loadd(6, b, 64);
+    _tile_loadd(7, b + kTileElements, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  constexpr int64_t acc_stride = kGroupBlocks * kBlockCols * sizeof(float);
+  float* second = acc + kTileRows * kGroupBlocks * kBlockCols;  // row 16
+  _tile_stored(0, acc + j * kBlockCols, acc_stride);
+  _tile_stored(1, acc + (j + 1) * kBlockCols, acc_stride);
+  _tile_stored(2, second + j * kBlockCols, acc_stride);
+  _tile_stored(3, second + (j + 1) * kBlockCols, acc_stride);
+}
+
 FB_ISA_AMX void run_group(int64_t blocks, const bf16_t* x, int64_t k, const bf16_t* panel, float* acc) {
   switch (blocks) {
     case 4: group_tiles<4>(x, k, panel, acc); break;
@@ -154,12 +184,18 @@ FB_ISA_AMX void run_groups(const Problem& p, int64_t first, int64_t last) {
     config.colsb[t] = 64;
   }
   _tile_loadconfig(&config);
-  alignas(64) float acc[kTileRows * kGroupBlocks * kBlockCols];
+  alignas(64) float acc[2 * kTileRows * kGroupBlocks * kBlockCols];
   for (int64_t g = first; g < last; ++g) {
     const int64_t blocks = std::min(kGroupBlocks, blocks_total - g * kGroupBlocks);
     const bf16_t* panel = p.packed + g * kGroupBlocks * (p.k / kSliceK) * kTileElements;
     const int64_t col = g * kGroupBlocks * kBlockCols;
-    for (int64_t b = 0; b < whole + (tail ? 1 : 0); ++b) {
+    int64_t b = 0;
+    for (; blocks % 2 == 0 && b + 2 <= whole; b += 2) {  // pairs of whole row blocks, 2 x 2 tiles
+      for (int64_t j = 0; j < blocks; j += 2) pair_tiles(p.x + b * kTileRows * p.k, p.k, panel, blocks, j, acc);
+      store_rows<MODE>(acc, p.bias ? p.bias + col : nullptr, p.y + b * kTileRows * p.n + col, p.n, 2 * kTileRows,
+                       blocks * kBlockCols);
+    }
+    for (; b < whole + (tail ? 1 : 0); ++b) {
       run_group(blocks, b < whole ? p.x + b * kTileRows * p.k : padded.data(), p.k, panel, acc);
       store_rows<MODE>(acc, p.bias ? p.bias + col : nullptr, p.y + b * kTileRows * p.n + col, p.n,
                        b < whole ? kTileRows : tail, blocks * kBlockCols);

@@ -53,6 +53,7 @@ def _assert_close(got, reference, dtype, in_features):
 @pytest.mark.parametrize("activation", few_rows_linear.ACTIVATIONS)
 @pytest.mark.parametrize("rows,in_features,out_features", [
     (1, 32, 16), (5, 64, 48), (16, 384, 384), (17, 96, 80), (40, 384, 1152), (33, 1536, 384), (130, 64, 112),
+    (64, 64, 96),
 ])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_matches_float64_reference(dtype, activation, rows, in_features, out_features, threads):
