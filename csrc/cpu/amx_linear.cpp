@@ -254,13 +254,8 @@ void amx_bf16_linear(const bf16_t* x, const bf16_t* packed, const float* bias, b
   if (rows <= 0) return;
 #if FB_HAS_AMX
   const Problem p{x, packed, bias, y, rows, n, k};
-  switch (activation) {
-    case kActivationNone: run_parallel<kActivationNone>(p, num_threads); break;
-    case kActivationGeluErf: run_parallel<kActivationGeluErf>(p, num_threads); break;
-    case kActivationGeluTanh: run_parallel<kActivationGeluTanh>(p, num_threads); break;
-    case kActivationTanh: run_parallel<kActivationTanh>(p, num_threads); break;
-    default: throw std::invalid_argument("amx_bf16_linear: unknown activation code " + std::to_string(activation));
-  }
+  with_activation(activation, "amx_bf16_linear",
+                  [&](auto mode) { run_parallel<decltype(mode)::value>(p, num_threads); });
 #endif
 }
 

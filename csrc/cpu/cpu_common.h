@@ -14,6 +14,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "fastbert_kernels.h"
 
@@ -131,6 +132,19 @@ FB_INLINE float activate(float v) {
   } else {
     return v;
   }
+}
+
+// run(std::integral_constant<int, MODE>{}) for an Activation code (a GEMM epilogue compiled per activation);
+// an unknown code throws invalid_argument naming `op`.
+template <typename Run>
+void with_activation(int activation, const char* op, Run&& run) {
+  switch (activation) {
+    case kActivationNone: return run(std::integral_constant<int, kActivationNone>{});
+    case kActivationGeluErf: return run(std::integral_constant<int, kActivationGeluErf>{});
+    case kActivationGeluTanh: return run(std::integral_constant<int, kActivationGeluTanh>{});
+    case kActivationTanh: return run(std::integral_constant<int, kActivationTanh>{});
+  }
+  throw std::invalid_argument(std::string(op) + ": unknown activation code " + std::to_string(activation));
 }
 
 // 2 = AVX-512 variant, 1 = AVX2+FMA, 0 = baseline. Decided once per process.

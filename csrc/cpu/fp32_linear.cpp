@@ -156,13 +156,8 @@ void avx512_fp32_linear(const float* x, const float* packed, const float* bias, 
   if (rows <= 0) return;
 #if FB_HAS_FP32_GEMM
   const Problem p{x, packed, bias, y, rows, n, k};
-  switch (activation) {
-    case kActivationNone: run_shape<kActivationNone>(p, num_threads); break;
-    case kActivationGeluErf: run_shape<kActivationGeluErf>(p, num_threads); break;
-    case kActivationGeluTanh: run_shape<kActivationGeluTanh>(p, num_threads); break;
-    case kActivationTanh: run_shape<kActivationTanh>(p, num_threads); break;
-    default: throw std::invalid_argument("avx512_fp32_linear: unknown activation code " + std::to_string(activation));
-  }
+  with_activation(activation, "avx512_fp32_linear",
+                  [&](auto mode) { run_shape<decltype(mode)::value>(p, num_threads); });
 #endif
 }
 

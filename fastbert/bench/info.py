@@ -54,6 +54,28 @@ def _op_lines() -> list[str]:
     return lines
 
 
+def _plan_lines() -> list[str]:
+    """What CPU inference plans run beside the registry's choices (fastbert/models/plan.py): fastbert's
+    GEMMs for few rows and the short-sequence attention, or why not."""
+    from fastbert import backend
+    from fastbert.ops import few_rows_linear
+    from fastbert.ops.cpu_attention import SHORT_SEQLEN
+
+    lines = []
+    for dtype, kernel in ((torch.bfloat16, "AMX"), (torch.float32, "AVX-512")):
+        problem = few_rows_linear.problem(torch.empty(16, 32, dtype=dtype))
+        name = str(dtype).replace("torch.", "")
+        lines.append(f"  {name} GEMMs of <= {few_rows_linear.MAX_ROWS} rows: "
+                     + (f"fastbert's {kernel} kernel (more rows: the linear op's backend)" if problem is None
+                        else f"the linear op's backend ({problem})"))
+    kernel = backend.REGISTRY.get("varlen_attention", "cpp")
+    problem = "not registered" if kernel is None else kernel.problem(
+        backend.signature("varlen_attention", torch.empty(0), head_dim=64))
+    lines.append(f"  attention of <= {SHORT_SEQLEN} tokens: "
+                 + ("the cpp kernel on the fused QKV output" if problem is None else f"as resolved ({problem})"))
+    return lines
+
+
 def quick_comparison() -> str:
     """fastbert vs HF sdpa on QUICK_CONFIG, batch 4 x 64 with uniform lengths: diff and speedup."""
     from fastbert.bench.run import BenchOptions, run_bench
@@ -84,6 +106,8 @@ def info_report(compare: bool = True) -> str:
         f"extension fastbert._C: {environment.extension_status()}",
         "ops (backend: devices; dtypes, per-call limits aside):",
         *_op_lines(),
+        "CPU inference plans, besides the ops above:",
+        *_plan_lines(),
     ]
     if compare:
         lines.append(quick_comparison())

@@ -42,6 +42,25 @@ def test_info_prints_backends(capsys, monkeypatch):
     assert "quick check" in out and "max abs diff" in out
 
 
+def test_info_says_what_cpu_plans_run_beside_the_registry(capsys, monkeypatch):
+    from fastbert.ops import few_rows_linear
+
+    monkeypatch.setattr("fastbert.bench.info.QUICK_CONFIG", TINY)
+    assert main(["info", "--no-compare"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU inference plans" in out and "attention of <= 16 tokens" in out
+    for dtype in ("bfloat16", "float32"):
+        assert f"{dtype} GEMMs of <= {few_rows_linear.MAX_ROWS} rows" in out
+    from fastbert.ops import onednn_linear
+
+    try:
+        onednn_linear.set_packing(False)
+        assert main(["info", "--no-compare"]) == 0
+        assert "packed weights are switched off" in capsys.readouterr().out
+    finally:
+        onednn_linear.set_packing(True)
+
+
 def test_info_and_results_name_the_cpu_features(capsys, monkeypatch, tmp_path):
     """Kernel rankings differ between CPUs (AMX or not), so `info` and every result say which features ran."""
     from fastbert.bench import environment
