@@ -21,15 +21,14 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kQueryTile = 16;
-constexpr int64_t kKeyTile = 64;       // keys per score tile ...
-constexpr int64_t kShortKeyTile = 16;  // ... or one AVX-512 vector of them when every sequence is that short
+constexpr int64_t kKeyTile = 64;  // keys per score tile (shorter sequences: 16 or 32, the smallest that holds them)
 constexpr int64_t kRowBlock = 4;
 constexpr int64_t kWorkPerThread = int64_t{1} << 17;
 
 struct VarlenShape {
   int64_t heads, head_dim, row_stride;
   float scale;
-  bool short_keys;  // max_seqlen <= kShortKeyTile: score tiles of kShortKeyTile keys, not kKeyTile
+  int64_t key_tile;  // 16, 32 or kKeyTile: the smallest that holds max_seqlen
 };
 
 // scores[i, 0:KT] = q[i, :] . kt[:, key0 : key0 + KT] for the tile's query rows (q already scaled).
@@ -60,7 +59,7 @@ template <int64_t KT>
 FB_INLINE void tile_scores(const float* __restrict__ q, int64_t rows, const float* __restrict__ kt, int64_t kt_stride,
                            int64_t key0, int64_t head_dim, float* __restrict__ scores) {
   // a short tile is one vector per row: 4 x KT / 16 accumulators would leave the FMAs waiting on each other
-  constexpr int R = KT == kShortKeyTile ? 4 * kRowBlock : kRowBlock;
+  constexpr int R = static_cast<int>(kRowBlock * kKeyTile / KT);
   int64_t i = 0;
   for (; i + R <= rows; i += R) score_rows<R, KT>(q + i * head_dim, kt, kt_stride, key0, head_dim, scores + i * KT);
   for (; i + kRowBlock <= rows; i += kRowBlock)
@@ -68,30 +67,12 @@ FB_INLINE void tile_scores(const float* __restrict__ q, int64_t rows, const floa
   for (; i < rows; ++i) score_rows<1, KT>(q + i * head_dim, kt, kt_stride, key0, head_dim, scores + i * KT);
 }
 
-// Online softmax step for one query row: s[0:n] becomes exp(s - new max) in place, the running max m
-// and sum l are updated, and the factor that rescales the row's output accumulator is returned.
+// Online softmax step for one query row of a W-key tile (n <= W keys real): s[0:n] becomes exp(s - new max)
+// in place, the running max m and sum l are updated, and the factor that rescales the row's output
+// accumulator is returned. The max and the sum are pairwise trees over the whole tile, which vectorize; a
+// plain loop ends in a W-step scalar chain (GCC keeps a float sum in order). Lanes j >= n count as 0.
+template <int64_t W>
 FB_INLINE float softmax_step(float* __restrict__ s, int64_t n, float* m, float* l) {
-  float tile_max = s[0];
-#pragma omp simd reduction(max : tile_max)
-  for (int64_t j = 1; j < n; ++j) tile_max = s[j] > tile_max ? s[j] : tile_max;
-  const float new_max = tile_max > *m ? tile_max : *m;
-  const float correction = fast_exp(*m - new_max);
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] = fast_exp(s[j] - new_max);
-    sum += s[j];
-  }
-  *l = *l * correction + sum;
-  *m = new_max;
-  return correction;
-}
-
-// The same for a tile of kShortKeyTile keys (one vector; n <= kShortKeyTile of them real): the max and
-// the sum as pairwise trees over the whole vector, which vectorize, where the loops above end in a
-// 16-step scalar chain (GCC keeps a float sum in order). Lanes j >= n count as exp(-inf) = 0.
-FB_INLINE float softmax_step_short(float* __restrict__ s, int64_t n, float* m, float* l) {
-  constexpr int64_t W = kShortKeyTile;
   float t[W];
 #pragma omp simd
   for (int64_t j = 0; j < W; ++j) t[j] = j < n ? s[j] : -3.0e38f;
@@ -231,8 +212,7 @@ FB_INLINE void attend_one(const T* q, const T* k, const T* v, T* out, int64_t st
       tile_scores<KT>(w.qtile, rows, kt, kt_stride, key0, hd, w.scores);
       float correction[kQueryTile];
       for (int64_t i = 0; i < rows; ++i)
-        correction[i] = KT == kShortKeyTile ? softmax_step_short(w.scores + i * KT, n, &m[i], &l[i])
-                                            : softmax_step(w.scores + i * KT, n, &m[i], &l[i]);
+        correction[i] = softmax_step<KT>(w.scores + i * KT, n, &m[i], &l[i]);
       accumulate_tile<HD, KT>(w.scores, rows, n, vrows + key0 * v_stride, v_stride, hd, correction, acc0, acc_stride);
     }
     for (int64_t i = 0; i < rows; ++i) {
@@ -249,22 +229,28 @@ template <typename T>
 using AttendFn = void (*)(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, const VarlenShape&,
                           const Scratch&);
 
+// attend_one with the head_dim known at compile time where it is 32 or 64.
+template <int64_t KT, typename T>
+FB_INLINE void attend_tile(const T* q, const T* k, const T* v, T* out, int64_t start, int64_t len, int64_t head,
+                           const VarlenShape& shape, const Scratch& w) {
+  if (shape.head_dim == 64)
+    attend_one<64, KT>(q, k, v, out, start, len, head, shape, w);
+  else if (shape.head_dim == 32)
+    attend_one<32, KT>(q, k, v, out, start, len, head, shape, w);
+  else
+    attend_one<0, KT>(q, k, v, out, start, len, head, shape, w);
+}
+
 #define FB_ATTENTION_VARIANT(SUFFIX, ATTR)                                                                     \
   template <typename T>                                                                                       \
   ATTR void attend_##SUFFIX(const T* q, const T* k, const T* v, T* out, int64_t start, int64_t len,           \
                             int64_t head, const VarlenShape& shape, const Scratch& w) {                       \
-    if (shape.short_keys && shape.head_dim == 64)                                                             \
-      attend_one<64, kShortKeyTile>(q, k, v, out, start, len, head, shape, w);                                \
-    else if (shape.short_keys && shape.head_dim == 32)                                                        \
-      attend_one<32, kShortKeyTile>(q, k, v, out, start, len, head, shape, w);                                \
-    else if (shape.short_keys)                                                                                \
-      attend_one<0, kShortKeyTile>(q, k, v, out, start, len, head, shape, w);                                 \
-    else if (shape.head_dim == 64)                                                                            \
-      attend_one<64, kKeyTile>(q, k, v, out, start, len, head, shape, w);                                     \
-    else if (shape.head_dim == 32)                                                                            \
-      attend_one<32, kKeyTile>(q, k, v, out, start, len, head, shape, w);                                     \
+    if (shape.key_tile == 16)                                                                                 \
+      attend_tile<16>(q, k, v, out, start, len, head, shape, w);                                              \
+    else if (shape.key_tile == 32)                                                                            \
+      attend_tile<32>(q, k, v, out, start, len, head, shape, w);                                              \
     else                                                                                                      \
-      attend_one<0, kKeyTile>(q, k, v, out, start, len, head, shape, w);                                      \
+      attend_tile<kKeyTile>(q, k, v, out, start, len, head, shape, w);                                        \
   }
 
 FB_ATTENTION_VARIANT(base, )
@@ -324,7 +310,8 @@ void varlen_attention_fwd(const void* q, const void* k, const void* v, void* out
   for (int64_t b = 0; b < batch; ++b)
     if (cu_seqlens[b + 1] < cu_seqlens[b] || cu_seqlens[b + 1] - cu_seqlens[b] > max_seqlen)
       throw std::invalid_argument("varlen_attention_fwd: cu_seqlens must be non-decreasing, gaps <= max_seqlen");
-  const VarlenShape shape{heads, head_dim, row_stride, softmax_scale, max_seqlen <= kShortKeyTile};
+  const int64_t key_tile = max_seqlen <= 16 ? 16 : (max_seqlen <= 32 ? 32 : kKeyTile);
+  const VarlenShape shape{heads, head_dim, row_stride, softmax_scale, key_tile};
   if (dtype == kFloat32)
     run_tasks(static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v),
               static_cast<float*>(out), cu_seqlens, batch, shape, max_seqlen, num_threads);

@@ -59,9 +59,9 @@ def varlen_attention_cpp(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None,
     return out
 
 
-# Sequences this short attend as one vector of keys per query row (csrc/cpu/attention.cpp, kShortKeyTile),
-# on one thread, where the kernel beats SDPA (docs/perf-notes.md): the inference plan sends them here.
-SHORT_SEQLEN = 16
+# Sequences this short attend on score tiles of 16 or 32 keys (csrc/cpu/attention.cpp), where the kernel beats
+# SDPA (docs/perf-notes.md): the inference plan sends them here.
+SHORT_SEQLEN = 32
 
 
 def fused_qkv_attention(qkv: torch.Tensor, heads: int, head_dim: int, scale: float, cu_seqlens: torch.Tensor,

@@ -48,7 +48,9 @@ def test_info_says_what_cpu_plans_run_beside_the_registry(capsys, monkeypatch):
     monkeypatch.setattr("fastbert.bench.info.QUICK_CONFIG", TINY)
     assert main(["info", "--no-compare"]) == 0
     out = capsys.readouterr().out
-    assert "CPU inference plans" in out and "attention of <= 16 tokens" in out
+    from fastbert.ops.cpu_attention import SHORT_SEQLEN
+
+    assert "CPU inference plans" in out and f"attention of <= {SHORT_SEQLEN} tokens" in out
     for dtype in ("bfloat16", "float32"):
         assert f"{dtype} GEMMs of <= {few_rows_linear.MAX_ROWS} rows" in out
     from fastbert.ops import onednn_linear

@@ -26,8 +26,8 @@ def packed_qkv(lengths, heads, head_dim):
     return q, k, v, cu_seqlens
 
 
-# max_seqlen <= 16 runs the kernel's short-key path (one vector of keys per row, tree reductions)
-SHORT = [[16], [3, 16, 0, 9], [1, 1]]
+# max_seqlen <= 16 / <= 32 run score tiles of 16 / 32 keys (one / two vectors per row)
+SHORT = [[16], [3, 16, 0, 9], [1, 1], [32, 17], [24]]
 
 
 @pytest.mark.parametrize("lengths", [[1], [7, 0, 65], [64, 128, 3], [200, 31], *SHORT])
