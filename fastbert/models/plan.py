@@ -113,14 +113,19 @@ class Resolver:
             attribute, algorithm = onednn_linear.POST_OPS[activation]
             if bias is not None and bias.dtype != torch.float32:
                 bias = bias.float()  # oneDNN adds an fp32 bias to its fp32 accumulator (as linear_onednn)
-            packed = onednn_linear.packed_weight(weight)
-            if weight.dtype == torch.bfloat16:  # row blocks where oneDNN's bf16 GEMM would idle a thread
-                large = functools.partial(onednn_row_blocks.bf16_linear, weight=packed, bias=bias,
-                                          attribute=attribute, algorithm=algorithm)
-            else:
-                large = functools.partial(torch.ops.mkldnn._linear_pointwise.default, W=packed, B=bias,
-                                          attr=attribute, scalars=[], algorithm=algorithm)
-            return few_rows_linear.by_rows(weight, bias, activation, large)  # fastbert's kernels for few rows
+
+            def onednn_gemm() -> Callable:
+                packed = onednn_linear.packed_weight(weight)
+                if weight.dtype == torch.bfloat16:  # row blocks where oneDNN's bf16 GEMM would idle a thread
+                    return functools.partial(onednn_row_blocks.bf16_linear, weight=packed, bias=bias,
+                                             attribute=attribute, algorithm=algorithm)
+                return functools.partial(torch.ops.mkldnn._linear_pointwise.default, W=packed, B=bias,
+                                         attr=attribute, scalars=[], algorithm=algorithm)
+
+            if few_rows_linear.problem(weight) is not None:
+                return onednn_gemm()
+            # fastbert's kernels for few rows; oneDNN's packed copy only once a call has more rows
+            return few_rows_linear.by_rows(weight, bias, activation, BuiltOnFirstCall(onednn_gemm))
         if name == "torch" and activation is None:
             return functools.partial(torch._C._nn.linear, weight=weight, bias=bias)
         run = self.implementation("linear")
@@ -170,6 +175,23 @@ class Resolver:
             run = self.implementation("bias_gelu")
             activation = functools.partial(run, bias=bias, approximate=approximate)
         return lambda x: activation(gemm(x))
+
+
+class BuiltOnFirstCall:
+    """x -> build()(x), with build() run on the first call only: a plan whose GEMMs only ever see few rows
+    never makes oneDNN's packed copy of their weights (half the packed memory of a latency deployment).
+    Two threads that build at once each build one (the packed-weight cache makes both the same copy)."""
+
+    __slots__ = ("build", "run")
+
+    def __init__(self, build: Callable[[], Callable]):
+        self.build, self.run = build, None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        run = self.run
+        if run is None:
+            run = self.run = self.build()
+        return run(x)
 
 
 def fused_qkv(query: nn.Linear, key: nn.Linear, value: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:

@@ -193,3 +193,24 @@ def test_plan_runs_short_requests_on_it_and_matches_hf(dtype, monkeypatch):
     torch.testing.assert_close(got.last_hidden_state.double(), expected.last_hidden_state, rtol=tolerance,
                                atol=tolerance)
     torch.testing.assert_close(got.pooler_output.double(), expected.pooler_output, rtol=tolerance, atol=tolerance)
+
+
+@each_dtype
+def test_plan_packs_for_onednn_only_once_a_call_has_many_rows(dtype):
+    import transformers
+
+    import fastbert
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=128, max_position_embeddings=512)
+    model = fastbert.BertModel(config).to(dtype).eval()
+    onednn_linear.clear_cache()
+
+    def onednn_bytes():
+        return onednn_linear.cache_bytes() - few_rows_linear.cache_bytes()
+
+    with torch.inference_mode():
+        model(input_ids=torch.randint(0, 64, (1, 16)))
+        assert few_rows_linear.cache_bytes() > 0 and onednn_bytes() == 0
+        model(input_ids=torch.randint(0, 64, (2, few_rows_linear.MAX_ROWS)))
+    assert onednn_bytes() > 0
