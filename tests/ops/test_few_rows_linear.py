@@ -214,3 +214,14 @@ def test_plan_packs_for_onednn_only_once_a_call_has_many_rows(dtype):
         assert few_rows_linear.cache_bytes() > 0 and onednn_bytes() == 0
         model(input_ids=torch.randint(0, 64, (2, few_rows_linear.MAX_ROWS)))
     assert onednn_bytes() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_cpu_without_the_instructions_keeps_onednn(dtype, monkeypatch):
+    """On a CPU without AMX (bf16) or AVX-512 (fp32), problem() says so and the plan keeps oneDNN's GEMM."""
+    monkeypatch.setitem(few_rows_linear._usable, dtype, False)
+    weight = torch.randn(32, 64).to(dtype)
+    if few_rows_linear._module() is not None:
+        assert "this CPU has no" in few_rows_linear.problem(weight)
+    large = object()
+    assert few_rows_linear.by_rows(weight, None, None, large) is large
