@@ -324,8 +324,13 @@ def main(argv=None) -> None:
         return
     check_args(parser, args)
     args.model_dir = resolve_model(args.model)
+    from fastbert.bench.environment import cpu_clock_probe
+
+    clock = {"before": cpu_clock_probe()}
     summary, padding = parent(args)
-    print(f"batch {args.batch} x {args.seq}, padding fraction {padding:.3f}")
+    clock["after"] = cpu_clock_probe()
+    print(f"batch {args.batch} x {args.seq}, padding fraction {padding:.3f}; one core's fp32 GEMM rate (clock probe) "
+          f"{clock['before']} GFLOP/s before, {clock['after']} after")
     for name, record in summary.items():
         print(f"{name:18s} {record['median_ms']:9.3f} ms  cos min {record['cosine_to_hf_fp32_min']:.6f}"
               f"  mean {record['cosine_to_hf_fp32_mean']:.6f}")
@@ -333,7 +338,7 @@ def main(argv=None) -> None:
         config = {key: value for key, value in vars(args).items() if key not in ("child", "int8_folder")}
         with open(args.json, "w") as handle:
             json.dump({"config": config, "padding_fraction": padding, "results": summary,
-                       "environment": _environment()}, handle, indent=1)
+                       "environment": {**_environment(), "clock_probe_gflops": clock}}, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ def test_fp32_runtimes_match_hf_on_real_tokens(tiny_model, tmp_path):
     assert (record["config"]["batch"], record["config"]["seq"], record["config"]["padding"]) == (BATCH, SEQ, PADDING)
     assert record["config"]["model"] == str(tiny_model)
     assert "features" in record["environment"]["cpu"] and record["environment"]["versions"]["torch"]
+    clock = record["environment"]["clock_probe_gflops"]  # the machine's clock before and after the run
+    assert clock["before"] > 0 and clock["after"] > 0
     assert 0.1 < record["padding_fraction"] < 0.6  # rows really are padded
     for name, result in record["results"].items():
         assert len(result["round_medians_ms"]) == 1 and result["median_ms"] > 0, name

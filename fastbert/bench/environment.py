@@ -5,6 +5,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -74,6 +75,24 @@ def cpu_features() -> list[str]:
     except OSError:
         pass
     return []
+
+
+def cpu_clock_probe(repeats: int = 50) -> float:
+    """One core's fp32 GEMM rate right now, in GFLOP/s (a 256^3 torch.mm, the best of `repeats`): a probe of the
+    clock, recorded before and after a benchmark so that runs on a machine whose clock moves (a VM, turbo) can be
+    told apart. Not the CPU's peak."""
+    threads = torch.get_num_threads()
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    torch.set_num_threads(1)
+    try:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return round(2 * 256**3 / best / 1e9, 1)
 
 
 def device_info(device: torch.device) -> dict:
