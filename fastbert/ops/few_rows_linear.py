@@ -3,7 +3,8 @@
 Why: up to a few hundred rows (one short request, a small batch) a GEMM takes the time it needs to stream
 its weight, and oneDNN's packed GEMM behind torch's ops streams it at about half the rate these kernels
 do (csrc/cpu/amx_linear.cpp, csrc/cpu/fp32_linear.cpp; docs/perf-notes.md, "GEMMs for few rows"). Above
-MAX_ROWS oneDNN is as fast or faster, so `by_rows` sends larger calls there.
+MAX_ROWS (32 for bf16 with a GELU epilogue: `max_rows`) oneDNN is as fast or faster, so `by_rows` sends larger
+calls there.
 
 Where they run: CPU inference (no backward); bf16 on a CPU with AMX-BF16 whose OS grants the tile state
 (out_features % 16 == 0, in_features % 32 == 0), fp32 on a CPU with AVX-512 (out_features % 16 == 0);
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from fastbert.ops.weight_cache import PackedWeights
 
 MAX_ROWS = 256  # above this, oneDNN's GEMM is as fast (bert-base shapes) or faster (docs/perf-notes.md)
+# bf16 with a GELU epilogue: oneDNN's epilogue costs about half of this kernel's, which decides from ~32 rows
+MAX_ROWS_BF16_GELU = 32
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "tanh")
 
 _enabled = os.environ.get("FASTBERT_FEW_ROWS_GEMM", "1").strip().lower() not in ("0", "false", "off")
@@ -150,10 +153,15 @@ def few_rows_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return y.to(x.dtype)
 
 
+def max_rows(dtype: torch.dtype, activation: str | None) -> int:
+    """The most rows a call may have to run on the few-rows kernel (measured; docs/perf-notes.md)."""
+    return MAX_ROWS_BF16_GELU if dtype == torch.bfloat16 and activation in ("gelu", "gelu_tanh") else MAX_ROWS
+
+
 def by_rows(weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
             large: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> activation(x @ weight.T + bias) in the weight's dtype: the few-rows kernel for calls of at most
-    MAX_ROWS rows, `large(x)` for more; just `large` where the kernel cannot run this weight. The inference
+    max_rows(...) rows, `large(x)` for more; just `large` where the kernel cannot run this weight. The inference
     plan binds this: what `few_rows_linear` checks per call is checked here once (x must have the weight's
     dtype and device: the plan's activations do)."""
     if problem(weight) is not None:
@@ -163,7 +171,7 @@ def by_rows(weight: torch.Tensor, bias: torch.Tensor | None, activation: str | N
     kernel, code = getattr(module, _KERNELS[dtype].linear), _activation_code(module, activation)
     packed, bias = packed_weight(weight), None if bias is None else bias.float().contiguous()
     addresses = (packed.data_ptr(), 0 if bias is None else bias.data_ptr())
-    most = MAX_ROWS * in_features
+    most = max_rows(dtype, activation) * in_features
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.numel() > most or x.dtype != dtype:

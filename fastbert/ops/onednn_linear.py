@@ -126,7 +126,8 @@ def linear_onednn(
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()  # oneDNN adds an fp32 bias to its fp32 accumulator for either input dtype
     x = x.to(dtype)
-    if x.numel() <= few_rows_linear.MAX_ROWS * x.shape[-1] and few_rows_linear.problem(weight, dtype) is None:
+    most = few_rows_linear.max_rows(dtype, activation)
+    if x.numel() <= most * x.shape[-1] and few_rows_linear.problem(weight, dtype) is None:
         return few_rows_linear.few_rows_linear(x, few_rows_linear.packed_weight(weight, dtype), bias, activation,
                                                weight.shape[0])
     if dtype == torch.bfloat16:  # on row blocks where oneDNN's bf16 GEMM would idle a thread

@@ -96,6 +96,15 @@ def test_by_rows_sends_many_rows_to_the_large_gemm(dtype):
     assert calls == [few_rows_linear.MAX_ROWS + 1]
 
 
+@each_dtype
+def test_bf16_gelu_epilogues_hand_more_than_32_rows_to_onednn(dtype):
+    x, weight, bias = _problem(few_rows_linear.MAX_ROWS_BF16_GELU + 1, 64, 32, dtype)
+    calls = []
+    run = few_rows_linear.by_rows(weight, bias, "gelu", lambda rows: calls.append(rows.shape[0]) or rows[:, :32])
+    run(x)
+    assert calls == ([few_rows_linear.MAX_ROWS_BF16_GELU + 1] if dtype == torch.bfloat16 else [])
+
+
 def test_what_it_cannot_run_says_why():
     assert "out_features % 16" in few_rows_linear.problem(torch.empty(40, 32))
     assert "in_features % 32" in few_rows_linear.problem(torch.empty(16, 48, dtype=torch.bfloat16))
