@@ -5,10 +5,11 @@
 // is rounded to bf16 (nearest even) once, from an fp32 accumulator tile.
 //
 // For each task: K is transposed once into a [head_dim x len] buffer, then query tiles of kQueryTile rows
-// sweep the keys in tiles of kKeyTile columns with an online softmax (running max and sum per row, the
-// output accumulator rescaled when the max grows), so no [len x len] score matrix is ever stored.
-// Query rows go through both products in blocks of kRowBlock (each K^T or V vector loaded feeds
-// kRowBlock FMAs; head_dim 32 and 64 keep the P.V accumulators in registers). The inner loops run over
+// sweep the keys in tiles of kKeyTile columns (16 or 32 when every sequence fits in one) with an online
+// softmax (running max and sum per row, the output accumulator rescaled when the max grows), so no
+// [len x len] score matrix is ever stored. Query rows go through both products in blocks (each K^T or V
+// vector loaded feeds one FMA per row of the block; head_dim 32 and 64 keep the P.V accumulators in
+// registers). A problem of less than kWorkPerThread multiply-adds per thread runs on fewer threads. The inner loops run over
 // contiguous floats (a key tile's columns, a head's dims) and are compiled for AVX-512, AVX2+FMA and
 // baseline x86-64, picked at run time like the other CPU kernels.
 #include <type_traits>
@@ -33,8 +34,8 @@ struct VarlenShape {
 
 // scores[i, 0:KT] = q[i, :] . kt[:, key0 : key0 + KT] for the tile's query rows (q already scaled).
 // kt's rows are padded with zeros to a multiple of KT (the key tile), so every tile is full width.
-// Rows go in blocks of kRowBlock: each kt vector loaded is used by kRowBlock FMAs, and the
-// kRowBlock x KT accumulators (16 AVX-512 registers for KT = 64) stay in registers across the head_dim loop.
+// Rows go in blocks of R: each kt vector loaded is used by R FMAs, and the R x KT accumulators (16 AVX-512
+// registers in tile_scores' blocks) stay in registers across the head_dim loop.
 template <int R, int64_t KT>
 FB_INLINE void score_rows(const float* __restrict__ q, const float* __restrict__ kt, int64_t kt_stride, int64_t key0,
                           int64_t head_dim, float* __restrict__ scores) {

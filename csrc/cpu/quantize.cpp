@@ -42,7 +42,7 @@ FB_INLINE void dequantize_row(const float* __restrict__ acc, float scale, const 
 #pragma omp simd
   for (int64_t c = 0; c < cols; ++c) {
     const float v = acc[c] * scale + bias[c];
-    store_value(y, c, MODE < 0 ? v : gelu<(MODE < 0 ? kGeluErf : MODE)>(v));
+    store_value(y, c, activate<MODE>(v));  // MODE: kActivationNone (-1) or a GELU
   }
 }
 
@@ -67,7 +67,7 @@ FB_INLINE void dequantize_any(int mode, const float* acc, const float* scales, c
   else if (mode == kGeluTanh)
     dequantize_block<T, kGeluTanh>(acc, scales, bias, y, r0, r1, cols);
   else
-    dequantize_block<T, -1>(acc, scales, bias, y, r0, r1, cols);
+    dequantize_block<T, kActivationNone>(acc, scales, bias, y, r0, r1, cols);
 }
 
 #define FB_QUANTIZE_VARIANT(SUFFIX, ATTR)                                                                     \
@@ -135,7 +135,7 @@ void dequantize_rows(const float* acc, const float* scales, const float* bias, v
                      int dtype, int gelu_mode, int num_threads) {
   check_dtype(dtype, "dequantize_rows");
   check_sizes(rows, cols, "dequantize_rows");
-  if (gelu_mode != kGeluErf && gelu_mode != kGeluTanh && gelu_mode != -1)
+  if (gelu_mode != kGeluErf && gelu_mode != kGeluTanh && gelu_mode != kActivationNone)
     throw std::invalid_argument("dequantize_rows: unknown activation code");
   const DequantizeFn fn = pick_dequantize();
   const int nt = threads_for(num_threads, rows, cols);

@@ -190,17 +190,10 @@ def _reads_are_free(tensors: list[torch.Tensor]) -> bool:
 def _extremes(tensors: list[torch.Tensor]) -> list:
     """[min, max, min, max, ...] of the tensors: one fused min/max each, read with ONE host sync for all of them
     on an accelerator; on CPU, where a read syncs nothing, each read directly (3x less time than stacking)."""
+    extremes = [value for t in tensors for value in torch.aminmax(t)]
     if _reads_are_free(tensors):
-        values = []
-        for t in tensors:
-            low, high = torch.aminmax(t)
-            values += [low.item(), high.item()]
-        return values
-    extremes = []
-    for t in tensors:
-        low, high = torch.aminmax(t)
-        extremes += [low.double(), high.double()]
-    return torch.stack(extremes).tolist()  # the one host sync
+        return [value.item() for value in extremes]
+    return torch.stack([value.double() for value in extremes]).tolist()  # the one host sync
 
 
 def _check_ranges(ranges) -> None:

@@ -132,12 +132,19 @@ def few_rows_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,)):
         raise ValueError(f"few_rows_linear: bias must be fp32 of shape ({out_features},), got {bias.dtype} "
                          f"{tuple(bias.shape)}")
+    module = _module()
+    addresses = (packed.data_ptr(), 0 if bias is None else bias.data_ptr())
+    return _launch(getattr(module, _KERNELS[x.dtype].linear), _activation_code(module, activation), x, addresses,
+                   out_features)
+
+
+def _launch(kernel, code: int, x: torch.Tensor, addresses: tuple[int, int], out_features: int) -> torch.Tensor:
+    """The kernel call on x's rows, checks done: addresses are the packed weight's and the bias's (0: none)."""
+    in_features = x.shape[-1]
     rows = x.reshape(-1, in_features).contiguous()
     y = torch.empty(rows.shape[0], out_features, dtype=x.dtype)
-    module = _module()
-    getattr(module, _KERNELS[x.dtype].linear)(
-        rows.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), rows.shape[0],
-        out_features, in_features, _activation_code(module, activation), torch.get_num_threads())
+    kernel(rows.data_ptr(), *addresses, y.data_ptr(), rows.shape[0], out_features, in_features, code,
+           torch.get_num_threads())
     return y.view(*x.shape[:-1], out_features)
 
 
@@ -176,11 +183,7 @@ def by_rows(weight: torch.Tensor, bias: torch.Tensor | None, activation: str | N
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.numel() > most or x.dtype != dtype:
             return large(x)
-        rows = x.reshape(-1, in_features).contiguous()
-        y = torch.empty(rows.shape[0], out_features, dtype=dtype)
-        kernel(rows.data_ptr(), *addresses, y.data_ptr(), rows.shape[0], out_features, in_features, code,
-               torch.get_num_threads())
-        return y.view(*x.shape[:-1], out_features)
+        return _launch(kernel, code, x, addresses, out_features)
 
-    run.packed, run.bias = packed, bias  # the closure's buffers stay alive with it (and are visible to tests)
+    run.packed, run.bias = packed, bias  # keeps alive what `addresses` point into
     return run
