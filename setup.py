@@ -29,8 +29,9 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 CPU_SOURCES = ["csrc/cpu/bias_gelu.cpp", "csrc/cpu/add_layer_norm.cpp", "csrc/cpu/attention.cpp",
-               "csrc/cpu/quantize.cpp", "csrc/cpu/amx_linear.cpp",
-               "csrc/cpu/fp32_linear.cpp", "csrc/bindings/module_cpu.cpp"]
+               "csrc/cpu/quantize.cpp", "csrc/cpu/bf16_pack.cpp",
+               "csrc/cpu/amx_linear.cpp", "csrc/cpu/avx512_bf16_linear.cpp", "csrc/cpu/fp32_linear.cpp",
+               "csrc/bindings/module_cpu.cpp"]
 CUDA_SOURCES = ["csrc/cuda/bias_gelu.cu", "csrc/cuda/add_layer_norm.cu", "csrc/bindings/module_cuda.cpp"]
 DEFAULT_CUDA_ARCH = "80;86;89;90"
 SERVE_REQUIRES = ["fastapi", "uvicorn", "prometheus-client", "orjson", "numpy"]  # `fastbert serve`

@@ -94,12 +94,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("heads"), py::arg("head_dim"), py::arg("row_stride"), py::arg("max_seqlen"), py::arg("softmax_scale"),
       py::arg("dtype"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   m.def(
-      "quantize_rows_s8",
-      [](uintptr_t x, uintptr_t q, uintptr_t scales, int64_t rows, int64_t cols, int dtype, int threads) {
-        fastbert::cpu::quantize_rows_s8(ptr<const void>(x), ptr<int8_t>(q), ptr<float>(scales), rows, cols, dtype,
-                                        threads);
+      "quantize_rows_int8",
+      [](uintptr_t x, uintptr_t q, uintptr_t scales, int64_t rows, int64_t cols, int dtype, int zero_point,
+         int threads) {
+        fastbert::cpu::quantize_rows_int8(ptr<const void>(x), ptr<uint8_t>(q), ptr<float>(scales), rows, cols, dtype,
+                                          zero_point, threads);
       },
       py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("rows"), py::arg("cols"), py::arg("dtype"),
+      py::arg("zero_point"),
       py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "dequantize_rows",
@@ -110,20 +112,31 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("acc"), py::arg("scales"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("cols"),
       py::arg("dtype"), py::arg("gelu_mode"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
-  m.def("amx_bf16_usable", &fastbert::cpu::amx_bf16_usable,
-        "Whether this CPU and OS run the AMX bf16 GEMM (asks Linux for the tile state on the first call).");
   m.def(
-      "amx_bf16_pack",
+      "bf16_pack",
       [](uintptr_t w, uintptr_t packed, int64_t n, int64_t k) {
-        fastbert::cpu::amx_bf16_pack(ptr<const uint16_t>(w), ptr<uint16_t>(packed), n, k);
+        fastbert::cpu::bf16_pack(ptr<const uint16_t>(w), ptr<uint16_t>(packed), n, k);
       },
       py::arg("w"), py::arg("packed"), py::arg("n"), py::arg("k"), py::call_guard<py::gil_scoped_release>());
+  m.def("amx_bf16_usable", &fastbert::cpu::amx_bf16_usable,
+        "Whether this CPU and OS run the AMX bf16 GEMM (asks Linux for the tile state on the first call).");
   m.def(
       "amx_bf16_linear",
       [](uintptr_t x, uintptr_t packed, uintptr_t bias, uintptr_t y, int64_t rows, int64_t n, int64_t k,
          int activation, int threads) {
         fastbert::cpu::amx_bf16_linear(ptr<const uint16_t>(x), ptr<const uint16_t>(packed), ptr<const float>(bias),
                                        ptr<uint16_t>(y), rows, n, k, activation, threads);
+      },
+      py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("n"), py::arg("k"),
+      py::arg("activation"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("avx512_bf16_usable", &fastbert::cpu::avx512_bf16_usable,
+        "Whether this CPU runs the AVX512-BF16 bf16 GEMM.");
+  m.def(
+      "avx512_bf16_linear",
+      [](uintptr_t x, uintptr_t packed, uintptr_t bias, uintptr_t y, int64_t rows, int64_t n, int64_t k,
+         int activation, int threads) {
+        fastbert::cpu::avx512_bf16_linear(ptr<const uint16_t>(x), ptr<const uint16_t>(packed),
+                                          ptr<const float>(bias), ptr<uint16_t>(y), rows, n, k, activation, threads);
       },
       py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("n"), py::arg("k"),
       py::arg("activation"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());

@@ -12,13 +12,11 @@
 // 16 x 16 fp32; the epilogue adds the bias, applies the activation and rounds to bf16. A last block of
 // fewer than 16 rows is copied, zero-padded, into a whole tile first.
 //
-// Packed weight layout (amx_bf16_pack): group after group; inside a group, for each 32-wide slice of k,
-// the 16 x 32 bf16 tile of each of its column blocks in AMX's B layout (tile row r holds k = 2r and 2r+1
-// of each of the 16 columns, interleaved): 1 KiB per tile.
+// Packed weight layout: bf16_tiles.h (made by bf16_pack; the AVX512-BF16 kernel shares it).
 //
 // Compiled with target attributes (never -march): the wheel runs on any x86-64; amx_bf16_usable() checks
 // the CPU, the OS's tile state and asks Linux for permission to use it (arch_prctl) before anything runs.
-#include "cpu_common.h"
+#include "bf16_tiles.h"
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 11))
 #define FB_HAS_AMX 1
@@ -36,21 +34,14 @@ namespace fastbert {
 namespace cpu {
 namespace {
 
-constexpr int64_t kBlockCols = 16;  // columns of one C / B tile
-constexpr int64_t kSliceK = 32;     // k of one A / B tile (64 bytes of bf16 per tile row)
-constexpr int64_t kTileRows = 16;
-constexpr int64_t kGroupBlocks = 4;  // C tiles 0-3, A tile 4, B tiles 5-7
-constexpr int64_t kTileElements = kTileRows * kSliceK;  // 512 bf16 = 1 KiB
+using namespace bf16_tiles;  // kBlockCols, kSliceK, kTileRows, kGroupBlocks (C tiles 0-3, A 4, B 5-7)
 
-void check_shape(int64_t n, int64_t k, const char* op) {
-  if (n <= 0 || k <= 0 || n % kBlockCols != 0 || k % kSliceK != 0)
-    throw std::invalid_argument(std::string(op) + ": needs out_features % 16 == 0 and in_features % 32 == 0, got " +
-                                std::to_string(n) + " and " + std::to_string(k));
-}
+constexpr int64_t kAccStride = kGroupBlocks * kBlockCols;  // floats per accumulator row
 
 #if FB_HAS_AMX
-#define FB_ISA_AMX \
-  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,f16c")))
+#define FB_ISA_AMX                                                                               \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,f16c," \
+                        "prefer-vector-width=512")))
 
 struct alignas(64) TileConfig {
   uint8_t palette;
@@ -74,21 +65,6 @@ bool cpu_has_amx_bf16() {
 bool linux_grants_tiles() {
   constexpr int kReqXcompPerm = 0x1023, kXfeatureTileData = 18;  // arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureTileData) == 0;
-}
-
-// C tiles -> y rows: bias, activation, bf16 (round to nearest even).
-template <int MODE>
-FB_ISA_AMX void store_rows(const float* acc, const float* bias, bf16_t* y, int64_t n, int64_t rows, int64_t cols) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* a = acc + r * kGroupBlocks * kBlockCols;
-    for (int64_t c = 0; c < cols; c += kBlockCols) {
-      alignas(64) float v[kBlockCols];
-#pragma omp simd
-      for (int i = 0; i < kBlockCols; ++i) v[i] = activate<MODE>(a[c + i] + (bias ? bias[c + i] : 0.0f));
-      __m256bh out = _mm512_cvtneps_pbh(_mm512_load_ps(v));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * n + c), reinterpret_cast<__m256i&>(out));
-    }
-  }
 }
 
 // One 16-row block of x against one group's panel: acc = x_block @ panel^T, acc [16, 4 * 16] fp32.
@@ -117,7 +93,7 @@ FB_ISA_AMX void group_tiles(const bf16_t* x, int64_t k, const bf16_t* panel, flo
       _tile_dpbf16ps(3, 4, 5);
     }
   }
-  constexpr int64_t acc_stride = kGroupBlocks * kBlockCols * sizeof(float);
+  constexpr int64_t acc_stride = kAccStride * sizeof(float);
   _tile_stored(0, acc, acc_stride);
   if (BLOCKS > 1) _tile_stored(1, acc + kBlockCols, acc_stride);
   if (BLOCKS > 2) _tile_stored(2, acc + 2 * kBlockCols, acc_stride);
@@ -145,8 +121,8 @@ FB_ISA_AMX void pair_tiles(const bf16_t* x, int64_t k, const bf16_t* panel, int6
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
   }
-  constexpr int64_t acc_stride = kGroupBlocks * kBlockCols * sizeof(float);
-  float* second = acc + kTileRows * kGroupBlocks * kBlockCols;  // row 16
+  constexpr int64_t acc_stride = kAccStride * sizeof(float);
+  float* second = acc + kTileRows * kAccStride;  // row 16
   _tile_stored(0, acc + j * kBlockCols, acc_stride);
   _tile_stored(1, acc + (j + 1) * kBlockCols, acc_stride);
   _tile_stored(2, second + j * kBlockCols, acc_stride);
@@ -173,7 +149,7 @@ struct Problem {
 // Groups [first, last) of the columns, every row of x; one thread.
 template <int MODE>
 FB_ISA_AMX void run_groups(const Problem& p, int64_t first, int64_t last) {
-  const int64_t whole = p.rows / kTileRows, tail = p.rows % kTileRows, blocks_total = p.n / kBlockCols;
+  const int64_t whole = p.rows / kTileRows, tail = p.rows % kTileRows;
   std::vector<bf16_t> padded(tail ? kTileRows * p.k : 0, 0);
   if (tail) std::memcpy(padded.data(), p.x + whole * kTileRows * p.k, tail * p.k * sizeof(bf16_t));
   TileConfig config;
@@ -184,20 +160,20 @@ FB_ISA_AMX void run_groups(const Problem& p, int64_t first, int64_t last) {
     config.colsb[t] = 64;
   }
   _tile_loadconfig(&config);
-  alignas(64) float acc[2 * kTileRows * kGroupBlocks * kBlockCols];
+  alignas(64) float acc[2 * kTileRows * kAccStride];
   for (int64_t g = first; g < last; ++g) {
-    const int64_t blocks = std::min(kGroupBlocks, blocks_total - g * kGroupBlocks);
-    const bf16_t* panel = p.packed + g * kGroupBlocks * (p.k / kSliceK) * kTileElements;
-    const int64_t col = g * kGroupBlocks * kBlockCols;
+    const int64_t blocks = group_blocks(g, p.n), col = g * kGroupBlocks * kBlockCols;
+    const bf16_t* panel = p.packed + group_offset(g, p.k);
+    const float* bias = p.bias ? p.bias + col : nullptr;
     int64_t b = 0;
     for (; blocks % 2 == 0 && b + 2 <= whole; b += 2) {  // pairs of whole row blocks, 2 x 2 tiles
       for (int64_t j = 0; j < blocks; j += 2) pair_tiles(p.x + b * kTileRows * p.k, p.k, panel, blocks, j, acc);
-      store_rows<MODE>(acc, p.bias ? p.bias + col : nullptr, p.y + b * kTileRows * p.n + col, p.n, 2 * kTileRows,
+      store_rows<MODE>(acc, kAccStride, bias, p.y + b * kTileRows * p.n + col, p.n, 2 * kTileRows,
                        blocks * kBlockCols);
     }
     for (; b < whole + (tail ? 1 : 0); ++b) {
       run_group(blocks, b < whole ? p.x + b * kTileRows * p.k : padded.data(), p.k, panel, acc);
-      store_rows<MODE>(acc, p.bias ? p.bias + col : nullptr, p.y + b * kTileRows * p.n + col, p.n,
+      store_rows<MODE>(acc, kAccStride, bias, p.y + b * kTileRows * p.n + col, p.n,
                        b < whole ? kTileRows : tail, blocks * kBlockCols);
     }
   }
@@ -206,12 +182,12 @@ FB_ISA_AMX void run_groups(const Problem& p, int64_t first, int64_t last) {
 
 template <int MODE>
 void run_parallel(const Problem& p, int num_threads) {
-  const int64_t groups = (p.n / kBlockCols + kGroupBlocks - 1) / kGroupBlocks;
-  const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), groups));
+  const int64_t count = groups(p.n);
+  const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), count));
 #pragma omp parallel num_threads(threads)
   {
     int64_t first, last;
-    row_range(groups, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
+    row_range(count, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
     run_groups<MODE>(p, first, last);
   }
 }
@@ -226,25 +202,6 @@ bool amx_bf16_usable() {
 #else
   return false;
 #endif
-}
-
-void amx_bf16_pack(const bf16_t* w, bf16_t* packed, int64_t n, int64_t k) {
-  check_shape(n, k, "amx_bf16_pack");
-  const int64_t blocks_total = n / kBlockCols, slices = k / kSliceK;
-  for (int64_t g0 = 0; g0 < blocks_total; g0 += kGroupBlocks) {
-    const int64_t blocks = std::min(kGroupBlocks, blocks_total - g0);
-    bf16_t* panel = packed + g0 * slices * kTileElements;
-    for (int64_t s = 0; s < slices; ++s)
-      for (int64_t j = 0; j < blocks; ++j) {
-        bf16_t* tile = panel + (s * blocks + j) * kTileElements;
-        const bf16_t* source = w + (g0 + j) * kBlockCols * k + s * kSliceK;
-        for (int64_t r = 0; r < kTileRows; ++r)
-          for (int64_t c = 0; c < kBlockCols; ++c) {
-            tile[r * 32 + c * 2] = source[c * k + 2 * r];
-            tile[r * 32 + c * 2 + 1] = source[c * k + 2 * r + 1];
-          }
-      }
-  }
 }
 
 void amx_bf16_linear(const bf16_t* x, const bf16_t* packed, const float* bias, bf16_t* y, int64_t rows, int64_t n,

@@ -37,7 +37,8 @@ void check_shape(int64_t n, int64_t k, const char* op) {
 }
 
 #if FB_HAS_FP32_GEMM
-#define FB_ISA_FP32_GEMM __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
+#define FB_ISA_FP32_GEMM \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
 
 struct Problem {
   const float* x;

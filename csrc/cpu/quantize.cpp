@@ -1,8 +1,9 @@
 // CPU per-token int8 quantization and the dequantizing epilogue of an int8 GEMM (inference).
 //
 // quantize_rows:   scale[r] = max_c |x[r, c]| / 127 (1 for an all-zero row), q[r, c] = round(x[r, c] / scale[r])
-//                  in [-127, 127], round half to even; one pass per row (the row stays in L1 between the
-//                  max and the rounding). x: fp32 or bf16. Both loops are branch-free so that they vectorize.
+//                  in [-127, 127], round half to even, stored as the byte q + zero_point (0: int8; 128: uint8,
+//                  for oneDNN's u8 x s8 GEMMs); one pass per row (the row stays in L1 between the max and the
+//                  rounding). x: fp32 or bf16. Both loops are branch-free so that they vectorize.
 // dequantize_rows: y[r, c] = act(acc[r, c] * scale[r] + bias[c]), acc fp32 (the GEMM's output with the weight
 //                  scales applied), act none / GELU (erf or tanh), y fp32 or bf16; one pass.
 // Row loops compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at run time (cpu_common.h).
@@ -13,7 +14,8 @@ namespace cpu {
 namespace {
 
 template <typename T>
-FB_INLINE void quantize_row(const T* __restrict__ x, int64_t cols, int8_t* __restrict__ q, float* scale) {
+FB_INLINE void quantize_row(const T* __restrict__ x, int64_t cols, int32_t zero_point, uint8_t* __restrict__ q,
+                            float* scale) {
   // max |x| on the bit patterns: with the sign cleared, a float's order is its bits' order as an unsigned
   // integer, and an integer max vectorizes where a float compare-and-select does not (GCC kept that loop
   // scalar). A NaN compares above every number, so it reaches the scale, as in torch's amax.
@@ -31,7 +33,7 @@ FB_INLINE void quantize_row(const T* __restrict__ x, int64_t cols, int8_t* __res
     // rint rounds half to even in the default mode, as torch.round; unlike roundeven it vectorizes (vrndscaleps)
     float v = __builtin_rintf(load_value(x, c) * inv);
     v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
-    q[c] = static_cast<int8_t>(static_cast<int32_t>(v));
+    q[c] = static_cast<uint8_t>(static_cast<int32_t>(v) + zero_point);  // two's complement: zero_point 0 is int8
   }
   *scale = s;
 }
@@ -47,9 +49,10 @@ FB_INLINE void dequantize_row(const float* __restrict__ acc, float scale, const 
 }
 
 template <typename T>
-FB_INLINE void quantize_block(const void* x, int8_t* q, float* scales, int64_t r0, int64_t r1, int64_t cols) {
+FB_INLINE void quantize_block(const void* x, int32_t zero_point, uint8_t* q, float* scales, int64_t r0, int64_t r1,
+                              int64_t cols) {
   const T* xt = static_cast<const T*>(x);
-  for (int64_t r = r0; r < r1; ++r) quantize_row(xt + r * cols, cols, q + r * cols, scales + r);
+  for (int64_t r = r0; r < r1; ++r) quantize_row(xt + r * cols, cols, zero_point, q + r * cols, scales + r);
 }
 
 template <typename T, int MODE>
@@ -71,12 +74,12 @@ FB_INLINE void dequantize_any(int mode, const float* acc, const float* scales, c
 }
 
 #define FB_QUANTIZE_VARIANT(SUFFIX, ATTR)                                                                     \
-  ATTR void quantize_##SUFFIX(int dtype, const void* x, int8_t* q, float* scales, int64_t r0, int64_t r1,     \
-                              int64_t cols) {                                                                \
+  ATTR void quantize_##SUFFIX(int dtype, const void* x, int32_t zero_point, uint8_t* q, float* scales,        \
+                              int64_t r0, int64_t r1, int64_t cols) {                                        \
     if (dtype == kFloat32)                                                                                    \
-      quantize_block<float>(x, q, scales, r0, r1, cols);                                                      \
+      quantize_block<float>(x, zero_point, q, scales, r0, r1, cols);                                          \
     else                                                                                                      \
-      quantize_block<bf16_t>(x, q, scales, r0, r1, cols);                                                     \
+      quantize_block<bf16_t>(x, zero_point, q, scales, r0, r1, cols);                                         \
   }                                                                                                           \
   ATTR void dequantize_##SUFFIX(int dtype, int mode, const float* acc, const float* scales, const float* bias, \
                                 void* y, int64_t r0, int64_t r1, int64_t cols) {                              \
@@ -92,7 +95,7 @@ FB_QUANTIZE_VARIANT(avx2, FB_ISA_AVX2)
 FB_QUANTIZE_VARIANT(avx512, FB_ISA_AVX512)
 #endif
 
-using QuantizeFn = void (*)(int, const void*, int8_t*, float*, int64_t, int64_t, int64_t);
+using QuantizeFn = void (*)(int, const void*, int32_t, uint8_t*, float*, int64_t, int64_t, int64_t);
 using DequantizeFn = void (*)(int, int, const float*, const float*, const float*, void*, int64_t, int64_t, int64_t);
 
 QuantizeFn pick_quantize() {
@@ -117,17 +120,20 @@ DequantizeFn pick_dequantize() {
 
 }  // namespace
 
-void quantize_rows_s8(const void* x, int8_t* q, float* scales, int64_t rows, int64_t cols, int dtype,
-                      int num_threads) {
-  check_dtype(dtype, "quantize_rows_s8");
-  check_sizes(rows, cols, "quantize_rows_s8");
+void quantize_rows_int8(const void* x, uint8_t* q, float* scales, int64_t rows, int64_t cols, int dtype,
+                        int zero_point, int num_threads) {
+  check_dtype(dtype, "quantize_rows_int8");
+  check_sizes(rows, cols, "quantize_rows_int8");
+  if (zero_point != 0 && zero_point != 128)
+    throw std::invalid_argument("quantize_rows_int8: zero_point must be 0 (int8) or 128 (uint8), got " +
+                                std::to_string(zero_point));
   const QuantizeFn fn = pick_quantize();
   const int nt = threads_for(num_threads, rows, cols);
 #pragma omp parallel num_threads(nt)
   {
     int64_t r0, r1;
     row_range(rows, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-    fn(dtype, x, q, scales, r0, r1, cols);
+    fn(dtype, x, zero_point, q, scales, r0, r1, cols);
   }
 }
 

@@ -54,23 +54,28 @@ void varlen_attention_fwd(const void* q, const void* k, const void* v, void* out
                           float softmax_scale, int dtype, int num_threads);
 
 // Per-token int8 quantization (inference): scales[r] = max|x[r, :]| / 127 (1 for a zero row), q = round(x / scale)
-// in [-127, 127]. x: [rows, cols] fp32 or bf16 (dtype code), contiguous.
-void quantize_rows_s8(const void* x, int8_t* q, float* scales, int64_t rows, int64_t cols, int dtype,
-                      int num_threads);
+// in [-127, 127], stored as the byte q + zero_point: 0 gives int8, 128 gives uint8 (oneDNN's u8 x s8 GEMM on
+// CPUs without AMX-INT8). x: [rows, cols] fp32 or bf16 (dtype code), contiguous.
+void quantize_rows_int8(const void* x, uint8_t* q, float* scales, int64_t rows, int64_t cols, int dtype,
+                        int zero_point, int num_threads);
 
 // The int8 GEMM's epilogue: y = act(acc * scales[r] + bias), acc fp32 [rows, cols], bias fp32 [cols] (required),
 // y fp32 or bf16 (dtype code); gelu_mode kGeluErf, kGeluTanh or -1 (no activation).
 void dequantize_rows(const float* acc, const float* scales, const float* bias, void* y, int64_t rows, int64_t cols,
                      int dtype, int gelu_mode, int num_threads);
 
-// AMX bf16 GEMM for few rows (inference): y = act(x @ w^T + bias); x [rows, k], y [rows, n] bf16, contiguous;
+// bf16 GEMMs for few rows (inference): y = act(x @ w^T + bias); x [rows, k], y [rows, n] bf16, contiguous;
 // bias fp32 [n] optional; activation an Activation code. n % 16 == 0 and k % 32 == 0 (else invalid_argument).
-// The weight is first packed once: w [n, k] bf16 -> packed (n * k bf16) by amx_bf16_pack.
+// The weight is first packed once: w [n, k] bf16 -> packed (n * k bf16) by bf16_pack; both kernels take it.
 // amx_bf16_usable(): the CPU has AMX-BF16 and AVX512-BF16 and Linux granted the tile state (asked once).
+// avx512_bf16_usable(): the CPU has AVX-512 (F, VL, BW, DQ) and AVX512-BF16.
+void bf16_pack(const uint16_t* w, uint16_t* packed, int64_t n, int64_t k);
 bool amx_bf16_usable();
-void amx_bf16_pack(const uint16_t* w, uint16_t* packed, int64_t n, int64_t k);
 void amx_bf16_linear(const uint16_t* x, const uint16_t* packed, const float* bias, uint16_t* y, int64_t rows,
                      int64_t n, int64_t k, int activation, int num_threads);
+bool avx512_bf16_usable();
+void avx512_bf16_linear(const uint16_t* x, const uint16_t* packed, const float* bias, uint16_t* y, int64_t rows,
+                        int64_t n, int64_t k, int activation, int num_threads);
 
 // The fp32 GEMM for few rows on AVX-512, same contract with fp32 x, y and packed weight; n % 16 == 0.
 // avx512_fp32_pack: w [n, k] fp32 -> packed (n * k fp32). avx512_fp32_usable(): the CPU has AVX-512.

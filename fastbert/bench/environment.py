@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from fastbert.cpu_info import cpu_features, cpu_name
+
 
 def _version(module_name: str) -> str:
     try:
@@ -47,34 +49,6 @@ def cuda_driver_version() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
-
-
-def cpu_name() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# The CPU features that decide which kernels are fast (AMX: bf16/int8 GEMMs; AVX-512 BF16/VNNI: bf16/int8
-# dot products); results taken on different CPUs are not comparable (docs/perf-notes.md).
-CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_fp16")
-
-
-def cpu_features() -> list[str]:
-    """Which of CPU_FEATURES /proc/cpuinfo lists (Linux); an empty list where it cannot be read."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return [name for name in CPU_FEATURES if name in flags]
-    except OSError:
-        pass
-    return []
 
 
 def cpu_clock_probe(repeats: int = 50) -> float:

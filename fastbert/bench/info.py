@@ -62,12 +62,14 @@ def _plan_lines() -> list[str]:
     from fastbert.ops.cpu_attention import SHORT_SEQLEN
 
     lines = []
-    for dtype, kernel in ((torch.bfloat16, "AMX"), (torch.float32, "AVX-512")):
+    for dtype in (torch.bfloat16, torch.float32):
         problem = few_rows_linear.problem(torch.empty(16, 32, dtype=dtype))
         name = str(dtype).replace("torch.", "")
-        lines.append(f"  {name} GEMMs of <= {few_rows_linear.MAX_ROWS} rows: "
-                     + (f"fastbert's {kernel} kernel (more rows: the linear op's backend)" if problem is None
-                        else f"the linear op's backend ({problem})"))
+        rows = "; ".join(f"{few_rows_linear.max_rows(dtype, activation)} with {activation or 'no'} epilogue"
+                         for activation in (None, "gelu"))
+        lines.append(f"  {name} GEMMs of few rows: "
+                     + (f"fastbert's {few_rows_linear.kernel_name(dtype)} kernel up to {rows} (more rows: the "
+                        "linear op's backend)" if problem is None else f"the linear op's backend ({problem})"))
     kernel = backend.REGISTRY.get("varlen_attention", "cpp")
     problem = "not registered" if kernel is None else kernel.problem(
         backend.signature("varlen_attention", torch.empty(0), head_dim=64))

@@ -1,15 +1,16 @@
-"""CPU GEMMs for few rows: y = activation(x @ weight.T + bias), bf16 on AMX, fp32 on AVX-512.
+"""CPU GEMMs for few rows: y = activation(x @ weight.T + bias), bf16 on AMX or AVX512-BF16, fp32 on AVX-512.
 
 Why: up to a few hundred rows (one short request, a small batch) a GEMM takes the time it needs to stream
 its weight, and oneDNN's packed GEMM behind torch's ops streams it at about half the rate these kernels
-do (csrc/cpu/amx_linear.cpp, csrc/cpu/fp32_linear.cpp; docs/perf-notes.md, "GEMMs for few rows"). Above
-MAX_ROWS (32 for bf16 with a GELU epilogue: `max_rows`) oneDNN is as fast or faster, so `by_rows` sends larger
-calls there.
+do (csrc/cpu/amx_linear.cpp, csrc/cpu/avx512_bf16_linear.cpp, csrc/cpu/fp32_linear.cpp; docs/perf-notes.md,
+"GEMMs for few rows"). Above a kernel's row limit (`max_rows`: measured per kernel and epilogue) oneDNN is as
+fast or faster, so `by_rows` sends larger calls there.
 
-Where they run: CPU inference (no backward); bf16 on a CPU with AMX-BF16 whose OS grants the tile state
-(out_features % 16 == 0, in_features % 32 == 0), fp32 on a CPU with AVX-512 (out_features % 16 == 0);
-every BERT-family width qualifies; the extension must be built. `problem(weight)` says why not. The
-inference plan and oneDNN's packed linear (fastbert.ops.onednn_linear) call them; nothing else does.
+Where they run: CPU inference (no backward); bf16 on a CPU with AMX-BF16 whose OS grants the tile state,
+else on one with AVX512-BF16 (both: out_features % 16 == 0, in_features % 32 == 0; one packed layout), fp32
+on a CPU with AVX-512 (out_features % 16 == 0); every BERT-family width qualifies; the extension must be
+built. `problem(weight)` says why not. The inference plan and oneDNN's packed linear
+(fastbert.ops.onednn_linear) call them; nothing else does.
 
 Packed weights: one copy of each weight they run, in the kernel's layout, made on first use and cached
 like oneDNN's (fastbert.ops.weight_cache; `cache_bytes()`). FASTBERT_PACKED_WEIGHTS=0 (or
@@ -26,9 +27,7 @@ import torch.nn.functional as F
 
 from fastbert.ops.weight_cache import PackedWeights
 
-MAX_ROWS = 256  # above this, oneDNN's GEMM is as fast (bert-base shapes) or faster (docs/perf-notes.md)
-# bf16 with a GELU epilogue: oneDNN's epilogue costs about half of this kernel's, which decides from ~32 rows
-MAX_ROWS_BF16_GELU = 32
+MAX_ROWS = 256  # the most rows any kernel here takes (docs/perf-notes.md)
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "tanh")
 
 _enabled = os.environ.get("FASTBERT_FEW_ROWS_GEMM", "1").strip().lower() not in ("0", "false", "off")
@@ -41,20 +40,38 @@ class _Kernel(NamedTuple):
     linear: str
     k_multiple: int  # in_features must be a multiple of this
     needs: str  # what the CPU must have, for messages
+    max_rows: int  # above this many rows oneDNN's GEMM is as fast (measured: docs/perf-notes.md)
+    max_rows_gelu: int  # the same with a GELU epilogue
 
 
+# Per dtype, the kernels in order of preference: the first one this CPU runs is used.
 _KERNELS = {
-    torch.bfloat16: _Kernel("amx_bf16_usable", "amx_bf16_pack", "amx_bf16_linear", 32,
-                            "AMX-BF16 (and an OS that grants its tile state)"),
-    torch.float32: _Kernel("avx512_fp32_usable", "avx512_fp32_pack", "avx512_fp32_linear", 1, "AVX-512"),
+    torch.bfloat16: (
+        # AMX: oneDNN's GELU epilogue costs about half of this kernel's, which decides from ~32 rows
+        _Kernel("amx_bf16_usable", "bf16_pack", "amx_bf16_linear", 32,
+                "AMX-BF16 (and an OS that grants its tile state)", MAX_ROWS, 32),
+        # AVX512-BF16 (AMD Zen 4/5): the GELU epilogue makes oneDNN as fast from ~64 rows
+        _Kernel("avx512_bf16_usable", "bf16_pack", "avx512_bf16_linear", 32, "AVX512-BF16", MAX_ROWS, 64),
+    ),
+    torch.float32: (
+        _Kernel("avx512_fp32_usable", "avx512_fp32_pack", "avx512_fp32_linear", 1, "AVX-512", MAX_ROWS, MAX_ROWS),
+    ),
 }
-_usable: dict[torch.dtype, bool] = {}  # the CPU (and OS) check per dtype, made once
+_chosen: dict[torch.dtype, _Kernel | None] = {}  # the CPU (and OS) check per dtype, made once
 
 
 def _module():
     from fastbert import extension
 
     return extension.module()
+
+
+def _kernel(dtype: torch.dtype) -> _Kernel | None:
+    """The first of dtype's kernels that this CPU runs (the extension is built), or None."""
+    if dtype not in _chosen:
+        module = _module()
+        _chosen[dtype] = next((kernel for kernel in _KERNELS[dtype] if getattr(module, kernel.usable)()), None)
+    return _chosen[dtype]
 
 
 def _machine_problem(dtype: torch.dtype) -> str | None:
@@ -64,12 +81,17 @@ def _machine_problem(dtype: torch.dtype) -> str | None:
         return "the few-rows GEMMs are switched off (FASTBERT_FEW_ROWS_GEMM=0)"
     if not onednn_linear.packing_enabled():
         return "packed weights are switched off (FASTBERT_PACKED_WEIGHTS=0 or onednn_linear.set_packing(False))"
-    kernel, module = _KERNELS[dtype], _module()
-    if module is None or not hasattr(module, kernel.linear):
+    module = _module()
+    if module is None or not all(hasattr(module, kernel.linear) for kernel in _KERNELS[dtype]):
         return "the fastbert._C extension with the few-rows GEMMs is not built"
-    if dtype not in _usable:
-        _usable[dtype] = bool(getattr(module, kernel.usable)())
-    return None if _usable[dtype] else f"this CPU has no {kernel.needs}"
+    if _kernel(dtype) is None:
+        return "this CPU has no " + " and no ".join(kernel.needs for kernel in _KERNELS[dtype])
+    return None
+
+
+def kernel_name(dtype: torch.dtype) -> str | None:
+    """What runs dtype's few-rows GEMMs here (e.g. "AVX512-BF16"), None where none can (`problem` says why)."""
+    return None if problem(torch.empty(16, 32, dtype=dtype)) is not None else _kernel(dtype).needs.split(" (")[0]
 
 
 def problem(weight: torch.Tensor, dtype: torch.dtype | None = None) -> str | None:
@@ -81,7 +103,7 @@ def problem(weight: torch.Tensor, dtype: torch.dtype | None = None) -> str | Non
     if weight.device.type != "cpu" or weight.dim() != 2:
         return f"the few-rows GEMMs take a 2-D CPU weight, got shape {tuple(weight.shape)} on {weight.device}"
     out_features, in_features = weight.shape
-    multiple = _KERNELS[dtype].k_multiple
+    multiple = max(kernel.k_multiple for kernel in _KERNELS[dtype])
     if out_features % 16 or in_features % multiple:
         return (f"the {dtype} few-rows GEMM needs out_features % 16 == 0 and in_features % {multiple} == 0, got "
                 f"{out_features} and {in_features}")
@@ -98,7 +120,7 @@ def packed_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> tor
 def _pack(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     source = weight.to(dtype).contiguous()
     packed = torch.empty(source.numel(), dtype=dtype)
-    getattr(_module(), _KERNELS[dtype].pack)(source.data_ptr(), packed.data_ptr(), *source.shape)
+    getattr(_module(), _kernel(dtype).pack)(source.data_ptr(), packed.data_ptr(), *source.shape)
     return packed
 
 
@@ -134,7 +156,7 @@ def few_rows_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
                          f"{tuple(bias.shape)}")
     module = _module()
     addresses = (packed.data_ptr(), 0 if bias is None else bias.data_ptr())
-    return _launch(getattr(module, _KERNELS[x.dtype].linear), _activation_code(module, activation), x, addresses,
+    return _launch(getattr(module, _kernel(x.dtype).linear), _activation_code(module, activation), x, addresses,
                    out_features)
 
 
@@ -161,8 +183,12 @@ def few_rows_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def max_rows(dtype: torch.dtype, activation: str | None) -> int:
-    """The most rows a call may have to run on the few-rows kernel (measured; docs/perf-notes.md)."""
-    return MAX_ROWS_BF16_GELU if dtype == torch.bfloat16 and activation in ("gelu", "gelu_tanh") else MAX_ROWS
+    """The most rows a call may have to run on dtype's few-rows kernel here (measured; docs/perf-notes.md);
+    0 where none runs."""
+    if dtype not in _KERNELS or _machine_problem(dtype) is not None:
+        return 0
+    kernel = _kernel(dtype)
+    return kernel.max_rows_gelu if activation in ("gelu", "gelu_tanh") else kernel.max_rows
 
 
 def by_rows(weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
@@ -175,7 +201,7 @@ def by_rows(weight: torch.Tensor, bias: torch.Tensor | None, activation: str | N
         return large
     out_features, in_features, dtype = weight.shape[0], weight.shape[1], weight.dtype
     module = _module()
-    kernel, code = getattr(module, _KERNELS[dtype].linear), _activation_code(module, activation)
+    kernel, code = getattr(module, _kernel(dtype).linear), _activation_code(module, activation)
     packed, bias = packed_weight(weight), None if bias is None else bias.float().contiguous()
     addresses = (packed.data_ptr(), 0 if bias is None else bias.data_ptr())
     most = max_rows(dtype, activation) * in_features

@@ -2,10 +2,13 @@
 
 y = act((round(x / s_x) @ round(W / s_w)^T) * s_x * s_w + b), with s_x = max|x[token, :]| / 127 per token
 (computed on every call, from the call's own activations) and s_w = max|W[channel, :]| / 127 per output
-channel (once, when the layer is quantized). Symmetric, no zero points.
+channel (once, when the layer is quantized). Symmetric: no zero points in the arithmetic.
 
 The fast path, on CPU when fastbert._C and torch's oneDNN int8 ops are there:
-  1. fastbert._C quantize_rows_s8: per-token scales and int8 rows, one pass over x;
+  1. fastbert._C quantize_rows_int8: per-token scales and int8 rows, one pass over x. On a CPU without
+     AMX-INT8 the rows go to oneDNN as uint8 with zero point 128 (the same integers, shifted): its VNNI
+     GEMMs take u8 x s8, and given s8 x s8 oneDNN 3.x falls back to its reference loop, ~1000x slower
+     (docs/perf-notes.md, "int8 on a CPU without AMX");
   2. torch.ops.onednn.qlinear_pointwise: the int8 GEMM (VNNI / AMX), the weight scales applied in its
      epilogue, fp32 out;
   3. fastbert._C dequantize_rows: times the token scales, plus the bias (and GELU if asked), out in x's
@@ -77,7 +80,7 @@ def problem() -> str | None:
     reason = extension.load_problem()
     if reason is not None:
         return reason
-    if not hasattr(extension.module(), "quantize_rows_s8"):
+    if not hasattr(extension.module(), "quantize_rows_int8"):
         return "fastbert._C predates the int8 kernels (rebuild the extension)"
     for name in ("qlinear_prepack", "qlinear_pointwise"):
         if not hasattr(torch.ops.onednn, name):
@@ -122,7 +125,8 @@ def _int8_linear_onednn(x, packed_weight, weight_scale, bias, activation):
     q, token_scale = _quantized_input(x, rows, kernels, code, threads)
     zero_points = _zero_points(out_features)
     acc = torch.ops.onednn.qlinear_pointwise(
-        q, 1.0, 0, packed_weight, weight_scale, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+        q, 1.0, activation_zero_point(), packed_weight, weight_scale, zero_points, None, 1.0, 0, torch.float32, "none",
+        [], ""
     )
     kernels.dequantize_rows(acc.data_ptr(), token_scale.data_ptr(), bias.data_ptr(), y.data_ptr(), tokens,
                             out_features, code, GELU_CODES[activation], threads)
@@ -163,12 +167,24 @@ def _quantized_input(x, rows, kernels, code, threads):
     if last is not None and last[0] is x and last[1] == version:
         return last[2], last[3]
     tokens, width = rows.shape
-    q = torch.empty(tokens, width, dtype=torch.int8)
+    zero_point = activation_zero_point()
+    q = torch.empty(tokens, width, dtype=torch.uint8 if zero_point else torch.int8)
     token_scale = torch.empty(tokens, dtype=torch.float32)
-    kernels.quantize_rows_s8(rows.data_ptr(), q.data_ptr(), token_scale.data_ptr(), tokens, width, code, threads)
+    kernels.quantize_rows_int8(rows.data_ptr(), q.data_ptr(), token_scale.data_ptr(), tokens, width, code, zero_point,
+                               threads)
     if _shared.depth > 0:
         _shared.last = (x, version, q, token_scale)
     return q, token_scale
+
+
+@functools.lru_cache(maxsize=None)
+def activation_zero_point() -> int:
+    """How the int8 activations go to oneDNN: 0 (int8) on a CPU with AMX-INT8, where oneDNN's s8 x s8 GEMM runs
+    on AMX; else 128 (uint8 = int8 + 128), the u8 x s8 form of its VNNI GEMMs (given s8 x s8 there, oneDNN runs
+    its reference loop)."""
+    from fastbert.cpu_info import cpu_features
+
+    return 0 if "amx_int8" in cpu_features() else 128
 
 
 @functools.lru_cache(maxsize=64)

@@ -51,8 +51,11 @@ def test_info_says_what_cpu_plans_run_beside_the_registry(capsys, monkeypatch):
     from fastbert.ops.cpu_attention import SHORT_SEQLEN
 
     assert "CPU inference plans" in out and f"attention of <= {SHORT_SEQLEN} tokens" in out
-    for dtype in ("bfloat16", "float32"):
-        assert f"{dtype} GEMMs of <= {few_rows_linear.MAX_ROWS} rows" in out
+    for dtype in (torch.bfloat16, torch.float32):
+        line = next(line for line in out.splitlines() if f"{str(dtype)[6:]} GEMMs of few rows" in line)
+        name = few_rows_linear.kernel_name(dtype)
+        assert (f"fastbert's {name} kernel up to {few_rows_linear.max_rows(dtype, None)} with no epilogue" in line
+                if name else "the linear op's backend (" in line)
     from fastbert.ops import onednn_linear
 
     try:
@@ -65,12 +68,13 @@ def test_info_says_what_cpu_plans_run_beside_the_registry(capsys, monkeypatch):
 
 def test_info_and_results_name_the_cpu_features(capsys, monkeypatch, tmp_path):
     """Kernel rankings differ between CPUs (AMX or not), so `info` and every result say which features ran."""
+    from fastbert import cpu_info
     from fastbert.bench import environment
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("model name\t: Some CPU\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
-    real_path = environment.Path
-    monkeypatch.setattr(environment, "Path", lambda name: cpuinfo if name == "/proc/cpuinfo" else real_path(name))
+    real_path = cpu_info.Path
+    monkeypatch.setattr(cpu_info, "Path", lambda name: cpuinfo if name == "/proc/cpuinfo" else real_path(name))
     assert environment.cpu_features() == ["avx2", "avx512f", "amx_bf16"]
     assert environment.device_info(torch.device("cpu"))["features"] == ["avx2", "avx512f", "amx_bf16"]
     monkeypatch.setattr("fastbert.bench.info.QUICK_CONFIG", TINY)

@@ -1,7 +1,8 @@
-"""The CPU GEMMs for few rows (fastbert/ops/few_rows_linear.py: bf16 on AMX, csrc/cpu/amx_linear.cpp; fp32 on
-AVX-512, csrc/cpu/fp32_linear.cpp) against a float64 reference, on fresh random inputs: every activation,
-tails of rows and column groups, 1-3 threads; and where they run (the plan and oneDNN's packed linear send
-at most MAX_ROWS rows to them)."""
+"""The CPU GEMMs for few rows (fastbert/ops/few_rows_linear.py: bf16 on AMX, csrc/cpu/amx_linear.cpp, or on
+AVX512-BF16, csrc/cpu/avx512_bf16_linear.cpp; fp32 on AVX-512, csrc/cpu/fp32_linear.cpp) against a float64
+reference, on fresh random inputs: every kernel this CPU runs, every activation, tails of rows and column
+groups, 1-3 threads; and where they run (the plan and oneDNN's packed linear send at most max_rows rows to
+them)."""
 import math
 
 import pytest
@@ -29,6 +30,25 @@ def each_dtype(test):
     return pytest.mark.parametrize("dtype", params)(test)
 
 
+def _runs_here(kernel):
+    module = few_rows_linear._module()
+    return module is not None and hasattr(module, kernel.usable) and getattr(module, kernel.usable)()
+
+
+# Every kernel, not only the one each dtype picks here: a CPU with AMX runs the AVX512-BF16 kernel too.
+EACH_KERNEL = [
+    pytest.param(dtype, kernel, id=kernel.linear,
+                 marks=pytest.mark.skipif(not _runs_here(kernel), reason=f"this CPU has no {kernel.needs}"))
+    for dtype in DTYPES for kernel in few_rows_linear._KERNELS[dtype]
+]
+
+
+@pytest.fixture
+def forced_kernel(monkeypatch):
+    """force(dtype, kernel): few_rows_linear runs `kernel` for dtype (as if it were the CPU's first choice)."""
+    return lambda dtype, kernel: monkeypatch.setitem(few_rows_linear._chosen, dtype, kernel)
+
+
 def _float64_reference(x, weight, bias, activation):
     y = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     if activation == "tanh":
@@ -49,14 +69,16 @@ def _assert_close(got, reference, dtype, in_features):
     torch.testing.assert_close(got.double(), reference, rtol=RTOL[dtype], atol=1e-4 * math.sqrt(in_features))
 
 
-@each_dtype
+@pytest.mark.parametrize("dtype,kernel", EACH_KERNEL)
 @pytest.mark.parametrize("activation", few_rows_linear.ACTIVATIONS)
 @pytest.mark.parametrize("rows,in_features,out_features", [
     (1, 32, 16), (5, 64, 48), (16, 384, 384), (17, 96, 80), (40, 384, 1152), (33, 1536, 384), (130, 64, 112),
-    (64, 64, 96),
+    (64, 64, 96), (7, 64, 208),
 ])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_matches_float64_reference(dtype, activation, rows, in_features, out_features, threads):
+def test_matches_float64_reference(dtype, kernel, activation, rows, in_features, out_features, threads,
+                                   forced_kernel):
+    forced_kernel(dtype, kernel)
     x, weight, bias = _problem(rows, in_features, out_features, dtype)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -96,13 +118,18 @@ def test_by_rows_sends_many_rows_to_the_large_gemm(dtype):
     assert calls == [few_rows_linear.MAX_ROWS + 1]
 
 
-@each_dtype
-def test_bf16_gelu_epilogues_hand_more_than_32_rows_to_onednn(dtype):
-    x, weight, bias = _problem(few_rows_linear.MAX_ROWS_BF16_GELU + 1, 64, 32, dtype)
+@pytest.mark.parametrize("dtype,kernel", EACH_KERNEL)
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_by_rows_keeps_each_kernels_row_limit(dtype, kernel, activation, forced_kernel):
+    forced_kernel(dtype, kernel)
+    most = kernel.max_rows_gelu if activation else kernel.max_rows
+    assert few_rows_linear.max_rows(dtype, activation) == most <= few_rows_linear.MAX_ROWS
+    x, weight, bias = _problem(most + 1, 64, 32, dtype)
     calls = []
-    run = few_rows_linear.by_rows(weight, bias, "gelu", lambda rows: calls.append(rows.shape[0]) or rows[:, :32])
+    run = few_rows_linear.by_rows(weight, bias, activation, lambda rows: calls.append(rows.shape[0]) or rows[:, :32])
+    run(x[:most])
     run(x)
-    assert calls == ([few_rows_linear.MAX_ROWS_BF16_GELU + 1] if dtype == torch.bfloat16 else [])
+    assert calls == [most + 1]
 
 
 def test_what_it_cannot_run_says_why():
@@ -227,10 +254,17 @@ def test_plan_packs_for_onednn_only_once_a_call_has_many_rows(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_cpu_without_the_instructions_keeps_onednn(dtype, monkeypatch):
-    """On a CPU without AMX (bf16) or AVX-512 (fp32), problem() says so and the plan keeps oneDNN's GEMM."""
-    monkeypatch.setitem(few_rows_linear._usable, dtype, False)
+    """On a CPU without AMX or AVX512-BF16 (bf16) or AVX-512 (fp32), problem() says so and the plan keeps
+    oneDNN's GEMM."""
+    monkeypatch.setitem(few_rows_linear._chosen, dtype, None)
     weight = torch.randn(32, 64).to(dtype)
     if few_rows_linear._module() is not None:
         assert "this CPU has no" in few_rows_linear.problem(weight)
+        assert few_rows_linear.max_rows(dtype, None) == 0 and few_rows_linear.kernel_name(dtype) is None
     large = object()
     assert few_rows_linear.by_rows(weight, None, None, large) is large
+
+
+def test_both_bf16_kernels_take_one_packed_layout():
+    """bf16_pack serves the AMX and the AVX512-BF16 kernel alike: the cache holds one copy per weight."""
+    assert {kernel.pack for kernel in few_rows_linear._KERNELS[torch.bfloat16]} == {"bf16_pack"}

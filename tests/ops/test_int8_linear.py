@@ -27,18 +27,48 @@ def test_fast_path_runs_here():
 
 @needs_fast
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantize_kernel_matches_reference_bitwise(dtype):
+@pytest.mark.parametrize("zero_point", [0, 128])
+def test_quantize_kernel_matches_reference_bitwise(dtype, zero_point):
+    """zero_point 0 stores int8; 128 stores uint8 = int8 + 128 (oneDNN's u8 x s8 form on CPUs without AMX)."""
     module = extension.module()
     x = torch.randn(29, 200).to(dtype)
     x[3] = 0.0  # an all-zero row: scale 1, zeros
     x[5, 7] = 1e4  # an outlier row
-    q, scale = torch.empty(29, 200, dtype=torch.int8), torch.empty(29)
+    q, scale = torch.empty(29, 200, dtype=torch.uint8 if zero_point else torch.int8), torch.empty(29)
     code = module.FLOAT32 if dtype == torch.float32 else module.BFLOAT16
-    module.quantize_rows_s8(x.data_ptr(), q.data_ptr(), scale.data_ptr(), 29, 200, code, 2)
+    module.quantize_rows_int8(x.data_ptr(), q.data_ptr(), scale.data_ptr(), 29, 200, code, zero_point, 2)
     q_ref, scale_ref = ops.quantize_rows_ref(x)
-    assert torch.equal(q, q_ref)
+    assert torch.equal(q.int() - zero_point, q_ref.int())
     torch.testing.assert_close(scale, scale_ref, rtol=1e-7, atol=0)
-    assert scale[3] == 1.0 and not q[3].any()
+    assert scale[3] == 1.0 and torch.equal(q[3].int(), torch.full((200,), zero_point, dtype=torch.int32))
+    with pytest.raises(ValueError, match="zero_point must be 0"):
+        module.quantize_rows_int8(x.data_ptr(), q.data_ptr(), scale.data_ptr(), 29, 200, code, 1, 2)
+
+
+@needs_fast
+@pytest.mark.parametrize("zero_point", [0, 128])
+def test_both_activation_forms_give_the_same_result(zero_point, monkeypatch):
+    """int8 (AMX-INT8 CPUs) and uint8 + 128 (the others) are the same integers: either form matches the reference
+    where oneDNN runs it (a form this CPU runs slowly still runs, on oneDNN's reference loop: small shapes only)."""
+    monkeypatch.setattr(ops, "activation_zero_point", lambda: zero_point)
+    x, weight, bias = problem(1, 64, 48)
+    x = torch.randn(5, 64)
+    weight_int8, scale = ops.quantize_weight(weight)
+    with torch.no_grad():
+        fast = ops.int8_linear(x, weight_int8, scale, bias, "gelu", packed_weight=ops.prepack(weight_int8))
+    exact = ops.int8_linear_ref(x.double(), weight_int8, scale, bias, "gelu")
+    assert (fast.double() - exact).abs().max().item() <= 1e-5 * (1 + exact.abs().max().item())
+
+
+def test_activation_form_follows_the_cpu(monkeypatch):
+    """uint8 + 128 unless the CPU has AMX-INT8: oneDNN runs s8 x s8 on VNNI only in its reference loop."""
+    from fastbert import cpu_info
+
+    for features, expected in ((["avx512_vnni", "amx_int8"], 0), (["avx512_vnni"], 128), ([], 128)):
+        ops.activation_zero_point.cache_clear()
+        monkeypatch.setattr(cpu_info, "cpu_features", lambda features=features: features)
+        assert ops.activation_zero_point() == expected
+    ops.activation_zero_point.cache_clear()
 
 
 @needs_fast

@@ -140,9 +140,9 @@ def test_query_key_value_quantize_their_shared_input_once(monkeypatch):
         def __getattr__(self, name):
             return getattr(kernels, name)
 
-        def quantize_rows_s8(self, *args):
+        def quantize_rows_int8(self, *args):
             calls.append(1)
-            return kernels.quantize_rows_s8(*args)
+            return kernels.quantize_rows_int8(*args)
 
     monkeypatch.setattr(extension, "module", lambda: Counting())
     torch.testing.assert_close(outputs(model, data), expected, rtol=0, atol=0)
