@@ -138,14 +138,6 @@ FB_ISA_AMX void run_group(int64_t blocks, const bf16_t* x, int64_t k, const bf16
   }
 }
 
-struct Problem {
-  const bf16_t* x;
-  const bf16_t* packed;
-  const float* bias;
-  bf16_t* y;
-  int64_t rows, n, k;
-};
-
 // Groups [first, last) of the columns, every row of x; one thread.
 template <int MODE>
 FB_ISA_AMX void run_groups(const Problem& p, int64_t first, int64_t last) {
@@ -180,17 +172,6 @@ FB_ISA_AMX void run_groups(const Problem& p, int64_t first, int64_t last) {
   _tile_release();
 }
 
-template <int MODE>
-void run_parallel(const Problem& p, int num_threads) {
-  const int64_t count = groups(p.n);
-  const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), count));
-#pragma omp parallel num_threads(threads)
-  {
-    int64_t first, last;
-    row_range(count, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
-    run_groups<MODE>(p, first, last);
-  }
-}
 #endif  // FB_HAS_AMX
 
 }  // namespace
@@ -211,8 +192,11 @@ void amx_bf16_linear(const bf16_t* x, const bf16_t* packed, const float* bias, b
   if (rows <= 0) return;
 #if FB_HAS_AMX
   const Problem p{x, packed, bias, y, rows, n, k};
-  with_activation(activation, "amx_bf16_linear",
-                  [&](auto mode) { run_parallel<decltype(mode)::value>(p, num_threads); });
+  with_activation(activation, "amx_bf16_linear", [&](auto mode) {
+    parallel_ranges(groups(n), num_threads, [&](int64_t first, int64_t last) {
+      run_groups<decltype(mode)::value>(p, first, last);
+    });
+  });
 #endif
 }
 

@@ -27,14 +27,6 @@ constexpr int kRowBlock = 6;            // 6 rows x 4 blocks = 24 accumulators (
 constexpr int64_t kPrefetchSlices = 4;  // software prefetch this many k slices ahead in the stream
 
 #if FB_HAS_BF16_TILES
-struct Problem {
-  const bf16_t* x;
-  const bf16_t* packed;
-  const float* bias;
-  bf16_t* y;
-  int64_t rows, n, k;
-};
-
 // x rows [0, MR) against a group of NB column blocks: fp32 sums into acc [MR, 16 NB] (row stride 16 NB).
 template <int MR, int NB>
 FB_ISA_AVX512_BF16 void row_block(const bf16_t* x, int64_t k, const bf16_t* panel, float* acc) {
@@ -102,17 +94,6 @@ FB_ISA_AVX512_BF16 void run_groups(const Problem& p, int64_t first, int64_t last
   }
 }
 
-template <int MODE>
-void run_parallel(const Problem& p, int num_threads) {
-  const int64_t count = groups(p.n);
-  const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), count));
-#pragma omp parallel num_threads(threads)
-  {
-    int64_t first, last;
-    row_range(count, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
-    run_groups<MODE>(p, first, last);
-  }
-}
 #endif  // FB_HAS_BF16_TILES
 
 }  // namespace
@@ -136,8 +117,11 @@ void avx512_bf16_linear(const bf16_t* x, const bf16_t* packed, const float* bias
   if (rows <= 0) return;
 #if FB_HAS_BF16_TILES
   const Problem p{x, packed, bias, y, rows, n, k};
-  with_activation(activation, "avx512_bf16_linear",
-                  [&](auto mode) { run_parallel<decltype(mode)::value>(p, num_threads); });
+  with_activation(activation, "avx512_bf16_linear", [&](auto mode) {
+    parallel_ranges(groups(n), num_threads, [&](int64_t first, int64_t last) {
+      run_groups<decltype(mode)::value>(p, first, last);
+    });
+  });
 #endif
 }
 

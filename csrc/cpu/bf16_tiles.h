@@ -40,6 +40,15 @@ inline int64_t group_blocks(int64_t g, int64_t n) { return std::min(kGroupBlocks
 inline int64_t group_offset(int64_t g, int64_t k) { return g * kGroupBlocks * (k / kSliceK) * kTileElements; }
 inline int64_t groups(int64_t n) { return (n / kBlockCols + kGroupBlocks - 1) / kGroupBlocks; }
 
+// One call of a bf16 GEMM for few rows: y [rows, n] = act(x [rows, k] @ W^T + bias), W packed by bf16_pack.
+struct Problem {
+  const bf16_t* x;
+  const bf16_t* packed;
+  const float* bias;  // fp32 [n] or nullptr
+  bf16_t* y;
+  int64_t rows, n, k;
+};
+
 #if FB_HAS_BF16_TILES
 // fp32 accumulators -> y rows: bias, activation, bf16 (round to nearest even). acc rows are `acc_stride`
 // floats apart; `cols` is a multiple of 16.

@@ -178,6 +178,18 @@ inline void row_range(int64_t rows, int tid, int n, int64_t* begin, int64_t* end
   *end = *begin + base + (tid < extra ? 1 : 0);
 }
 
+// fn(first, last) on up to num_threads threads (OpenMP), each over one contiguous range of [0, count).
+template <typename Fn>
+void parallel_ranges(int64_t count, int num_threads, Fn&& fn) {
+  const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), std::max<int64_t>(count, 1)));
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t first, last;
+    row_range(count, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
+    fn(first, last);
+  }
+}
+
 inline void check_dtype(int dtype, const char* op) {
   if (dtype != kFloat32 && dtype != kBFloat16)
     throw std::invalid_argument(std::string(op) + ": the CPU kernels take float32 or bfloat16 (dtype code " +

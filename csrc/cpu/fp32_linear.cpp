@@ -115,13 +115,7 @@ FB_ISA_FP32_GEMM void run_groups(const Problem& p, int64_t first, int64_t last) 
 template <int MR, int NB, int MODE>
 void run_parallel(const Problem& p, int num_threads) {
   const int64_t groups = (p.n / kLanes + NB - 1) / NB;
-  const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), groups));
-#pragma omp parallel num_threads(threads)
-  {
-    int64_t first, last;
-    row_range(groups, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
-    run_groups<MR, NB, MODE>(p, first, last);
-  }
+  parallel_ranges(groups, num_threads, [&](int64_t first, int64_t last) { run_groups<MR, NB, MODE>(p, first, last); });
 }
 
 template <int MODE>
