@@ -2,15 +2,16 @@
 //
 // Why: at the rows of short requests a GEMM is bound by how fast it streams its weight, and oneDNN's packed
 // fp32 GEMM behind torch's ops reached ~17 GB/s at 16 rows on the AMX Xeon (docs/perf-notes.md, "fp32 GEMM
-// for few rows"). This loop reads each weight panel once per block of up to 14 rows, with software prefetch
+// for few rows"). This loop reads each weight panel once per block of up to 8 rows, with software prefetch
 // a few hundred bytes ahead (the hardware prefetcher alone left the stream at about half the rate).
 //
 // Packed weight layout (avx512_fp32_pack): panels of 16 columns, one after another; panel j holds, for each
 // k, the 16 weights W[16 j .. 16 j + 15, k] (one AVX-512 vector). A thread owns a contiguous range of
-// groups of NB panels; per group, every block of MR rows of x accumulates MR x NB vectors in registers over
-// all of k (bias as the initial value), stores them, and applies the activation on the stored tile (L1).
-//   rows <= 64: MR = 14, NB = 2 (28 accumulators: 2 vector loads and 14 broadcasts per 28 FMAs);
-//   more rows:  MR = 8,  NB = 3 (the panel group stays in L2 across the row blocks).
+// groups of NB = 3 panels; per group, every block of MR = 8 rows of x accumulates 8 x 3 vectors in registers
+// over all of k (bias as the initial value), stores them, and applies the activation on the stored tile (L1).
+// The panel group stays in L2 across the row blocks; three panels are three sequential streams at once.
+// (Up to 64 rows a 14 x 2 block ran until 2026-12-01: on the AMD EPYC 8 x 3 was as fast or faster at every
+// row count, 1.06 vs 1.21-1.30 ms for MiniLM's GEMMs at 16 rows; docs/perf-notes.md.)
 // Compiled with target attributes (never -march): the wheel runs on any x86-64; avx512_fp32_usable() checks
 // the CPU first.
 #include "cpu_common.h"
@@ -28,7 +29,8 @@ namespace {
 
 constexpr int64_t kLanes = 16;         // columns per panel: one AVX-512 vector of fp32
 constexpr int64_t kPrefetchSteps = 32;  // k steps ahead (32 x 64 bytes per panel)
-constexpr int64_t kFewRows = 64;        // up to here MR = 14, NB = 2; above, MR = 8, NB = 3
+constexpr int kRowBlock = 8;            // MR: rows per register block
+constexpr int kPanels = 3;              // NB: panels per register block (8 x 3 = 24 accumulators)
 
 void check_shape(int64_t n, int64_t k, const char* op) {
   if (n <= 0 || k <= 0 || n % kLanes != 0)
@@ -118,13 +120,7 @@ void run_parallel(const Problem& p, int num_threads) {
   parallel_ranges(groups, num_threads, [&](int64_t first, int64_t last) { run_groups<MR, NB, MODE>(p, first, last); });
 }
 
-template <int MODE>
-void run_shape(const Problem& p, int num_threads) {
-  if (p.rows <= kFewRows)
-    run_parallel<14, 2, MODE>(p, num_threads);
-  else
-    run_parallel<8, 3, MODE>(p, num_threads);
-}
+
 #endif  // FB_HAS_FP32_GEMM
 
 }  // namespace
@@ -152,7 +148,7 @@ void avx512_fp32_linear(const float* x, const float* packed, const float* bias, 
 #if FB_HAS_FP32_GEMM
   const Problem p{x, packed, bias, y, rows, n, k};
   with_activation(activation, "avx512_fp32_linear",
-                  [&](auto mode) { run_shape<decltype(mode)::value>(p, num_threads); });
+                  [&](auto mode) { run_parallel<kRowBlock, kPanels, decltype(mode)::value>(p, num_threads); });
 #endif
 }
 
