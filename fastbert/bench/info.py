@@ -1,6 +1,8 @@
 """`fastbert info`: what fastbert finds on this machine, and a quick fastbert-vs-HuggingFace check."""
 from __future__ import annotations
 
+import math
+
 import torch
 import transformers
 
@@ -58,8 +60,8 @@ def _plan_lines() -> list[str]:
     """What CPU inference plans run beside the registry's choices (fastbert/models/plan.py): fastbert's
     GEMMs for few rows and the short-sequence attention, or why not."""
     from fastbert import backend
+    from fastbert.models.plan import FUSED_QKV_MAX_SEQLEN
     from fastbert.ops import few_rows_linear
-    from fastbert.ops.cpu_attention import SHORT_SEQLEN
 
     lines = []
     for dtype in (torch.bfloat16, torch.float32):
@@ -73,7 +75,8 @@ def _plan_lines() -> list[str]:
     kernel = backend.REGISTRY.get("varlen_attention", "cpp")
     problem = "not registered" if kernel is None else kernel.problem(
         backend.signature("varlen_attention", torch.empty(0), head_dim=64))
-    lines.append(f"  attention of <= {SHORT_SEQLEN} tokens: "
+    lengths = "of every length" if math.isinf(FUSED_QKV_MAX_SEQLEN) else f"of <= {FUSED_QKV_MAX_SEQLEN} tokens"
+    lines.append(f"  attention {lengths}: "
                  + ("the cpp kernel on the fused QKV output" if problem is None else f"as resolved ({problem})"))
     return lines
 

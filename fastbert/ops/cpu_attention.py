@@ -10,6 +10,8 @@ implementation here.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastbert import backend, extension
@@ -60,8 +62,18 @@ def varlen_attention_cpp(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None,
 
 
 # Sequences this short attend on score tiles of 16 or 32 keys (csrc/cpu/attention.cpp), where the kernel beats
-# SDPA (docs/perf-notes.md): the inference plan sends them here.
+# SDPA on every CPU measured (docs/perf-notes.md).
 SHORT_SEQLEN = 32
+
+
+def fused_qkv_max_seqlen() -> float:
+    """The longest sequence the inference plan sends to `fused_qkv_attention` (longer ones go to SDPA): SHORT_SEQLEN
+    on a CPU with AMX, where SDPA is faster above it; any length elsewhere, where the kernel was faster at every
+    length measured (an AVX-512 AMD EPYC: 0.85-0.95x SDPA's forward time, 16-512 tokens, batch 1 and 8,
+    docs/perf-notes.md)."""
+    from fastbert.cpu_info import cpu_features
+
+    return SHORT_SEQLEN if "amx_bf16" in cpu_features() else math.inf
 
 
 def fused_qkv_attention(qkv: torch.Tensor, heads: int, head_dim: int, scale: float, cu_seqlens: torch.Tensor,

@@ -48,9 +48,10 @@ def test_info_says_what_cpu_plans_run_beside_the_registry(capsys, monkeypatch):
     monkeypatch.setattr("fastbert.bench.info.QUICK_CONFIG", TINY)
     assert main(["info", "--no-compare"]) == 0
     out = capsys.readouterr().out
-    from fastbert.ops.cpu_attention import SHORT_SEQLEN
+    from fastbert.models.plan import FUSED_QKV_MAX_SEQLEN
 
-    assert "CPU inference plans" in out and f"attention of <= {SHORT_SEQLEN} tokens" in out
+    lengths = "of every length" if FUSED_QKV_MAX_SEQLEN == float("inf") else f"of <= {FUSED_QKV_MAX_SEQLEN} tokens"
+    assert "CPU inference plans" in out and f"attention {lengths}" in out
     for dtype in (torch.bfloat16, torch.float32):
         line = next(line for line in out.splitlines() if f"{str(dtype)[6:]} GEMMs of few rows" in line)
         name = few_rows_linear.kernel_name(dtype)

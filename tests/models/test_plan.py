@@ -3,7 +3,9 @@
 Each test compares the plan's output with the general forward's (plans off: every op resolved per
 call) on the same model and inputs; in fp32 on CPU both run the same kernels, so they must agree
 bitwise (the pooler: to 1e-6, the plan runs it as a packed GEMM with the tanh in its epilogue). The
-batches are longer than SHORT_SEQLEN: shorter sequences attend on the plan's own kernel (tested apart).
+batches are longer than SHORT_SEQLEN: shorter sequences attend on the plan's own kernel (tested apart; the
+fixture below fixes the plan's limit at SHORT_SEQLEN, as on a CPU with AMX, so these tests do not depend on the
+CPU: elsewhere plans run that kernel at every length, test_fused_qkv_attention_length_follows_the_cpu).
 "Ran the plan" is observed by counting Plan.run calls.
 """
 from __future__ import annotations
@@ -17,6 +19,13 @@ from fastbert.models import plan
 from fastbert.models.families import FAMILIES
 from tests.helpers import max_error, random_batch, small_config
 from tests.models.family_configs import MODEL_TYPES, family_batch, family_config
+
+
+@pytest.fixture(autouse=True)
+def fused_qkv_attention_up_to_short_seqlen(monkeypatch):
+    from fastbert.ops.cpu_attention import SHORT_SEQLEN
+
+    monkeypatch.setattr(plan, "FUSED_QKV_MAX_SEQLEN", SHORT_SEQLEN)
 
 
 @pytest.fixture
@@ -83,7 +92,7 @@ def test_plan_is_built_once(plan_runs):
 def test_every_family_runs_a_plan_equal_to_the_general_forward(plan_runs, model_type, monkeypatch):
     torch.manual_seed(0)
     config = family_config(model_type)  # at most 32 positions: the short attention kernel is turned off here
-    monkeypatch.setattr(plan, "SHORT_SEQLEN", 16)
+    monkeypatch.setattr(plan, "FUSED_QKV_MAX_SEQLEN", 16)
     family = next(f for f in FAMILIES if f.model_type == model_type)
     model = fastbert.patch(family.base(config).eval())
     batch = family_batch(config, [24, 3, 20], 24, generator=torch.Generator().manual_seed(1))
@@ -314,6 +323,42 @@ def test_an_int8_model_runs_its_plan_bitwise_and_hands_back_what_it_cannot_bind(
     model.encoder.layer[0].attention.self.key = nn.Linear(*reversed(value.weight_int8.shape)).to(dtype)
     mixed = assert_same_as_general(model, batch)
     assert len(plan_runs) == 2 and not torch.equal(mixed.last_hidden_state, changed.last_hidden_state)
+
+
+def test_fused_qkv_attention_length_follows_the_cpu(monkeypatch):
+    """Up to SHORT_SEQLEN tokens on a CPU with AMX (SDPA is faster above), every length elsewhere (measured)."""
+    import math
+
+    from fastbert import cpu_info
+    from fastbert.ops.cpu_attention import SHORT_SEQLEN, fused_qkv_max_seqlen
+
+    for features, expected in ((["avx512f", "amx_bf16"], SHORT_SEQLEN), (["avx512f", "avx512_bf16"], math.inf)):
+        monkeypatch.setattr(cpu_info, "cpu_features", lambda features=features: features)
+        assert fused_qkv_max_seqlen() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_sequences_attend_on_the_fused_kernel_where_the_cpu_says_so(plan_runs, monkeypatch, dtype):
+    """With no length limit (a CPU without AMX), dense and padded batches longer than SHORT_SEQLEN attend on
+    fused_qkv_attention, and agree with the general forward (SDPA / the registry's varlen kernel)."""
+    import math
+
+    from fastbert.ops.cpu_attention import SHORT_SEQLEN, fused_qkv_attention
+
+    monkeypatch.setattr(plan, "FUSED_QKV_MAX_SEQLEN", math.inf)
+    calls = []
+    monkeypatch.setattr(plan, "fused_qkv_attention", lambda *a: calls.append(a[-1]) or fused_qkv_attention(*a))
+    for lengths in ((SHORT_SEQLEN + 9, SHORT_SEQLEN + 9), (SHORT_SEQLEN + 9, 7, 1)):
+        model, batch = model_and_batch(lengths, seqlen=SHORT_SEQLEN + 9)
+        model = model.to(dtype)
+        calls.clear()
+        fast = infer(model, batch)
+        reference = general(model, batch)
+        if fastbert.extension.load_problem() is None:
+            assert calls == [SHORT_SEQLEN + 9] * len(model.encoder.layer)
+        keep = batch["attention_mask"].bool()
+        tolerance = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: a step of the output's rounding
+        assert max_error(fast.last_hidden_state[keep], reference.last_hidden_state[keep]) < tolerance
 
 
 @pytest.mark.parametrize("others", [(), (6, 1)], ids=["dense", "padded"])
