@@ -67,11 +67,11 @@ def _plan_lines() -> list[str]:
     for dtype in (torch.bfloat16, torch.float32):
         problem = few_rows_linear.problem(torch.empty(16, 32, dtype=dtype))
         name = str(dtype).replace("torch.", "")
-        rows = "; ".join(f"{few_rows_linear.max_rows(dtype, activation)} with {activation or 'no'} epilogue"
-                         for activation in (None, "gelu"))
+        rows = (f"up to {few_rows_linear.max_rows(dtype, None)} rows ({few_rows_linear.max_rows(dtype, 'gelu')} with a "
+                "GELU epilogue; more rows: the linear op's backend)")
         lines.append(f"  {name} GEMMs of few rows: "
-                     + (f"fastbert's {few_rows_linear.kernel_name(dtype)} kernel up to {rows} (more rows: the "
-                        "linear op's backend)" if problem is None else f"the linear op's backend ({problem})"))
+                     + (f"fastbert's {few_rows_linear.kernel_name(dtype)} kernel {rows}" if problem is None
+                        else f"the linear op's backend ({problem})"))
     kernel = backend.REGISTRY.get("varlen_attention", "cpp")
     problem = "not registered" if kernel is None else kernel.problem(
         backend.signature("varlen_attention", torch.empty(0), head_dim=64))

@@ -35,6 +35,7 @@ _cache = PackedWeights()
 
 
 class _Kernel(NamedTuple):
+    name: str  # what `fastbert info` calls it
     usable: str  # fastbert._C function names
     pack: str
     linear: str
@@ -48,13 +49,15 @@ class _Kernel(NamedTuple):
 _KERNELS = {
     torch.bfloat16: (
         # AMX: oneDNN's GELU epilogue costs about half of this kernel's, which decides from ~32 rows
-        _Kernel("amx_bf16_usable", "bf16_pack", "amx_bf16_linear", 32,
+        _Kernel("AMX", "amx_bf16_usable", "bf16_pack", "amx_bf16_linear", 32,
                 "AMX-BF16 (and an OS that grants its tile state)", MAX_ROWS, 32),
         # AVX512-BF16 (AMD Zen 4/5): the GELU epilogue makes oneDNN as fast from ~64 rows
-        _Kernel("avx512_bf16_usable", "bf16_pack", "avx512_bf16_linear", 32, "AVX512-BF16", MAX_ROWS, 64),
+        _Kernel("AVX512-BF16", "avx512_bf16_usable", "bf16_pack", "avx512_bf16_linear", 32, "AVX512-BF16", MAX_ROWS,
+                64),
     ),
     torch.float32: (
-        _Kernel("avx512_fp32_usable", "avx512_fp32_pack", "avx512_fp32_linear", 1, "AVX-512", MAX_ROWS, MAX_ROWS),
+        _Kernel("AVX-512", "avx512_fp32_usable", "avx512_fp32_pack", "avx512_fp32_linear", 1, "AVX-512", MAX_ROWS,
+                MAX_ROWS),
     ),
 }
 _chosen: dict[torch.dtype, _Kernel | None] = {}  # the CPU (and OS) check per dtype, made once
@@ -91,7 +94,7 @@ def _machine_problem(dtype: torch.dtype) -> str | None:
 
 def kernel_name(dtype: torch.dtype) -> str | None:
     """What runs dtype's few-rows GEMMs here (e.g. "AVX512-BF16"), None where none can (`problem` says why)."""
-    return None if problem(torch.empty(16, 32, dtype=dtype)) is not None else _kernel(dtype).needs.split(" (")[0]
+    return None if problem(torch.empty(16, 32, dtype=dtype)) is not None else _kernel(dtype).name
 
 
 def problem(weight: torch.Tensor, dtype: torch.dtype | None = None) -> str | None:
