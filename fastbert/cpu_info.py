@@ -2,6 +2,7 @@
 Read by `fastbert info`, benchmark records and the int8 path (fastbert.ops.int8_linear)."""
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 
@@ -24,11 +25,17 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "am
 
 def cpu_features() -> list[str]:
     """Which of CPU_FEATURES /proc/cpuinfo lists (Linux); an empty list where it cannot be read."""
+    return list(_read_features())
+
+
+@functools.lru_cache(maxsize=None)
+def _read_features() -> tuple[str, ...]:
+    """Read once per process: the backend order, the plans' attention and the int8 path all ask."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
-                return [name for name in CPU_FEATURES if name in flags]
+                return tuple(name for name in CPU_FEATURES if name in flags)
     except OSError:
         pass
-    return []
+    return ()

@@ -19,6 +19,34 @@ T* ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// The GEMMs for few rows share one signature per element type T (bf16 as uint16_t, or float), and so do their
+// weight packers.
+template <typename T>
+using FewRowsLinear = void (*)(const T*, const T*, const float*, T*, int64_t, int64_t, int64_t, int, int);
+template <typename T>
+using WeightPack = void (*)(const T*, T*, int64_t, int64_t);
+
+template <typename T>
+void def_few_rows_linear(py::module_& m, const char* name, FewRowsLinear<T> linear) {
+  m.def(
+      name,
+      [linear](uintptr_t x, uintptr_t packed, uintptr_t bias, uintptr_t y, int64_t rows, int64_t n, int64_t k,
+               int activation, int threads) {
+        linear(ptr<const T>(x), ptr<const T>(packed), ptr<const float>(bias), ptr<T>(y), rows, n, k, activation,
+               threads);
+      },
+      py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("n"), py::arg("k"),
+      py::arg("activation"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+}
+
+template <typename T>
+void def_weight_pack(py::module_& m, const char* name, WeightPack<T> pack) {
+  m.def(
+      name,
+      [pack](uintptr_t w, uintptr_t packed, int64_t n, int64_t k) { pack(ptr<const T>(w), ptr<T>(packed), n, k); },
+      py::arg("w"), py::arg("packed"), py::arg("n"), py::arg("k"), py::call_guard<py::gil_scoped_release>());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -112,48 +140,13 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("acc"), py::arg("scales"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("cols"),
       py::arg("dtype"), py::arg("gelu_mode"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
-  m.def(
-      "bf16_pack",
-      [](uintptr_t w, uintptr_t packed, int64_t n, int64_t k) {
-        fastbert::cpu::bf16_pack(ptr<const uint16_t>(w), ptr<uint16_t>(packed), n, k);
-      },
-      py::arg("w"), py::arg("packed"), py::arg("n"), py::arg("k"), py::call_guard<py::gil_scoped_release>());
+  def_weight_pack<uint16_t>(m, "bf16_pack", &fastbert::cpu::bf16_pack);
   m.def("amx_bf16_usable", &fastbert::cpu::amx_bf16_usable,
         "Whether this CPU and OS run the AMX bf16 GEMM (asks Linux for the tile state on the first call).");
-  m.def(
-      "amx_bf16_linear",
-      [](uintptr_t x, uintptr_t packed, uintptr_t bias, uintptr_t y, int64_t rows, int64_t n, int64_t k,
-         int activation, int threads) {
-        fastbert::cpu::amx_bf16_linear(ptr<const uint16_t>(x), ptr<const uint16_t>(packed), ptr<const float>(bias),
-                                       ptr<uint16_t>(y), rows, n, k, activation, threads);
-      },
-      py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("n"), py::arg("k"),
-      py::arg("activation"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
-  m.def("avx512_bf16_usable", &fastbert::cpu::avx512_bf16_usable,
-        "Whether this CPU runs the AVX512-BF16 bf16 GEMM.");
-  m.def(
-      "avx512_bf16_linear",
-      [](uintptr_t x, uintptr_t packed, uintptr_t bias, uintptr_t y, int64_t rows, int64_t n, int64_t k,
-         int activation, int threads) {
-        fastbert::cpu::avx512_bf16_linear(ptr<const uint16_t>(x), ptr<const uint16_t>(packed),
-                                          ptr<const float>(bias), ptr<uint16_t>(y), rows, n, k, activation, threads);
-      },
-      py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("n"), py::arg("k"),
-      py::arg("activation"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  def_few_rows_linear<uint16_t>(m, "amx_bf16_linear", &fastbert::cpu::amx_bf16_linear);
+  m.def("avx512_bf16_usable", &fastbert::cpu::avx512_bf16_usable, "Whether this CPU runs the AVX512-BF16 bf16 GEMM.");
+  def_few_rows_linear<uint16_t>(m, "avx512_bf16_linear", &fastbert::cpu::avx512_bf16_linear);
   m.def("avx512_fp32_usable", &fastbert::cpu::avx512_fp32_usable, "Whether this CPU runs the AVX-512 fp32 GEMM.");
-  m.def(
-      "avx512_fp32_pack",
-      [](uintptr_t w, uintptr_t packed, int64_t n, int64_t k) {
-        fastbert::cpu::avx512_fp32_pack(ptr<const float>(w), ptr<float>(packed), n, k);
-      },
-      py::arg("w"), py::arg("packed"), py::arg("n"), py::arg("k"), py::call_guard<py::gil_scoped_release>());
-  m.def(
-      "avx512_fp32_linear",
-      [](uintptr_t x, uintptr_t packed, uintptr_t bias, uintptr_t y, int64_t rows, int64_t n, int64_t k,
-         int activation, int threads) {
-        fastbert::cpu::avx512_fp32_linear(ptr<const float>(x), ptr<const float>(packed), ptr<const float>(bias),
-                                          ptr<float>(y), rows, n, k, activation, threads);
-      },
-      py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("y"), py::arg("rows"), py::arg("n"), py::arg("k"),
-      py::arg("activation"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  def_weight_pack<float>(m, "avx512_fp32_pack", &fastbert::cpu::avx512_fp32_pack);
+  def_few_rows_linear<float>(m, "avx512_fp32_linear", &fastbert::cpu::avx512_fp32_linear);
 }

@@ -70,10 +70,14 @@ def _module():
 
 
 def _kernel(dtype: torch.dtype) -> _Kernel | None:
-    """The first of dtype's kernels that this CPU runs (the extension is built), or None."""
+    """The first of dtype's kernels that this CPU runs, or None (also without the extension or its kernels)."""
     if dtype not in _chosen:
         module = _module()
-        _chosen[dtype] = next((kernel for kernel in _KERNELS[dtype] if getattr(module, kernel.usable)()), None)
+
+        def runs(kernel: _Kernel) -> bool:
+            return hasattr(module, kernel.linear) and getattr(module, kernel.usable)()
+
+        _chosen[dtype] = next((kernel for kernel in _KERNELS[dtype] if module is not None and runs(kernel)), None)
     return _chosen[dtype]
 
 
@@ -187,10 +191,10 @@ def few_rows_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 def max_rows(dtype: torch.dtype, activation: str | None) -> int:
     """The most rows a call may have to run on dtype's few-rows kernel here (measured; docs/perf-notes.md);
-    0 where none runs."""
-    if dtype not in _KERNELS or _machine_problem(dtype) is not None:
+    0 where this CPU runs none. Cheap (a dict lookup): linear_onednn asks on every call, before `problem`."""
+    kernel = _kernel(dtype) if dtype in _KERNELS else None
+    if kernel is None:
         return 0
-    kernel = _kernel(dtype)
     return kernel.max_rows_gelu if activation in ("gelu", "gelu_tanh") else kernel.max_rows
 
 
