@@ -1,5 +1,5 @@
-"""fastbert packaging. kernels/ ships as the subpackage fastbert.kernels (never a top-level
-`kernels`, which is HuggingFace's kernel library).
+"""fastbert packaging. kernels/ ships as the subpackage fastbert.kernels through the symlink
+fastbert/kernels (never a top-level `kernels`, which is HuggingFace's kernel library).
 
 Compiled extension (see csrc/README.md): the torch-independent kernels in csrc/ are built with
 pybind11 and ninja into
@@ -23,7 +23,7 @@ import sysconfig
 import warnings
 from pathlib import Path
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, find_namespace_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -225,9 +225,11 @@ def extensions() -> list[Extension]:
 def packages() -> list[str]:
     """Found, not listed, so that a new subpackage cannot be left out of the wheel (tests/packaging checks).
 
-    kernels/ and its subpackages ship under fastbert.kernels (package_dir below)."""
-    kernels = ["fastbert.kernels"] + [f"fastbert.kernels.{name}" for name in find_packages("kernels")]
-    return find_packages(include=["fastbert", "fastbert.*"]) + kernels
+    The Triton kernels live in the top-level kernels/, which has no __init__.py: a regular package there
+    would shadow HuggingFace's `kernels` (a dependency of transformers) whenever the checkout root is on
+    sys.path. fastbert/kernels is a symlink to it, so it imports and ships as the namespace subpackage
+    fastbert.kernels, in a checkout, an editable install and a wheel alike."""
+    return find_namespace_packages(include=["fastbert", "fastbert.*"], exclude=["*.__pycache__"])
 
 
 setup(
@@ -236,7 +238,6 @@ setup(
     description="BERT encoder on fused Triton/CUDA kernels, drop-in for HuggingFace transformers",
     python_requires=">=3.10",
     packages=packages(),
-    package_dir={"fastbert.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": NinjaBuildExt},
     # Lower bounds and what ran on them: docs/reliability.md, "Supported versions". torch 2.11 and

@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,4 +48,22 @@ def test_every_source_folder_ships_as_a_package(distribution):
 def test_nothing_ships_outside_fastbert(distribution):
     """kernels/ ships as fastbert.kernels, never as a top-level `kernels` (HuggingFace's kernel library)."""
     assert all(name == "fastbert" or name.startswith("fastbert.") for name in distribution.packages)
-    assert distribution.package_dir == {"fastbert.kernels": "kernels"}
+    assert (REPO / "fastbert" / "kernels").resolve() == (REPO / "kernels").resolve()
+
+
+def test_kernels_folder_is_not_a_regular_package():
+    """A kernels/__init__.py would make the checkout's kernels/ a regular top-level package that wins
+    over HuggingFace's `kernels` (which transformers imports) whenever the checkout root is on sys.path."""
+    assert not (REPO / "kernels" / "__init__.py").exists()
+
+
+def test_import_kernels_from_the_checkout_root_is_not_ours():
+    """`python -c "import fastbert"` from the root puts the root first on sys.path, as pytest does."""
+    probe = ("import importlib.util, fastbert, fastbert.kernels.attention as a; spec = importlib.util.find_spec('kernels');"
+             "print(spec.origin); print(a.__file__)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    hf_origin, ours = result.stdout.split()[-2:]
+    assert Path(ours).resolve().parent == (REPO / "kernels").resolve()
+    # HuggingFace's package when installed; otherwise our folder is at most a namespace portion (origin None)
+    assert hf_origin == "None" or not Path(hf_origin).resolve().is_relative_to(REPO), hf_origin
