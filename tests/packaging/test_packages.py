@@ -59,8 +59,8 @@ def test_kernels_folder_is_not_a_regular_package():
 
 def test_import_kernels_from_the_checkout_root_is_not_ours():
     """`python -c "import fastbert"` from the root puts the root first on sys.path, as pytest does."""
-    probe = ("import importlib.util, fastbert, fastbert.kernels.attention as a; spec = importlib.util.find_spec('kernels');"
-             "print(spec.origin); print(a.__file__)")
+    probe = ("import importlib.util, fastbert, fastbert.kernels.attention as a;"
+             "print(importlib.util.find_spec('kernels').origin); print(a.__file__)")
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     hf_origin, ours = result.stdout.split()[-2:]
