@@ -15,8 +15,24 @@ def max_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return (value.double() - reference.double()).abs().max().item() if value.numel() else 0.0
 
 
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b are one tensor, or views of one storage (an empty tensor shares nothing)."""
+    if a is b:
+        return True
+    if not a.numel() or not b.numel():
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def assert_close_to_ref(fast: torch.Tensor, torch_same_dtype: torch.Tensor, ref64: torch.Tensor, atol=None, name=""):
-    """err(fast, fp64 ref) <= 2 * err(torch in the same dtype, fp64 ref) + atol (flash-attention's rule)."""
+    """err(fast, fp64 ref) <= 2 * err(torch in the same dtype, fp64 ref) + atol (flash-attention's rule).
+
+    The baseline and the reference must be computed apart from `fast`: with `fast` itself as the
+    baseline, err <= 2 * err + atol always holds and the check could never fail."""
+    for other, role in ((torch_same_dtype, "same-dtype baseline"), (ref64, "float64 reference")):
+        assert not shares_memory(fast, other), (
+            f"{name}: the {role} is the result itself (same tensor or storage); compute it independently"
+        )
     assert fast.shape == ref64.shape, f"{name}: shape {tuple(fast.shape)} != {tuple(ref64.shape)}"
     assert fast.dtype == torch_same_dtype.dtype, f"{name}: dtype {fast.dtype} != {torch_same_dtype.dtype}"
     assert torch.isfinite(fast).all(), f"{name}: non-finite values"
