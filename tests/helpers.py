@@ -1,6 +1,7 @@
 """Shared test helpers: the tolerance rule, small model configs, random batches."""
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,6 +40,23 @@ def assert_close_to_ref(fast: torch.Tensor, torch_same_dtype: torch.Tensor, ref6
     atol = ATOL[fast.dtype] if atol is None else atol
     fast_err, torch_err = max_error(fast, ref64), max_error(torch_same_dtype, ref64)
     assert fast_err <= 2 * torch_err + atol, f"{name}: error {fast_err:.3g} > 2 * {torch_err:.3g} + {atol:g}"
+
+
+# ---- formulas written out independently of torch.nn.functional, for any float dtype ----------------
+
+def gelu_formula(x, approximate="none"):
+    """GELU: the erf form ("none") or the tanh approximation ("tanh")."""
+    if approximate == "none":
+        return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def layer_norm_formula(x, residual, weight, bias, eps, x_bias):
+    """LayerNorm(x + x_bias + residual) * weight + bias over the last dim; 0 stands for an absent term."""
+    h = x + x_bias + residual
+    mean = h.mean(-1, keepdim=True)
+    var = ((h - mean) ** 2).mean(-1, keepdim=True)
+    return (h - mean) / torch.sqrt(var + eps) * weight + bias
 
 
 def _leaves(inputs, dtype=None):

@@ -8,7 +8,7 @@ from transformers.activations import ACT2FN
 
 import fastbert
 from fastbert.ops.geglu import geglu, geglu_ref
-from tests.helpers import ATOL, check_against_reference
+from tests.helpers import ATOL, assert_close_to_ref, check_against_reference, gelu_formula
 
 
 def _hf_formula(x, approximate):
@@ -29,11 +29,24 @@ def test_geglu_matches_the_transformers_formula_in_fp64(shape, approximate):
     assert (ours_grad - their_grad).abs().max().item() < 1e-12
 
 
+def geglu_formula(x, approximate="none"):
+    """GELU(input) * gate written out in the test (no F.gelu, no geglu_ref), in x's dtype."""
+    values, gate = x.chunk(2, dim=-1)
+    return gelu_formula(values, approximate) * gate
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_geglu_torch_backend_against_fp64(dtype):
+def test_geglu_torch_backend_against_fp64(dtype, approximate):
+    # The torch backend returns geglu_ref when autograd records: both are checked against the formula.
     x = 2 * torch.randn(33, 64, dtype=dtype)
     with fastbert.use_backend("torch"):
-        check_against_reference(lambda t: geglu(t), lambda t: geglu_ref(t), [x], ATOL[dtype], names=["x"])
+        for fn in (geglu, geglu_ref):
+            check_against_reference(lambda t, fn=fn: fn(t, approximate), lambda t: geglu_formula(t, approximate), [x],
+                                    ATOL[dtype], names=["x"])
+        with torch.no_grad():  # the in-place path taken without autograd
+            out = geglu(x, approximate)
+        assert_close_to_ref(out, geglu_formula(x, approximate), geglu_formula(x.double(), approximate), name="no-grad")
 
 
 def test_geglu_half_inputs_compute_in_fp32():

@@ -11,7 +11,7 @@ from torch import nn
 import fastbert
 from fastbert.ops import onednn_linear
 from fastbert.registry import Signature
-from tests.helpers import assert_close_to_ref
+from tests.helpers import assert_close_to_ref, gelu_formula
 
 linear_op = importlib.import_module("fastbert.ops.linear")  # the module (fastbert.ops.linear is also the function)
 
@@ -29,11 +29,7 @@ def linear64(x, weight, bias, activation):
 def linear_formula(x, weight, bias, activation):
     """activation(x W^T + b) written out in x's dtype, independent of F.linear and F.gelu."""
     y = x @ weight.T + (0 if bias is None else bias)
-    if activation == "gelu":
-        return 0.5 * y * (1 + torch.erf(y / math.sqrt(2)))
-    if activation == "gelu_tanh":
-        return 0.5 * y * (1 + torch.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y**3)))
-    return y
+    return y if activation is None else gelu_formula(y, {"gelu": "none", "gelu_tanh": "tanh"}[activation])
 
 
 def random_problem(shape, with_bias=True):

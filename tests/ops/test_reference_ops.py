@@ -1,13 +1,12 @@
 """The "torch" backend of every op against float64 references, forward and every gradient."""
 import functools
-import math
 
 import pytest
 import torch
 
 import fastbert
 from fastbert import ops
-from tests.helpers import assert_close_to_ref
+from tests.helpers import assert_close_to_ref, gelu_formula, layer_norm_formula
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -20,13 +19,6 @@ def run_with_grads(fn, inputs, grad_out):
     out = fn(*inputs)
     grads = torch.autograd.grad(out, [t for t in inputs if t is not None and t.requires_grad], grad_out.to(out.dtype))
     return out, grads
-
-
-def gelu_formula(x, approximate):
-    """GELU written out independently of torch.nn.functional, in float64."""
-    if approximate == "none":
-        return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
-    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -52,13 +44,6 @@ def test_bias_gelu_forward_and_gradients(dtype, approximate, shape):
     assert_close_to_ref(out, plain, ref, name="out")
     for g, p, r in zip(grads, plain_grads, ref_grads):
         assert_close_to_ref(g, p, r, name="grad")
-
-
-def layer_norm_formula(x, residual, weight, bias, eps, x_bias):
-    h = x + x_bias + residual
-    mean = h.mean(-1, keepdim=True)
-    var = ((h - mean) ** 2).mean(-1, keepdim=True)
-    return (h - mean) / torch.sqrt(var + eps) * weight + bias
 
 
 # No width 1: a one-element LayerNorm outputs its bias, and its gradients are rounding noise times rstd.

@@ -9,7 +9,7 @@ from transformers.models.modernbert.modeling_modernbert import ModernBertRotaryE
 
 import fastbert
 from fastbert.ops.rotary import RotaryTables, rotary, rotary_positions, rotary_ref
-from tests.helpers import ATOL, check_against_reference
+from tests.helpers import ATOL, assert_close_to_ref, check_against_reference
 
 
 def _cu_seqlens(lengths):
@@ -45,13 +45,31 @@ def test_rotary_matches_transformers_in_fp64(head_dim):
     assert (ours_grad - their_grad).abs().max().item() < 1e-12
 
 
+def rotary_formula(qkv, angles):
+    """transformers' x * cos + rotate_half(x) * sin on q and k, v untouched, written out in qkv's dtype."""
+    full = torch.cat((angles, angles), dim=-1)[:, None, :]
+    cos, sin = full.cos().to(qkv.dtype), full.sin().to(qkv.dtype)
+    q, k, v = qkv.unbind(1)
+    half = qkv.shape[-1] // 2
+
+    def rotate(x):
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    return torch.stack([rotate(q), rotate(k), v], dim=1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_rotary_torch_backend_against_fp64(dtype):
+    # The torch backend returns rotary_ref when autograd records: both are checked against the formula.
     angles = _angles(torch.randint(0, 100, (9,)), 16)
     qkv = torch.randn(9, 3, 2, 16, dtype=dtype)
     with fastbert.use_backend("torch"):
-        check_against_reference(lambda t: rotary(t, angles.cos(), angles.sin()),
-                                lambda t: rotary_ref(t, angles.cos(), angles.sin()), [qkv], ATOL[dtype], ["qkv"])
+        for fn in (rotary, rotary_ref):
+            check_against_reference(lambda t, fn=fn: fn(t, angles.cos(), angles.sin()),
+                                    lambda t: rotary_formula(t, angles), [qkv], ATOL[dtype], ["qkv"])
+        with torch.no_grad():  # the five-pass path taken without autograd
+            out = rotary(qkv, angles.cos(), angles.sin())
+        assert_close_to_ref(out, rotary_formula(qkv, angles), rotary_formula(qkv.double(), angles), name="no-grad")
 
 
 def test_tables_equal_transformers_cos_sin_and_follow_the_buffer():
