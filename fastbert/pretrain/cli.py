@@ -14,8 +14,7 @@ EXAMPLES = """examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = EXAMPLES
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXAMPLES  # fastbert.cli's formatter keeps its lines
     data = parser.add_argument_group("data")
     data.add_argument("--tokenizer", required=True, metavar="DIR", help="a local HuggingFace tokenizer directory")
     data.add_argument("--train", required=True, nargs="+", metavar="FILE",
@@ -35,15 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--output", required=True, metavar="DIR", help="model, tokenizer, checkpoints, logs")
     train.add_argument("--max-steps", type=int, required=True, help="optimizer steps")
     train.add_argument("--batch-size", type=int, default=32, help="examples per device per micro-batch")
-    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    train.add_argument("--learning-rate", type=float, default=1e-4)
+    train.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                       help="micro-batches per optimizer step")
+    train.add_argument("--learning-rate", type=float, default=1e-4, help="peak AdamW learning rate (linear decay)")
     train.add_argument("--warmup-steps", type=float, default=0.01, help="steps, or a fraction of --max-steps if < 1")
-    train.add_argument("--weight-decay", type=float, default=0.01)
-    train.add_argument("--max-grad-norm", type=float, default=1.0)
-    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    train.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    train.add_argument("--seed", type=int, default=42, help="seed of the weights, data order and masks")
     train.add_argument("--save-steps", type=int, default=500, help="write DIR/checkpoint-<step> every N steps")
     train.add_argument("--save-total-limit", type=int, help="keep only the newest N checkpoints")
-    train.add_argument("--logging-steps", type=int, default=10)
+    train.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     train.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")

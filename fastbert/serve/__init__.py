@@ -7,7 +7,8 @@ Install with `pip install fastbert[serve]`. The pieces:
   engine.py    tokenization (thread-local fast tokenizers) and one forward over a list of sequences
   batcher.py   the bounded queue and the single inference thread that packs waiting sequences
   app.py       the FastAPI app (TEI's endpoints, OpenAI's /v1/embeddings, /health, /info, /metrics)
-  cli.py       `fastbert serve` arguments and uvicorn; workers.py pins --workers replicas to cores
+  cli.py       `fastbert serve` arguments (TEI's flags and variables too) and uvicorn; workers.py pins
+               --workers replicas to cores
   ray.py       a Ray Serve deployment of the same app (pip install fastbert[serve-ray])
 Nothing here imports FastAPI at `import fastbert.serve` time, so the CLI can report a missing extra.
 """

@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import orjson
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
@@ -38,7 +38,6 @@ from fastbert.serve.schemas import (
     PredictRequest,
     RerankRequest,
     TokenizeRequest,
-    no_prompt,
     predict_inputs,
     text_list,
 )
@@ -75,7 +74,11 @@ class Serving:
 
     @property
     def model_id(self) -> str:
-        return self.options.model_id or Path(self.options.model_dir).name
+        return self.options.name
+
+    @property
+    def served_model_name(self) -> str:
+        return self.options.served_model_name or self.model_id
 
     async def start(self) -> None:
         if self.options.threads:
@@ -104,6 +107,14 @@ class Serving:
             raise errors.PayloadTooLarge(f"`{field}` has {count} inputs; the limit is "
                                          f"{self.options.max_client_batch_size} (--max-client-batch-size)",
                                          field=field)
+
+    def prompted(self, texts: list[str], prompt_name: str | None) -> list[str]:
+        """The texts with the request's prompt (or the server's default prompt) put before each, as TEI does."""
+        try:
+            prompt = self.engine.loaded.prompt(prompt_name)
+        except ValueError as exc:
+            raise FieldError("prompt_name", str(exc)) from None
+        return [prompt + text for text in texts] if prompt else texts
 
     def truncation(self, request) -> tuple[bool, str]:
         truncate = self.options.auto_truncate if request.truncate is None else request.truncate
@@ -135,13 +146,13 @@ class Serving:
 # ---- output shaping -------------------------------------------------------------------------------
 
 
-def embeddings(serving: Serving, rows: list, normalize: bool | None, dimensions: int | None) -> np.ndarray:
+def embeddings(rows: list, normalize: bool, dimensions: int | None) -> np.ndarray:
     values = torch.stack(rows)
     if dimensions is not None:
         if dimensions > values.shape[1]:
             raise FieldError("dimensions", f"{dimensions} is over the model's {values.shape[1]} dimensions")
         values = values[:, :dimensions]
-    if serving.engine.loaded.normalize_default if normalize is None else normalize:
+    if normalize:
         values = F.normalize(values, p=2, dim=1)
     return values.numpy()
 
@@ -170,8 +181,8 @@ def info(serving: Serving) -> dict:
         kind = "reranker" if len(labels) == 1 else "classifier"
         model_type = {kind: {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}}
     return {
-        "model_id": serving.model_id, "model_sha": None, "model_dtype": {"fp32": "float32", "bf16": "bfloat16",
-                                                                           "int8": "int8"}[options.dtype],
+        "model_id": serving.model_id, "served_model_name": serving.served_model_name, "model_sha": None,
+        "model_dtype": {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}[options.dtype],
         "model_type": model_type, "max_concurrent_requests": options.max_concurrent_requests,
         "max_input_length": loaded.max_input_length, "max_batch_tokens": options.max_batch_tokens,
         "max_batch_requests": None, "max_client_batch_size": options.max_client_batch_size,
@@ -193,11 +204,10 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
     @app.post("/embed", response_class=FastJSON)
     async def embed(body: EmbedRequest):
         serving.require("embedding", "/embed")
-        no_prompt(body.prompt_name)
         texts = text_list("inputs", body.inputs)
         serving.check_batch_size("inputs", len(texts))
-        _, rows = await serving.run(texts, *serving.truncation(body))
-        return FastJSON(embeddings(serving, rows, body.normalize, body.dimensions))
+        _, rows = await serving.run(serving.prompted(texts, body.prompt_name), *serving.truncation(body))
+        return FastJSON(embeddings(rows, body.normalize, body.dimensions))
 
     @app.post("/v1/embeddings", response_class=FastJSON)
     async def openai_embeddings(body: OpenAIEmbeddingsRequest):
@@ -206,14 +216,14 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
             raise FieldError("input", "token arrays are not supported; send text")
         texts = text_list("input", body.input)
         serving.check_batch_size("input", len(texts))
-        encoded, rows = await serving.run(texts, serving.options.auto_truncate)
-        values = embeddings(serving, rows, None, body.dimensions)
+        encoded, rows = await serving.run(serving.prompted(texts, None), serving.options.auto_truncate)
+        values = embeddings(rows, True, body.dimensions)  # TEI: OpenAI's embeddings are unit vectors
         if body.encoding_format == "base64":
             data = [base64.b64encode(row.astype("<f4").tobytes()).decode() for row in values]
         else:
             data = list(values)
         tokens = sum(len(item) for item in encoded)
-        return FastJSON({"object": "list", "model": body.model or serving.model_id,
+        return FastJSON({"object": "list", "model": serving.served_model_name,
                          "data": [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(data)],
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
@@ -247,9 +257,9 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
     async def tokenize(body: TokenizeRequest):
         if not serving.ready:
             raise errors.Unhealthy("the model is not loaded")
-        no_prompt(body.prompt_name)
         texts = text_list("inputs", body.inputs)
         serving.check_batch_size("inputs", len(texts))
+        texts = serving.prompted(texts, body.prompt_name)
         with serving.limit:
             return FastJSON(await serving.in_pool(serving.engine.tokens, texts, body.add_special_tokens))
 
@@ -345,6 +355,9 @@ def create_app(options: ServeOptions, engine_factory=default_engine) -> FastAPI:
     add_error_handlers(app)
     app.add_middleware(Gatekeeper, api_key=options.api_key, payload_limit=options.payload_limit,
                        metrics=serving.metrics)
+    if options.cors_allow_origin:  # outermost, so that a browser's preflight needs no API key (TEI's order)
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_allow_origin),
+                           allow_methods=["GET", "POST"], allow_headers=["content-type", "authorization"])
     return app
 
 

@@ -1,5 +1,6 @@
-"""The served model: fastbert's native class from a local directory, its fast tokenizer, and the
-sentence-transformers pipeline (modules.json, 1_Pooling/config.json, sentence_bert_config.json) when present."""
+"""The served model: fastbert's native class from a local directory (or a Hub snapshot), its fast tokenizer,
+and the sentence-transformers pipeline (modules.json, 1_Pooling/config.json, sentence_bert_config.json,
+config_sentence_transformers.json's prompts) when present."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,8 @@ logger = logging.getLogger("fastbert.serve")
 ST_TRANSFORMER = "sentence_transformers.models.Transformer"
 ST_POOLING = "sentence_transformers.models.Pooling"
 ST_NORMALIZE = "sentence_transformers.models.Normalize"
+# What a Hub snapshot needs: configs, tokenizer files, safetensors weights (not the ONNX/OpenVINO exports)
+HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
 
 
@@ -29,6 +32,7 @@ class SentenceTransformersConfig:
     normalize: bool = False
     max_seq_length: int | None = None
     present: bool = False
+    prompts: dict[str, str] = field(default_factory=dict)  # config_sentence_transformers.json's "prompts"
 
 
 @dataclass
@@ -38,9 +42,42 @@ class LoadedModel:
     tokenizer_dir: str
     max_input_length: int
     pooling: tuple[str, ...] = ()
-    normalize_default: bool = True
     id2label: dict = field(default_factory=dict)
     problem_type: str | None = None
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt: str | None = None  # put before each input whose request names no prompt
+
+    def prompt(self, name: str | None) -> str | None:
+        """The text put before each input: the prompt `name`, else the server's default prompt."""
+        return self.default_prompt if name is None else prompt_text(self.prompts, name)
+
+
+def prompt_text(prompts: dict[str, str], name: str) -> str:
+    """prompts[name], or a ValueError naming the known prompts (TEI's check)."""
+    if name not in prompts:
+        known = ", ".join(sorted(prompts)) or "none (config_sentence_transformers.json has no prompts)"
+        raise ValueError(f"unknown prompt {name!r}; this model's prompts: {known}")
+    return prompts[name]
+
+
+def resolve_model_dir(model_id: str, revision: str | None = None, cache_dir: str | None = None,
+                      token: str | None = None) -> str:
+    """The local directory of `model_id`: the directory itself, else a Hub snapshot of that id at `revision`
+    (downloaded, or from the cache when offline)."""
+    if Path(model_id).expanduser().is_dir():
+        if revision not in (None, "main"):
+            raise ServeConfigError(f"--revision {revision}: {model_id} is a local directory, which has no "
+                                   "revisions (give a Hub id to pick one)")
+        return str(Path(model_id).expanduser())
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model_id, revision=revision, cache_dir=cache_dir, token=token,
+                                 allow_patterns=HUB_FILES)
+    except Exception as exc:  # offline, unknown id, bad revision, invalid name: all one startup error
+        reason = next(iter(str(exc).splitlines()), "")
+        raise ServeConfigError(f"--model-id {model_id}: not a local directory, and not loadable from the Hub "
+                               f"({type(exc).__name__}: {reason})") from None
 
 
 def read_sentence_transformers_config(model_dir: Path) -> SentenceTransformersConfig:
@@ -48,7 +85,7 @@ def read_sentence_transformers_config(model_dir: Path) -> SentenceTransformersCo
     server cannot reproduce (Dense, a custom module) is an error rather than a silently different embedding."""
     modules_file = model_dir / "modules.json"
     if not modules_file.exists():
-        return SentenceTransformersConfig(pooling=_pooling_config(model_dir / "1_Pooling"))
+        return SentenceTransformersConfig(pooling=_pooling_config(model_dir / "1_Pooling"), prompts=_prompts(model_dir))
     config = SentenceTransformersConfig(present=True)
     for module in json.loads(modules_file.read_text()):
         kind = module.get("type")
@@ -62,7 +99,13 @@ def read_sentence_transformers_config(model_dir: Path) -> SentenceTransformersCo
     bert_config = model_dir / "sentence_bert_config.json"
     if bert_config.exists():
         config.max_seq_length = json.loads(bert_config.read_text()).get("max_seq_length")
+    config.prompts = _prompts(model_dir)
     return config
+
+
+def _prompts(model_dir: Path) -> dict[str, str]:
+    path = model_dir / "config_sentence_transformers.json"
+    return dict(json.loads(path.read_text()).get("prompts") or {}) if path.exists() else {}
 
 
 def _pooling_config(folder: Path) -> tuple[str, ...] | None:
@@ -92,17 +135,40 @@ def _model_length_limit(config, tokenizer) -> int:
 
 def _resolve_length(options: ServeOptions, limit: int, st_config: SentenceTransformersConfig) -> int:
     if options.max_input_length is None:
-        return min(limit, st_config.max_seq_length or limit)
+        return _fit_batch(options, min(limit, st_config.max_seq_length or limit))
     if options.max_input_length > limit:
         raise ServeConfigError(f"--max-input-length {options.max_input_length}: the model takes at most {limit} "
                                "tokens")
+    if options.max_input_length > options.max_batch_tokens:
+        raise ServeConfigError(f"--max-batch-tokens {options.max_batch_tokens} is below --max-input-length "
+                               f"{options.max_input_length}: one sequence must fit in one forward")
     return options.max_input_length
 
 
+def _fit_batch(options: ServeOptions, length: int) -> int:
+    """TEI's rule: a model limit over --max-batch-tokens is cut to it when truncating, else a startup error."""
+    if length <= options.max_batch_tokens:
+        return length
+    if not options.auto_truncate:
+        raise ServeConfigError(f"--max-batch-tokens {options.max_batch_tokens} is below the input length limit "
+                               f"{length}: one sequence must fit in one forward (raise it, or let --auto-truncate "
+                               "cut inputs to it)")
+    logger.warning("fastbert serve: inputs are cut to --max-batch-tokens %d tokens (the model takes %d)",
+                   options.max_batch_tokens, length)
+    return options.max_batch_tokens
+
+
+def _resolve_prompt(options: ServeOptions, prompts: dict[str, str]) -> str | None:
+    if options.default_prompt_name is None:
+        return options.default_prompt
+    try:
+        return prompt_text(prompts, options.default_prompt_name)
+    except ValueError as exc:
+        raise ServeConfigError(f"--default-prompt-name: {exc}") from None
+
+
 def _resolve_pooling(options: ServeOptions, st_config: SentenceTransformersConfig) -> tuple[str, ...]:
-    if options.pooling is not None:
-        if options.pooling not in POOLING_MODES:
-            raise ServeConfigError(f"--pooling {options.pooling!r}: expected one of {', '.join(POOLING_MODES)}")
+    if options.pooling is not None:  # checked by ServeOptions
         return (options.pooling,)
     if st_config.pooling is None:
         raise ServeConfigError("--pooling is not set and the model directory has no 1_Pooling/config.json: "
@@ -127,12 +193,8 @@ def _apply_dtype(model: nn.Module, options: ServeOptions) -> nn.Module:
 
 def _quantize(model: nn.Module, options: ServeOptions) -> nn.Module:
     """fastbert.quantize with the --calibration texts: int8 Linears where its accuracy gate allows."""
-    import fastbert
+    from fastbert import quantize
 
-    quantize = getattr(fastbert, "quantize", None)
-    if quantize is None:
-        raise ServeConfigError("--dtype int8 needs fastbert.quantize, which this fastbert version does not have; "
-                               "use --dtype fp32 or bf16")
     if options.calibration is None:
         raise ServeConfigError("--dtype int8 needs --calibration FILE: a few hundred of your own texts, one a line "
                                "(the int8 model is checked against the fp32 one on them)")
@@ -156,9 +218,7 @@ def load_model(options: ServeOptions) -> LoadedModel:
     tokenizer = load_tokenizer(str(model_dir))
     st_config = read_sentence_transformers_config(model_dir)
     length = _resolve_length(options, _model_length_limit(config, tokenizer), st_config)
-    if length > options.max_batch_tokens:
-        raise ServeConfigError(f"--max-batch-tokens {options.max_batch_tokens} is below the input length limit "
-                               f"{length}: one sequence must fit in one forward")
+    prompt = _resolve_prompt(options, st_config.prompts)
     if _is_classifier(config):
         model = fastbert.AutoModelForSequenceClassification.from_pretrained(model_dir)
         loaded = LoadedModel(model, "classifier", str(model_dir), length,
@@ -166,8 +226,7 @@ def load_model(options: ServeOptions) -> LoadedModel:
                              problem_type=config.problem_type)
     else:
         model = fastbert.AutoModel.from_pretrained(model_dir)
-        normalize = st_config.normalize if st_config.present else True  # TEI's default without a pipeline
-        loaded = LoadedModel(model, "embedding", str(model_dir), length,
-                             pooling=_resolve_pooling(options, st_config), normalize_default=normalize)
+        loaded = LoadedModel(model, "embedding", str(model_dir), length, pooling=_resolve_pooling(options, st_config))
     loaded.model = _apply_dtype(loaded.model.eval(), options)
+    loaded.prompts, loaded.default_prompt = st_config.prompts, prompt
     return loaded

@@ -14,6 +14,19 @@ CONFIG_KEYS = {
     "lasttoken": "pooling_mode_lasttoken",
 }
 POOLING_MODES = tuple(CONFIG_KEYS)
+TEI_NAMES = {"last-token": "lasttoken", "last_token": "lasttoken"}  # TEI's --pooling spelling of the same mode
+
+
+def mode_from_name(name: str) -> str:
+    """The pooling mode `name` (sentence-transformers' or TEI's spelling), or a ValueError saying why not."""
+    mode = TEI_NAMES.get(name, name)
+    if mode == "splade":
+        raise ValueError("SPLADE pools a masked-LM head's vocabulary logits into a sparse vector (TEI's "
+                         "/embed_sparse), which fastbert serve does not serve; its dense modes: "
+                         + ", ".join(POOLING_MODES))
+    if mode not in POOLING_MODES:
+        raise ValueError(f"expected one of {', '.join(POOLING_MODES)} (or TEI's last-token)")
+    return mode
 
 
 def pooling_modes_from_config(config: dict) -> tuple[str, ...]:

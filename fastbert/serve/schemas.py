@@ -18,14 +18,14 @@ class FieldError(ValueError):
 
 
 class _Truncating(BaseModel):
-    truncate: bool | None = None  # None: the server's --auto-truncate
+    truncate: bool | None = None  # None: the server's --auto-truncate (TEI)
     truncation_direction: Direction = "Right"
 
 
 class EmbedRequest(_Truncating):
     inputs: str | list[str]
-    normalize: bool | None = None  # None: the checkpoint's (sentence-transformers Normalize module)
-    prompt_name: str | None = None
+    normalize: bool = True  # TEI's default, whether or not the pipeline has a Normalize module
+    prompt_name: str | None = None  # a key of config_sentence_transformers.json's "prompts"
     dimensions: int | None = Field(None, ge=1)
 
 
@@ -91,7 +91,3 @@ def _check_sequence(field: str, sequence) -> None:
     if any(not part for part in parts):
         raise FieldError(field, "must not be an empty string")
 
-
-def no_prompt(prompt_name: str | None) -> None:
-    if prompt_name is not None:
-        raise FieldError("prompt_name", "prompts are not supported by this server")

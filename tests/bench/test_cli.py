@@ -1,7 +1,9 @@
 """`fastbert info` and `fastbert bench` end to end on a tiny random BERT (CPU, a few seconds each)."""
 from __future__ import annotations
 
+import argparse
 import csv
+import importlib.metadata
 import importlib.util
 import json
 import sys
@@ -11,7 +13,7 @@ import torch
 import transformers
 
 import fastbert
-from fastbert.cli import main
+from fastbert.cli import build_parser, main
 
 TINY = dict(
     vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -177,3 +179,54 @@ def test_plot_without_matplotlib_is_a_clear_error(tiny_model_dir, tmp_path, caps
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     assert bench(tiny_model_dir, "--plot", str(tmp_path / "speedup.png")) == 1
     assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def _subcommands():
+    parser = build_parser()
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return {"fastbert": parser, **commands.choices}
+
+
+def test_every_option_of_every_command_has_help():
+    missing = [f"{name} {action.option_strings[0] if action.option_strings else action.dest}"
+               for name, parser in _subcommands().items() for action in parser._actions
+               if not action.help or not action.help.strip()]
+    assert not missing, f"options without help: {missing}"
+
+
+@pytest.mark.parametrize("command, shown", [("bench", "(default: auto)"), ("pretrain", "(default: 0.0001)"),
+                                            ("serve", "(default: 16384)")])
+def test_help_shows_defaults(command, shown, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert shown in text and "(default: None)" not in text
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastbert {importlib.metadata.version('fastbert')}"
+
+
+def test_cli_docstring_names_every_command():
+    import fastbert.cli
+
+    for name in _subcommands():
+        assert name in fastbert.cli.__doc__
+
+
+def test_int8_refuses_the_options_it_cannot_honour(tiny_model_dir, tmp_path, capsys):
+    assert bench(tiny_model_dir, "--dtype", "int8", "--device", "cuda", "--mode", "training", "--lengths",
+                 "lognormal", "--baselines", "hf-sdpa", "--backend", "torch", "--seed", "3", "--csv",
+                 str(tmp_path / "x.csv"), "--plot", str(tmp_path / "x.png")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastbert bench: error: --dtype int8 does not take --device (it runs on the CPU)")
+    for flag in ("--device", "--mode", "--lengths", "--baselines", "--backend", "--seed", "--csv", "--plot"):
+        assert f"{flag} (" in err
+    from fastbert.cli import check_int8_options
+
+    check_int8_options(build_parser().parse_args(["bench", "--dtype", "int8", "--device", "cpu", "--lengths",
+                                                  "uniform", "--quiet", "--json", "x.json"]))  # all honoured

@@ -1,10 +1,14 @@
-"""Hooks on a running app's engine: hold the forward until released, or make it raise on a marker."""
+"""Hooks on a running app's engine (hold the forward until released, or make it raise on a marker), and
+helpers for a real server process."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
+
+import httpx
 
 
 def serving_of(client):
@@ -47,3 +51,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 180.0) -> None:
+    """Until GET /health answers 200; the process must not exit meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the server exited during startup"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("the server did not become healthy")

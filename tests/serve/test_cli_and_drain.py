@@ -10,28 +10,29 @@ from pathlib import Path
 import httpx
 import pytest
 
-import fastbert
 from fastbert.cli import main
 from fastbert.serve.workers import core_slices
-from tests.serve._control import free_port
+from tests.serve._control import free_port, wait_healthy
 
 SLOW_SERVER = Path(__file__).with_name("_slow_server.py")
 FORWARD_DELAY = 0.4
 
 
-def test_serve_help_lists_the_options(capsys):
+def test_serve_help_lists_the_options(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # one line per option's help
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     text = capsys.readouterr().out
     for option in ("--max-batch-tokens", "--max-concurrent-requests", "--max-client-batch-size",
-                   "--max-input-length", "--api-key", "--workers", "--dtype", "--port", "--host"):
+                   "--max-input-length", "--api-key", "--workers", "--dtype", "--port", "--host", "--model-id",
+                   "--hostname", "--served-model-name", "--revision", "--default-prompt-name",
+                   "(default: 16384) [env: MAX_BATCH_TOKENS]"):
         assert option in text
 
 
-def test_errors_are_one_line_and_exit_1(embed_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.delattr(fastbert, "quantize", raising=False)
+def test_errors_are_one_line_and_exit_1(embed_dir, tmp_path, capsys):
     assert main(["serve", embed_dir, "--dtype", "int8"]) == 1
-    assert "fastbert.quantize" in capsys.readouterr().err
+    assert "--dtype int8 needs --calibration FILE" in capsys.readouterr().err
     assert main(["serve", str(tmp_path)]) == 1
     assert "no config.json" in capsys.readouterr().err
     assert main(["serve", embed_dir, "--max-batch-tokens", "0"]) == 1
@@ -41,19 +42,6 @@ def test_errors_are_one_line_and_exit_1(embed_dir, tmp_path, capsys, monkeypatch
 def test_core_slices_cover_every_core_once():
     assert core_slices(list(range(8)), 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
     assert core_slices([0, 1], 4) == [[0], [1], [0], [1]]  # more workers than cores: shared
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the server exited during startup"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("the server did not become healthy")
 
 
 def _in_flight(url: str) -> float:
@@ -70,7 +58,7 @@ def test_sigterm_drains_accepted_requests_then_exits(embed_dir):
                                 "127.0.0.1", "--port", str(port), "--max-batch-tokens", "64",
                                 "--log-level", "warning"])
     try:
-        _wait_healthy(url, process)
+        wait_healthy(url, process)
         texts = [" ".join([f"word{i}"] * 20) for i in range(5)]  # each ~40 tokens: one forward each
         with ThreadPoolExecutor(len(texts)) as pool:
             futures = [pool.submit(httpx.post, f"{url}/embed", json={"inputs": text}, timeout=120) for text in texts]
@@ -100,7 +88,7 @@ def test_workers_share_the_port_and_pin_their_cores(embed_dir, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "fastbert", "serve", embed_dir, "--host", "127.0.0.1",
                                 "--port", str(port), "--workers", "2", "--log-level", "warning"])
     try:
-        _wait_healthy(url, process)
+        wait_healthy(url, process)
         responses = [httpx.post(f"{url}/embed", json={"inputs": ["worker", "pinned"]}, timeout=60) for _ in range(4)]
         assert all(response.status_code == 200 and len(response.json()) == 2 for response in responses)
     finally:

@@ -18,11 +18,15 @@ def _assert_error(response, status: int, error_type: str, field: str | None = No
     return body
 
 
-def test_input_over_the_length_limit_is_413_with_the_numbers(embed_client):
+def test_input_over_the_length_limit_is_413_with_the_numbers(embed_client, embed_dir):
     text = " ".join(["word"] * 100)  # 102 tokens with [CLS] and [SEP]; the limit is 64
-    body = _assert_error(embed_client.post("/embed", json={"inputs": ["ok", text]}), 413, "Validation", "inputs")
+    response = embed_client.post("/embed", json={"inputs": ["ok", text], "truncate": False})
+    body = _assert_error(response, 413, "Validation", "inputs")
     assert "inputs[1]" in body["error"] and "102" in body["error"] and "64" in body["error"]
-    assert embed_client.post("/embed", json={"inputs": ["ok", text], "truncate": True}).status_code == 200
+    assert embed_client.post("/embed", json={"inputs": ["ok", text]}).status_code == 200  # --auto-truncate's default
+    with serve(embed_dir, auto_truncate=False) as strict:
+        _assert_error(strict.post("/embed", json={"inputs": ["ok", text]}), 413, "Validation", "inputs")
+        assert strict.post("/embed", json={"inputs": ["ok", text], "truncate": True}).status_code == 200
 
 
 def test_too_many_inputs_is_413(embed_client):

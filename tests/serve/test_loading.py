@@ -62,7 +62,7 @@ def test_real_minilm_config():
 
 def test_loads_native_classes(embed_dir, classifier_dir):
     embed = load_model(ServeOptions(embed_dir))
-    assert isinstance(embed.model, fastbert.BertModel) and embed.kind == "embedding" and embed.normalize_default
+    assert isinstance(embed.model, fastbert.BertModel) and embed.kind == "embedding"
     classifier = load_model(ServeOptions(classifier_dir))
     assert isinstance(classifier.model, fastbert.BertForSequenceClassification)
     assert classifier.id2label == {0: "negative", 1: "neutral", 2: "positive"}
@@ -78,7 +78,8 @@ def test_pooling_is_required_without_a_config(classifier_dir, tmp_path, embed_di
     with pytest.raises(ServeConfigError, match="--pooling"):
         load_model(ServeOptions(str(bare)))
     loaded = load_model(ServeOptions(str(bare), pooling="cls"))
-    assert loaded.pooling == ("cls",) and loaded.normalize_default  # TEI's default without a pipeline
+    assert loaded.pooling == ("cls",)
+    assert load_model(ServeOptions(str(bare), pooling="last-token")).pooling == ("lasttoken",)  # TEI's spelling
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -87,6 +88,9 @@ def test_pooling_is_required_without_a_config(classifier_dir, tmp_path, embed_di
     ({"max_concurrent_requests": -1}, "--max-concurrent-requests"),
     ({"threads": 0}, "--threads"),
     ({"calibration": "x.txt"}, "--calibration"),
+    ({"pooling": "splade"}, "--pooling 'splade': SPLADE"),
+    ({"pooling": "median"}, "--pooling 'median': expected one of"),
+    ({"default_prompt": "q: ", "default_prompt_name": "query"}, "--default-prompt and --default-prompt-name"),
 ])
 def test_option_errors_name_the_argument(kwargs, match):
     with pytest.raises(ServeConfigError, match=match):
@@ -98,14 +102,15 @@ def test_model_errors_name_the_argument(embed_dir, tmp_path):
         load_model(ServeOptions(str(tmp_path)))
     with pytest.raises(ServeConfigError, match="--max-input-length 100: the model takes at most 64"):
         load_model(ServeOptions(embed_dir, max_input_length=100))
-    with pytest.raises(ServeConfigError, match="--max-batch-tokens 32"):
-        load_model(ServeOptions(embed_dir, max_batch_tokens=32))
+    with pytest.raises(ServeConfigError, match="--max-batch-tokens 32 is below the input length limit 64"):
+        load_model(ServeOptions(embed_dir, max_batch_tokens=32, auto_truncate=False))
+    with pytest.raises(ServeConfigError, match="--max-batch-tokens 32 is below --max-input-length 48"):
+        load_model(ServeOptions(embed_dir, max_batch_tokens=32, max_input_length=48))
 
 
-def test_int8_without_quantize_is_a_clear_error(embed_dir, monkeypatch):
-    monkeypatch.delattr(fastbert, "quantize", raising=False)
-    with pytest.raises(ServeConfigError, match="fastbert.quantize"):
-        load_model(ServeOptions(embed_dir, dtype="int8"))
+def test_auto_truncate_cuts_the_length_limit_to_max_batch_tokens(embed_dir):
+    """TEI's rule: a model limit over --max-batch-tokens is cut to it (inputs are truncated to fit a forward)."""
+    assert load_model(ServeOptions(embed_dir, max_batch_tokens=32)).max_input_length == 32
 
 
 def test_int8_needs_calibration(embed_dir):
