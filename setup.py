@@ -6,14 +6,16 @@ pybind11 and ninja into
   fastbert._C       CPU kernels (C++17, OpenMP), whenever a C++ compiler is present;
   fastbert._C_cuda  CUDA kernels, when nvcc is found (static cudart: imports without a GPU/driver).
 Neither links libtorch. Environment knobs:
-  FASTBERT_NO_EXT=1       build no extension (pure-Python install; the "torch"/"triton" backends remain)
+  FASTBERT_NO_EXT=1       build no extension (pure-Python install; the torch/oneDNN and triton paths remain)
   FASTBERT_NO_CUDA=1      skip the CUDA module even if nvcc is found
   FASTBERT_CUDA_ARCH      e.g. "80;90" (default "80;86;89;90"); CUDA_HOME picks the toolkit
   MAX_JOBS                parallel compile jobs (default: CPU count)
   FASTBERT_REQUIRE_EXT=1  a failed extension build fails the install (default: warn and continue)
+Booleans take 1/true/yes/on or 0/false/no/off/empty (fastbert/env.py); docs/configuration.md lists them all.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import shutil
@@ -38,7 +40,11 @@ SERVE_REQUIRES = ["fastapi", "uvicorn", "prometheus-client", "orjson", "numpy"] 
 
 
 def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
+    """fastbert.env's rule for FASTBERT_* booleans, its file loaded by path: importing the package needs torch."""
+    spec = importlib.util.spec_from_file_location("_fastbert_env", ROOT / "fastbert" / "env.py")
+    env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(env)
+    return env.flag(name)
 
 
 def find_nvcc() -> str | None:

@@ -5,23 +5,23 @@ Two modules, neither linked against libtorch:
   fastbert._C_cuda  the CUDA kernels (static cudart). It is imported only when torch sees a CUDA
                     device, so machines without a GPU or driver never load CUDA code.
 
-A missing or broken extension never breaks `import fastbert`: the torch and triton paths carry on,
-and `load_problem()` / `cuda_load_problem()` say why the extension is absent (shown by `fastbert info`).
+A missing or broken extension never breaks `import fastbert`: the torch, oneDNN and triton paths carry
+on. The loader probes once per process and caches the answer; every CPU kernel user asks it through
+`cpu_module()` (None without `_C`) or `load_problem()` (why not), never by importing `_C` itself.
+`fastbert info` shows the reason.
 """
 from __future__ import annotations
 
 import functools
 import os
 
-
-def _disabled() -> bool:
-    return os.environ.get("FASTBERT_NO_EXT", "0") not in ("", "0")
+from fastbert.env import flag
 
 
 @functools.lru_cache(maxsize=None)
 def _load():
-    if _disabled():
-        return None, "disabled by FASTBERT_NO_EXT=1"
+    if flag("FASTBERT_NO_EXT"):
+        return None, f"disabled by FASTBERT_NO_EXT={os.environ['FASTBERT_NO_EXT']}"
     try:
         from fastbert import _C
     except ImportError as exc:
@@ -61,8 +61,13 @@ def cuda_load_problem() -> str | None:
     return _load_cuda()[1]
 
 
+def cpu_module():
+    """The loaded fastbert._C module, or None where it is unavailable (`load_problem()` says why)."""
+    return _load()[0]
+
+
 def module():
-    """The loaded fastbert._C module (raises if unavailable)."""
+    """The loaded fastbert._C module (raises if unavailable): for callers that checked `load_problem()`."""
     ext, problem = _load()
     if ext is None:
         raise RuntimeError(problem)

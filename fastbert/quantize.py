@@ -259,7 +259,9 @@ def quantize(
     from config._name_or_path) or model-input dicts. The gate compares pooled outputs (per-example
     cosine) of the quantized and the unquantized model on all of them; sensitivities are measured on
     the first `sensitivity_examples` examples' batches. Returns a QuantizationReport (report.model is model).
+    Raises BackendUnavailableError without the compiled extension, which quantizes the activations.
     """
+    _require_int8_kernels()
     batches = _batches(model, calibration, tokenizer, batch_size, max_length)
     model.eval()
     model.requires_grad_(False)
@@ -279,6 +281,19 @@ def quantize(
         mean_cosine=cosines.mean().item(), min_cosine=cosines.min().item(), gate=(min_cosine_mean, min_cosine),
         examples=reference.shape[0], model=model,
     )
+
+
+def _require_int8_kernels() -> None:
+    """Without fastbert._C every int8 GEMM would run the fp64 reference: correct, but slower than the
+    unquantized model, so quantizing would only cost accuracy."""
+    from fastbert import extension
+    from fastbert.registry import BackendUnavailableError
+
+    problem = extension.load_problem()
+    if problem is not None:
+        raise BackendUnavailableError(
+            f"fastbert.quantize needs the compiled extension fastbert._C for its int8 kernels, and it is "
+            f"unavailable ({problem}); run the model in fp32 or bf16, or install fastbert with its extension built")
 
 
 def _greedy_gate(model, originals, quantized, batches, reference, layers, gate) -> list[str]:

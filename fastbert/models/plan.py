@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
-import os
 import weakref
 from typing import Callable, NamedTuple
 
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from fastbert import backend
+from fastbert.env import flag
 from fastbert.models.families import Family, module_pooler
 from fastbert.models.support import TreeStamp, check_modules, embeddings_known, gelu_approximation, remembered_check
 from fastbert.ops import _dispatch
@@ -568,7 +568,7 @@ def global_hooks() -> bool:
 _GLOBAL_HOOK_TABLES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                        "_global_backward_pre_hooks")
 
-_enabled = os.environ.get("FASTBERT_PLANS", "1").strip().lower() not in ("0", "false", "off")
+_enabled = flag("FASTBERT_PLANS", default=True)
 
 
 def set_plans(enabled: bool) -> None:

@@ -19,18 +19,19 @@ turns off only these kernels.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from fastbert import extension
+from fastbert.env import flag
 from fastbert.ops.weight_cache import PackedWeights
 
 MAX_ROWS = 256  # the most rows any kernel here takes (docs/perf-notes.md)
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "tanh")
 
-_enabled = os.environ.get("FASTBERT_FEW_ROWS_GEMM", "1").strip().lower() not in ("0", "false", "off")
+_enabled = flag("FASTBERT_FEW_ROWS_GEMM", default=True)
 _cache = PackedWeights()
 
 
@@ -64,9 +65,8 @@ _chosen: dict[torch.dtype, _Kernel | None] = {}  # the CPU (and OS) check per dt
 
 
 def _module():
-    from fastbert import extension
-
-    return extension.module()
+    """fastbert._C or None: the loader's one cached answer (a build without it runs oneDNN's GEMMs)."""
+    return extension.cpu_module()
 
 
 def _kernel(dtype: torch.dtype) -> _Kernel | None:
@@ -89,8 +89,10 @@ def _machine_problem(dtype: torch.dtype) -> str | None:
     if not onednn_linear.packing_enabled():
         return "packed weights are switched off (FASTBERT_PACKED_WEIGHTS=0 or onednn_linear.set_packing(False))"
     module = _module()
-    if module is None or not all(hasattr(module, kernel.linear) for kernel in _KERNELS[dtype]):
-        return "the fastbert._C extension with the few-rows GEMMs is not built"
+    if module is None:
+        return extension.load_problem()
+    if not all(hasattr(module, kernel.linear) for kernel in _KERNELS[dtype]):
+        return "fastbert._C predates the few-rows GEMMs (rebuild the extension)"
     if _kernel(dtype) is None:
         return "this CPU has no " + " and no ".join(kernel.needs for kernel in _KERNELS[dtype])
     return None

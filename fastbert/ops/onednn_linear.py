@@ -15,18 +15,17 @@ appears in state_dict, deepcopy or pickles. It costs one extra copy of every pac
 empties the cache. Inference only: the packed GEMM has no backward, so the registration refuses
 calls that autograd records.
 
-Precision: fp32 and bf16 (`DTYPES`). Under `torch.autocast("cpu", torch.bfloat16)` an fp32 call runs
-as F.linear would there: input and weight in bf16 (the weight packed once, in its own cache entry),
-bf16 output; the bias stays fp32 (oneDNN adds it to the fp32 accumulator). Other autocast dtypes run
+Precision: fp32, and bf16 where oneDNN runs it (`DTYPES`). Under `torch.autocast("cpu", torch.bfloat16)`
+an fp32 call runs as F.linear would there: input and weight in bf16 (the weight packed once, in its own
+cache entry), bf16 output; the bias stays fp32 (oneDNN adds it to the fp32 accumulator). Other autocast dtypes run
 the torch reference, which applies autocast itself, so autocast is never silently ignored.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from fastbert.env import flag
 from fastbert.ops import few_rows_linear, onednn_row_blocks
 from fastbert.ops.weight_cache import PackedWeights
 
@@ -34,10 +33,19 @@ from fastbert.ops.weight_cache import PackedWeights
 # ("tanh": the plan's BertPooler; the linear op itself takes None and the two GELUs)
 POST_OPS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "tanh": ("tanh", "")}
 _REQUIRED_OPS = ("_reorder_linear_weight", "_linear_pointwise")
-# the dtypes the packed GEMM runs (as the input's dtype, or as the CPU autocast dtype)
-DTYPES = frozenset({torch.float32, torch.bfloat16})
 
-_packing_enabled = os.environ.get("FASTBERT_PACKED_WEIGHTS", "1").strip() not in ("0", "false", "off")
+
+def _bf16_runs() -> bool:
+    """oneDNN's bf16 GEMM needs AVX512-BW/VL/DQ or AVX-NE-CONVERT; elsewhere (an AVX2-only CPU) its weight
+    reorder raises, so bf16 stays on torch's F.linear there."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return check is not None and bool(check())
+
+
+# the dtypes the packed GEMM runs here (as the input's dtype, or as the CPU autocast dtype); checked once
+DTYPES = frozenset({torch.float32, torch.bfloat16} if _bf16_runs() else {torch.float32})
+
+_packing_enabled = flag("FASTBERT_PACKED_WEIGHTS", default=True)
 
 
 # Packed copies, per (weight, dtype packed in)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import fastbert
 from fastbert import extension, ops
+from fastbert.env import flag
 from tests.helpers import ATOL, assert_close_to_ref
 
 PROBLEM = extension.load_problem()
@@ -67,7 +68,7 @@ def compare_all(results, dtype):
 
 
 def test_extension_is_built_when_required():
-    if os.environ.get("FASTBERT_REQUIRE_EXT", "0") in ("", "0"):
+    if not flag("FASTBERT_REQUIRE_EXT"):
         pytest.skip("FASTBERT_REQUIRE_EXT is not set (CI sets it to require a built extension)")
     assert PROBLEM is None, f"FASTBERT_REQUIRE_EXT=1 but the extension is unavailable: {PROBLEM}"
     assert fastbert.available_backends()["cpp"] is True
