@@ -26,9 +26,22 @@ def test_transformers_checkpoint_loads_into_fastbert_and_back(tmp_path):
 
 def test_headless_model_drops_head_weights_quietly(tmp_path):
     config = small_config()
-    transformers.BertForPreTraining(config).save_pretrained(tmp_path)
-    model = fastbert.BertModel.from_pretrained(tmp_path)
+    pretraining = transformers.BertForPreTraining(config).eval()
+    with torch.no_grad():  # weights no initialization draws: only the file can give them
+        for parameter in pretraining.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    pretraining.save_pretrained(tmp_path)
+    model = fastbert.BertModel.from_pretrained(tmp_path).eval()
     assert isinstance(model, transformers.BertModel)
+    expected = pretraining.bert.state_dict()
+    assert model.state_dict().keys() == expected.keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), f"{name} is not the checkpoint's"
+    batch = random_batch(config, 2, 8, lengths=[8, 5])
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad():
+        got, want = model(**batch).last_hidden_state[keep], pretraining.bert(**batch).last_hidden_state[keep]
+    assert max_error(got, want) <= 1e-5 * max(1.0, want.abs().max().item())
 
 
 def test_missing_head_weights_raise_and_list_them(tmp_path):

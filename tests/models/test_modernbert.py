@@ -142,9 +142,14 @@ def test_without_padding_inputs_embeds_and_position_ids():
 def test_return_dict_false_gives_a_tuple():
     reference, fast = pair("Model", modernbert_config(), patched=False)
     batch = batch_for("Model", "right")
+    keep = batch["attention_mask"].bool()
     with torch.no_grad():
         ours = fast(**batch, return_dict=False)
+        as_dict = fast(**batch).last_hidden_state
+        theirs = reference(**batch, return_dict=False)
     assert isinstance(ours, tuple) and ours[0].shape == (4, 30, 64)
+    assert torch.equal(ours[0], as_dict), "the tuple's first item is not the ModelOutput's last_hidden_state"
+    assert_close(ours[0][keep], theirs[0][keep], "tuple[0] vs transformers")
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -253,10 +258,18 @@ def test_save_load_strict_and_auto(tmp_path):
 def test_pickle_round_trip():
     import pickle
 
-    model = fastbert.ModernBertModel(modernbert_config())
+    model = randomize(fastbert.ModernBertModel(modernbert_config())).eval()
+    batch = batch_for("Model", "left")
+    with torch.no_grad():
+        before = model(**batch).last_hidden_state  # fills the run-time caches, which pickling must not carry
     copy = pickle.loads(pickle.dumps(model))
     assert type(copy) is fastbert.ModernBertModel
     assert type(copy.layers[0]) is modernbert.FastModernBertEncoderLayer
+    assert copy.state_dict().keys() == model.state_dict().keys()
+    for name, tensor in copy.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), f"{name} changed in the round trip"
+    with torch.no_grad():
+        assert torch.equal(copy(**batch).last_hidden_state, before)
 
 
 def test_modernbert_base_preset_is_the_default_config():

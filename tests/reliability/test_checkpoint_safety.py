@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 import fastbert
-from tests.helpers import small_config
+from tests.helpers import random_batch, small_config
 
 MARKER = "UNPICKLED_CODE_RAN"
 
@@ -84,9 +84,22 @@ def _rewrite(path, tensors):
     safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
 
 
-def test_saved_checkpoint_loads_back(saved):
-    folder, _, _ = saved
-    fastbert.BertForMaskedLM.from_pretrained(folder)
+def test_saved_checkpoint_loads_back(tmp_path):
+    config = small_config()
+    model = fastbert.BertForMaskedLM(config).eval()
+    with torch.no_grad():  # weights that no initialization draws: a random init cannot match them
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    model.save_pretrained(tmp_path)
+    loaded = fastbert.BertForMaskedLM.from_pretrained(tmp_path).eval()
+    state = loaded.state_dict()
+    for name, tensor in safetensors.torch.load_file(tmp_path / "model.safetensors").items():
+        assert torch.equal(state[name], tensor), f"{name} differs from the file"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[name], tensor), f"{name} differs from the saved model"
+    batch = random_batch(config, 3, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
 
 
 def test_missing_weight_is_listed(saved):

@@ -268,15 +268,32 @@ def test_validation_can_be_switched_off(tiny_model):
     assert torch.equal(skipped, reference)
     torch.manual_seed(0)
     model = fastbert.BertModel(small_config(fastbert_validate=False)).eval()
+    assert_unvalidated_mask_reads_nonzero_as_token(model, "last_hidden_state")
+
+
+def mask_of_twos():
+    """A (2, 8) mask refused by validation: 2 for tokens, 0 for padding, with real padding in row 0."""
+    mask = torch.full((2, 8), 2)
+    mask[0, 5:] = 0
+    return mask
+
+
+def assert_unvalidated_mask_reads_nonzero_as_token(model, output, **flag):
+    """model(**flag) runs a 0/2 mask unvalidated and gives the 0/1 mask's output on the real tokens."""
+    mask = mask_of_twos()
     with torch.no_grad():
-        model(input_ids=ids(2, 8), attention_mask=mask)
+        skipped = getattr(model(input_ids=ids(2, 8), attention_mask=mask, **flag), output)
+        reference = getattr(model(input_ids=ids(2, 8), attention_mask=mask.clamp(max=1)), output)
+    keep = mask.bool()
+    assert torch.isfinite(skipped[keep]).all()
+    assert torch.equal(skipped[keep], reference[keep]), "an unvalidated 0/2 mask changed the output"
 
 
 def test_heads_pass_validate_false_to_their_encoder():
     torch.manual_seed(0)
     head = fastbert.BertForTokenClassification(CONFIG).eval()
-    with torch.no_grad():
-        head(input_ids=ids(2, 8), attention_mask=torch.full((2, 8), 2), validate=False)
+    assert "got the value 2" in _model_error(head, input_ids=ids(2, 8), attention_mask=mask_of_twos())
+    assert_unvalidated_mask_reads_nonzero_as_token(head, "logits", validate=False)
 
 
 @pytest.mark.parametrize("shape", [(0, 8), (3, 0), (0, 0)])
