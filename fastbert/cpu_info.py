@@ -20,7 +20,7 @@ def cpu_name() -> str:
 
 # The CPU features that decide which kernels are fast (AMX: bf16/int8 GEMMs; AVX-512 BF16/VNNI: bf16/int8
 # dot products); results taken on different CPUs are not comparable (docs/perf-notes.md).
-CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_fp16")
+CPU_FEATURES = ("avx2", "avx_vnni", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_fp16")
 
 
 def cpu_features() -> list[str]:

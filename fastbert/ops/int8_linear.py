@@ -82,6 +82,9 @@ def problem() -> str | None:
         return reason
     if not hasattr(extension.module(), "quantize_rows_int8"):
         return "fastbert._C predates the int8 kernels (rebuild the extension)"
+    if not vnni_present():
+        return ("this CPU has no VNNI (avx512_vnni, avx_vnni or amx_int8): oneDNN's uint8 x int8 GEMM saturates "
+                "its 16-bit pair sums there")
     for name in ("qlinear_prepack", "qlinear_pointwise"):
         if not hasattr(torch.ops.onednn, name):
             return f"torch {torch.__version__} has no torch.ops.onednn.{name} (private op)"
@@ -95,6 +98,13 @@ def problem() -> str | None:
     if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
         return "torch.ops.onednn.qlinear_pointwise disagrees with the reference on a probe GEMM"
     return None
+
+
+def vnni_present() -> bool:
+    """An int8 dot-product instruction that accumulates in 32 bits (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
+    from fastbert.cpu_info import cpu_features
+
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_features()))
 
 
 def prepack(weight_int8: torch.Tensor) -> torch.Tensor:

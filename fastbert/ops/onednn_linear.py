@@ -35,15 +35,19 @@ POST_OPS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", 
 _REQUIRED_OPS = ("_reorder_linear_weight", "_linear_pointwise")
 
 
-def _bf16_runs() -> bool:
-    """oneDNN's bf16 GEMM needs AVX512-BW/VL/DQ or AVX-NE-CONVERT; elsewhere (an AVX2-only CPU) its weight
-    reorder raises, so bf16 stays on torch's F.linear there."""
+def bf16_problem() -> str | None:
+    """Why oneDNN's bf16 GEMM cannot run on this CPU; None if it can. It needs AVX512-BW/VL/DQ or
+    AVX-NE-CONVERT; elsewhere (an AVX2-only CPU) its weight reorder raises, so bf16 stays on F.linear."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return check is not None and bool(check())
+    if check is None:
+        return f"torch {torch.__version__} has no torch.ops.mkldnn._is_mkldnn_bf16_supported (private op)"
+    if not check():
+        return "oneDNN's bf16 GEMM needs AVX512-BW/VL/DQ or AVX-NE-CONVERT, which this CPU lacks"
+    return None
 
 
 # the dtypes the packed GEMM runs here (as the input's dtype, or as the CPU autocast dtype); checked once
-DTYPES = frozenset({torch.float32, torch.bfloat16} if _bf16_runs() else {torch.float32})
+DTYPES = frozenset({torch.float32, torch.bfloat16} if bf16_problem() is None else {torch.float32})
 
 _packing_enabled = flag("FASTBERT_PACKED_WEIGHTS", default=True)
 

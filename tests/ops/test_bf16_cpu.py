@@ -16,6 +16,8 @@ from tests.helpers import assert_close_to_ref, max_error
 linear_op = importlib.import_module("fastbert.ops.linear")
 needs_onednn = pytest.mark.skipif(onednn_linear.mkldnn_problem() is not None,
                                   reason=str(onednn_linear.mkldnn_problem()))
+_BF16_PROBLEM = onednn_linear.mkldnn_problem() or onednn_linear.bf16_problem()
+needs_onednn_bf16 = pytest.mark.skipif(_BF16_PROBLEM is not None, reason=str(_BF16_PROBLEM))
 BF16_ATOL = 5e-2
 ACTIVATIONS = [None, "gelu", "gelu_tanh"]
 
@@ -32,7 +34,7 @@ def reference64(x, weight, bias, activation):
     return linear_op.linear_ref(x, weight, bias.double(), activation)
 
 
-@needs_onednn
+@needs_onednn_bf16
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_bf16_weights_run_the_packed_gemm(activation):
     x, weight, bias = problem()
@@ -62,7 +64,7 @@ def test_autocast_runs_bf16_with_fp32_bias(activation):
                                                                               bias.double(), activation))
 
 
-@needs_onednn
+@needs_onednn_bf16
 def test_autocast_packs_a_separate_bf16_copy_and_keeps_the_fp32_one():
     x, weight, bias = problem()
     with torch.no_grad():
@@ -102,7 +104,7 @@ def test_add_layer_norm_promotes_a_bf16_input_onto_an_fp32_residual():
     assert max_error(got, expected) <= 1e-4
 
 
-@needs_onednn
+@needs_onednn_bf16
 def test_the_registry_sends_bf16_inference_to_the_packed_gemm():
     """A bf16 model's GEMMs run the packed oneDNN path, not F.linear (the registry once claimed fp32 only,
     so bf16 models silently ran unpacked bf16 GEMMs at about twice the time)."""

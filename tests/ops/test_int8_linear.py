@@ -19,10 +19,17 @@ def problem(tokens=37, fan_in=96, fan_out=160):
 
 
 @pytest.mark.skipif(extension.load_problem() is not None, reason=str(extension.load_problem()))
+@pytest.mark.skipif(not ops.vnni_present(), reason="this CPU has no VNNI: the fast int8 path does not run here")
 def test_fast_path_runs_here():
     """Fence on torch's private oneDNN int8 ops: this fails loudly when a torch release changes them
     (int8_linear then runs the reference, correct but slow)."""
     assert ops.problem() is None
+
+
+@pytest.mark.skipif(ops.vnni_present(), reason="this CPU has VNNI")
+def test_without_vnni_the_fast_path_says_why():
+    """oneDNN's u8 x s8 GEMM without VNNI sums byte pairs in saturating 16 bits: wrong, so refused by name."""
+    assert "VNNI" in str(ops.problem())
 
 
 @needs_fast

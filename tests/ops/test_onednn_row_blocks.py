@@ -7,7 +7,8 @@ import torch
 
 from fastbert.ops import few_rows_linear, onednn_linear, onednn_row_blocks
 
-pytestmark = pytest.mark.skipif(onednn_linear.mkldnn_problem() is not None, reason=str(onednn_linear.mkldnn_problem()))
+_PROBLEM = onednn_linear.mkldnn_problem() or onednn_linear.bf16_problem()  # the blocks run oneDNN's bf16 GEMM
+pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
 
 
 @pytest.fixture(autouse=True)
