@@ -5,7 +5,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 from fastbert.models.catalog import native_class
 
-_CONFIG_ARGUMENTS = ("revision", "cache_dir", "local_files_only", "token")
+# What AutoConfig needs to find the config (the model class gets them too).
+_HUB_ARGUMENTS = ("revision", "cache_dir", "local_files_only", "token", "proxies", "subfolder")
 
 
 class _AutoFastModel:
@@ -22,11 +23,13 @@ class _AutoFastModel:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """The class is picked from the config's model_type; the kwargs go to its from_pretrained
+        untouched, so config attributes (num_labels, output_hidden_states, ...) reach the config as
+        with transformers' classes (a config object passed as config= takes none, as there)."""
         config = kwargs.get("config")
         if not isinstance(config, PretrainedConfig):
-            config_kwargs = {k: kwargs[k] for k in _CONFIG_ARGUMENTS if k in kwargs}
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
-            kwargs["config"] = config
+            hub = {k: kwargs[k] for k in _HUB_ARGUMENTS if k in kwargs}
+            config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path, **hub)
         model_class = native_class(config.model_type, cls._suffix)
         return model_class.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
@@ -42,3 +45,4 @@ AutoModelForMaskedLM = _auto("ForMaskedLM")
 AutoModelForSequenceClassification = _auto("ForSequenceClassification")
 AutoModelForTokenClassification = _auto("ForTokenClassification")
 AutoModelForQuestionAnswering = _auto("ForQuestionAnswering")
+AutoModelForMultipleChoice = _auto("ForMultipleChoice")

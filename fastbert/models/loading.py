@@ -1,12 +1,12 @@
-"""Strict from_pretrained for every fastbert class: all weights or a clear error, never a silent init."""
+"""from_pretrained for every fastbert class: transformers' own, plus a clear error for any encoder weight the
+checkpoint lacks or has in another shape (never a silently random encoder)."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-
-from fastbert.models.families import base_classes
 
 
 class MissingWeightsError(ValueError):
@@ -17,50 +17,54 @@ class CorruptCheckpointError(OSError):
     """A checkpoint file cannot be read (truncated or corrupted); the message names the file."""
 
 
-def _is_pooler_key(key: str, prefix: str) -> bool:
-    return key.startswith("pooler.") or key.startswith(prefix + "pooler.")
+def _is_encoder_key(model, key: str) -> bool:
+    """True for a weight of the encoder: all of a headless model's, the base model's of a head model.
+
+    The pooler is not counted: a masked-LM checkpoint has none, and transformers creates it as it
+    creates a task head."""
+    prefix = model.base_model_prefix + "."
+    in_base = model.base_model is model or key.startswith(prefix)
+    return in_base and not (key.startswith("pooler.") or key.startswith(prefix + "pooler."))
 
 
-def _partition_keys(model, info: dict, init_new_head: bool):
+def _partly_loaded(model, missing: set[str]) -> set[str]:
+    """Missing weights of a module whose other weights came from the checkpoint: a damaged
+    checkpoint, not a head it lacks. A tied weight (a decoder tied to the input embeddings) proves
+    nothing: it is never missing, wherever it came from."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    names_of = Counter(id(parameter) for _, parameter in named)
+    loaded_modules = {name.rpartition(".")[0] for name, parameter in named
+                      if names_of[id(parameter)] == 1 and name not in missing}
+    return {key for key in missing if key.rpartition(".")[0] in loaded_modules}
+
+
+def _unfit_keys(model, info: dict, reinit_head: bool):
     """(missing, unexpected, mismatched) keys that make the checkpoint unfit for the model.
 
-    With init_new_head, weights of the task head and of the pooler (which a masked-LM checkpoint
-    lacks and a classification head uses) are freshly initialized; other heads' weights are dropped.
-    """
-    prefix = model.base_model_prefix + "."
-    headless = isinstance(model, base_classes())
-
-    def needed(key: str) -> bool:
-        in_encoder = headless or key.startswith(prefix)
-        return in_encoder and not _is_pooler_key(key, prefix)
-
-    missing = sorted(info.get("missing_keys", ()))
-    unexpected = [] if headless else sorted(info.get("unexpected_keys", ()))
-    mismatched = sorted(info.get("mismatched_keys", ()))  # (key, checkpoint shape, model shape)
-    if init_new_head:
-        missing = [k for k in missing if needed(k)]
-        unexpected = [k for k in unexpected if k.startswith(prefix)]
-        mismatched = [m for m in mismatched if needed(m[0])]
+    A head or pooler the checkpoint lacks was initialized by transformers, with its warning listing
+    the weights, and a checkpoint's other head is dropped: both are what transformers does. A head of
+    another shape is re-initialized only with ignore_mismatched_sizes=True, as in transformers.
+    Encoder weights must always come from the checkpoint, with their shape, and so must the rest of
+    a head module the checkpoint has part of."""
+    headless = model.base_model is model
+    missing = set(info.get("missing_keys", ()))
+    partial = _partly_loaded(model, missing)
+    missing = sorted(k for k in missing if k in partial or _is_encoder_key(model, k))
+    unexpected = [] if headless else sorted(k for k in info.get("unexpected_keys", ()) if _is_encoder_key(model, k))
+    mismatched = sorted(m for m in info.get("mismatched_keys", ()) if not reinit_head or _is_encoder_key(model, m[0]))
     return missing, unexpected, mismatched
 
 
-def _hint(model, missing: list[str], init_new_head: bool) -> str:
-    if init_new_head:
-        return ""
-    prefix = model.base_model_prefix + "."
-    if isinstance(model, base_classes()) and missing and all(_is_pooler_key(k, prefix) for k in missing):
-        return (
-            " (the checkpoint has no pooler: pass add_pooling_layer=False to build the model without one, "
-            "or init_new_head=True to initialize a new pooler)"
-        )
-    return " (to fine-tune a new task head, pass init_new_head=True)"
+def _hint(model, mismatched) -> str:
+    if any(not _is_encoder_key(model, key) for key, *_ in mismatched):
+        return " (pass ignore_mismatched_sizes=True to re-initialize a task head of another shape)"
+    return ""
 
 
-def check_loading_info(model, info: dict, init_new_head: bool) -> None:
-    """Raise MissingWeightsError unless every weight the model needs came from the checkpoint with
-    the right shape. A headless base model drops a checkpoint's head weights quietly (as transformers
-    does). Encoder weights must always be there."""
-    missing, unexpected, mismatched = _partition_keys(model, info, init_new_head)
+def check_loading_info(model, info: dict, reinit_head: bool = False) -> None:
+    """Raise MissingWeightsError unless every encoder weight came from the checkpoint with the right
+    shape (and, unless reinit_head, every head weight the checkpoint has fits its shape)."""
+    missing, unexpected, mismatched = _unfit_keys(model, info, reinit_head)
     wrong_shape = [f"{key} {tuple(theirs)} in the checkpoint, {tuple(ours)} in the model" for key, theirs, ours
                    in mismatched]
     problems = [
@@ -71,7 +75,7 @@ def check_loading_info(model, info: dict, init_new_head: bool) -> None:
     if problems:
         raise MissingWeightsError(
             f"{type(model).__name__}.from_pretrained: the checkpoint does not fit the model"
-            f"{_hint(model, missing, init_new_head)}: " + "; ".join(problems)
+            f"{_hint(model, mismatched)}: " + "; ".join(problems)
         )
 
 
@@ -98,10 +102,22 @@ def corrupt_checkpoint_error(source, error: Exception) -> CorruptCheckpointError
 
 
 class StrictLoading:
-    """from_pretrained that refuses missing, unexpected or wrongly shaped weights."""
+    """transformers' from_pretrained, which refuses missing, unexpected or wrongly shaped encoder weights."""
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False, as for transformers' own classes, which fastbert's subclass without adding weights.
+
+        transformers treats a class defined outside it as custom code: it would skip the weight
+        conversions of its model type, and initialize a new head differently (ModernBERT's classifier)."""
+        return False
 
     @classmethod
     def from_pretrained(cls, *args, init_new_head: bool = False, **kwargs):
+        """transformers' from_pretrained (same kwargs; a task head the checkpoint lacks is initialized
+        and listed in its warning), but every encoder weight must be in the checkpoint. init_new_head
+        (from before heads were created as transformers creates them) now only means
+        ignore_mismatched_sizes=True for the head."""
         if kwargs.get("trust_remote_code"):
             raise ValueError("fastbert never runs code from a checkpoint: trust_remote_code must be False")
         if kwargs.get("weights_only", True) is not True:
@@ -110,6 +126,7 @@ class StrictLoading:
                 "weights_only=False would let a pickled checkpoint run code"
             )
         want_info = kwargs.pop("output_loading_info", False)
+        reinit_head = init_new_head or kwargs.get("ignore_mismatched_sizes", False)
         # transformers raises a RuntimeError that names no weight on a shape mismatch; let it report
         # the mismatch instead, so that check_loading_info lists it in a MissingWeightsError.
         kwargs["ignore_mismatched_sizes"] = True
@@ -118,5 +135,5 @@ class StrictLoading:
         except SafetensorError as error:
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             raise corrupt_checkpoint_error(source, error) from error
-        check_loading_info(model, info, init_new_head)
+        check_loading_info(model, info, reinit_head)
         return (model, info) if want_info else model

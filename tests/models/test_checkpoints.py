@@ -1,4 +1,5 @@
-"""Weights move both ways between fastbert and transformers; incomplete checkpoints are refused."""
+"""Weights move both ways between fastbert and transformers; a new head is initialized as transformers does;
+checkpoints with incomplete encoders (or damaged heads) are refused."""
 import pytest
 import torch
 import transformers
@@ -44,22 +45,31 @@ def test_headless_model_drops_head_weights_quietly(tmp_path):
     assert max_error(got, want) <= 1e-5 * max(1.0, want.abs().max().item())
 
 
-def test_missing_head_weights_raise_and_list_them(tmp_path):
+def test_missing_head_is_initialized_as_transformers_does(tmp_path):
     config = small_config()
     transformers.BertModel(config).save_pretrained(tmp_path)
-    with pytest.raises(fastbert.MissingWeightsError, match=r"missing \(2\): classifier.bias, classifier.weight"):
-        fastbert.BertForSequenceClassification.from_pretrained(tmp_path)
-    model = fastbert.BertForSequenceClassification.from_pretrained(tmp_path, init_new_head=True)
-    assert model.classifier.weight.shape == (config.num_labels, config.hidden_size)
+    for flag in ({}, {"init_new_head": True}):  # init_new_head is still accepted
+        model = fastbert.BertForSequenceClassification.from_pretrained(tmp_path, **flag)
+        assert model.classifier.weight.shape == (config.num_labels, config.hidden_size)
 
 
-def test_missing_encoder_weights_raise_even_for_a_new_head(tmp_path):
+def test_a_head_missing_some_of_its_weights_raises(tmp_path):
+    config = small_config()
+    model = transformers.BertForMaskedLM(config)
+    state = {k: v for k, v in model.state_dict().items() if k != "cls.predictions.transform.dense.bias"}
+    model.save_pretrained(tmp_path, state_dict=state)
+    with pytest.raises(fastbert.MissingWeightsError, match=r"missing \(1\): cls.predictions.transform.dense.bias"):
+        fastbert.BertForMaskedLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("flag", [{}, {"init_new_head": True}])
+def test_missing_encoder_weights_raise_even_for_a_new_head(tmp_path, flag):
     config = small_config()
     model = transformers.BertModel(config)
     state = {k: v for k, v in model.state_dict().items() if "layer.1.output.dense" not in k}
     model.save_pretrained(tmp_path, state_dict=state)
     with pytest.raises(fastbert.MissingWeightsError, match="encoder.layer.1.output.dense.weight"):
-        fastbert.BertForSequenceClassification.from_pretrained(tmp_path, init_new_head=True)
+        fastbert.BertForSequenceClassification.from_pretrained(tmp_path, **flag)
 
 
 def test_trust_remote_code_is_refused(tmp_path):
@@ -68,11 +78,12 @@ def test_trust_remote_code_is_refused(tmp_path):
         fastbert.BertModel.from_pretrained(tmp_path, trust_remote_code=True)
 
 
-def test_head_of_another_shape_raises_unless_a_new_head_is_asked_for(tmp_path):
+def test_head_of_another_shape_raises_unless_ignore_mismatched_sizes(tmp_path):
     config = small_config(num_labels=2)
     transformers.BertForSequenceClassification(config).save_pretrained(tmp_path)
-    expected = r"wrong shape \(2\): classifier.bias \(2,\) in the checkpoint, \(5,\) in the model"
+    expected = r"ignore_mismatched_sizes=True.*wrong shape \(2\): classifier.bias \(2,\) in the checkpoint, \(5,\) in"
     with pytest.raises(fastbert.MissingWeightsError, match=expected):
         fastbert.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=5)
-    model = fastbert.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=5, init_new_head=True)
-    assert model.classifier.weight.shape == (5, config.hidden_size)
+    for flag in ("ignore_mismatched_sizes", "init_new_head"):
+        model = fastbert.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=5, **{flag: True})
+        assert model.classifier.weight.shape == (5, config.hidden_size)

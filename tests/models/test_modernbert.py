@@ -249,10 +249,9 @@ def test_save_load_strict_and_auto(tmp_path):
     with torch.no_grad():
         keep = batch["attention_mask"].bool()
         assert_close(loaded(**batch).logits[keep], source(**batch).logits[keep])
-    with pytest.raises(fastbert.MissingWeightsError, match="classifier"):
-        fastbert.ModernBertForSequenceClassification.from_pretrained(tmp_path)
-    model = fastbert.AutoModelForSequenceClassification.from_pretrained(tmp_path, init_new_head=True)
-    assert type(model) is fastbert.ModernBertForSequenceClassification
+    model = fastbert.AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3)  # a new head
+    assert type(model) is fastbert.ModernBertForSequenceClassification and model.config.num_labels == 3
+    assert torch.equal(model.model.embeddings.tok_embeddings.weight, source.model.embeddings.tok_embeddings.weight)
 
 
 def test_pickle_round_trip():
