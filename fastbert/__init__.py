@@ -4,6 +4,7 @@ from fastbert.backend import BackendUnavailableError, available_backends, curren
 from fastbert.models.auto import (
     AutoModel,
     AutoModelForMaskedLM,
+    AutoModelForMultipleChoice,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -24,6 +25,7 @@ __all__ = [
     *_NATIVE_CLASSES,
     "AutoModel",
     "AutoModelForMaskedLM",
+    "AutoModelForMultipleChoice",
     "AutoModelForQuestionAnswering",
     "AutoModelForSequenceClassification",
     "AutoModelForTokenClassification",
