@@ -17,6 +17,12 @@ concurrency 1 against a bare 1 x 16 forward in this process, and an overload run
 concurrent requests than --max-concurrent-requests: only 200 and 429 allowed, server RSS sampled).
 
     flock /tmp/fastbert-bench.lock python benchmarks/serve_load.py --json benchmarks/results/serve-load.json
+
+--alone (issue 35: thread fights): each server started alone in its turn, rounds rotated, sent 256 requests of
+1 to 4 texts of 3 to 90 words by an async keep-alive client (64 connections) and by a thread-per-request client
+(16 threads, a new connection per request); fastbert-before is the server as it was (fp32, --no-thread-env):
+
+    python benchmarks/serve_load.py --alone --servers fastbert-before,fastbert --json benchmarks/results/X.json
 """
 from __future__ import annotations
 
@@ -89,10 +95,10 @@ def _vocabulary_words(model_dir: str) -> list[str]:
     return [w for w in words if w.isalpha() and w.isascii() and w.islower() and len(w) > 2]
 
 
-def make_requests(model_dir: str, count: int, seed: int) -> list[list[str]]:
+def make_requests(model_dir: str, count: int, seed: int, words_per_text=(3, 118)) -> list[list[str]]:
     rng = random.Random(seed)
     words = _vocabulary_words(model_dir)
-    return [[" ".join(rng.choices(words, k=rng.randint(5, 120) - 2)) for _ in range(rng.randint(1, 4))]
+    return [[" ".join(rng.choices(words, k=rng.randint(*words_per_text))) for _ in range(rng.randint(1, 4))]
             for _ in range(count)]
 
 
@@ -121,6 +127,8 @@ def server_command(name: str, model_dir: str, port: int, openvino_python: str | 
         "fastbert": fastbert,
         "fastbert-nobatch": [*fastbert, "--no-batching"],
         "fastbert-bf16": [*fastbert, "--dtype", "bf16"],
+        # before issue 35: fp32 always, OpenMP and tokenizers left to their own waiting and threads
+        "fastbert-before": [*fastbert, "--dtype", "fp32", "--no-thread-env"],
         "st": [sys.executable, __file__, "--st-server", model_dir, "--port", str(port), "--backend", "torch"],
     }
     if openvino_python:
@@ -194,6 +202,49 @@ async def _load(url: str, work: list[tuple[int, list[str]]], concurrency: int, s
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         return {"results": results, "elapsed": time.perf_counter() - started}
+
+
+def _threaded_load(url: str, work: list[tuple[int, list[str]]], threads: int, seconds: float) -> dict:
+    """Send `work` from `threads` threads, each request on a new connection (what a naive client does)."""
+    import http.client
+
+    import orjson
+
+    host, port = url.removeprefix("http://").split(":")
+    results: list[dict] = []
+    pending, lock = iter(work), threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def post(texts: list[str]) -> tuple:
+        connection = http.client.HTTPConnection(host, int(port), timeout=120)
+        try:
+            connection.request("POST", "/embed", orjson.dumps({"inputs": texts}),
+                               {"content-type": "application/json"})
+            response = connection.getresponse()
+            return response.status, response.read()
+        except OSError as exc:
+            return f"transport error: {type(exc).__name__}", b""
+        finally:
+            connection.close()
+
+    def worker():
+        while time.perf_counter() < deadline:
+            with lock:
+                index, texts = next(pending, (None, None))
+            if index is None:
+                return
+            started = time.perf_counter()
+            status, content = post(texts)
+            results.append({"index": index, "status": status, "latency": time.perf_counter() - started,
+                            "rows": orjson.loads(content) if status == 200 else None})
+
+    started = time.perf_counter()
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return {"results": results, "elapsed": time.perf_counter() - started}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -348,6 +399,52 @@ def run(args, record: dict) -> None:
     record["load_average_after"] = _load_average()
 
 
+# ---- each server alone (issue 35: thread fights) -----------------------------------------------------
+
+CLIENTS = {"async64": lambda url, work: asyncio.run(_load(url, work, 64, LEVEL_SECONDS)),
+           "threads16": lambda url, work: _threaded_load(url, work, 16, LEVEL_SECONDS)}
+
+
+def run_alone(args, record: dict) -> None:
+    """Each server started alone in its turn (an idle server's OpenMP threads may spin), order rotated per
+    round; in each turn both clients send the same requests, their order rotated too."""
+    bodies = make_requests(args.model, args.requests, args.seed, words_per_text=(3, 90))
+    refs = references(args.model, [text for texts in bodies for text in texts])
+    record.update(_provenance(args, bodies))
+    work = list(enumerate(bodies))
+    runs = {name: {client: [] for client in CLIENTS} for name in args.servers}
+    for round_index in range(args.rounds):
+        names = args.servers[round_index % len(args.servers):] + args.servers[:round_index % len(args.servers)]
+        clients = list(CLIENTS)[::-1] if round_index % 2 else list(CLIENTS)
+        for name in names:
+            port = _free_port()
+            server = Server(server_command(name, args.model, port, None, args.queue), port)
+            try:
+                server.wait_healthy()
+                asyncio.run(_load(server.url, work[:8], 1, LEVEL_SECONDS))  # warm up
+                for client in clients:
+                    runs[name][client].append(CLIENTS[client](server.url, work))
+                    print(f"   round {round_index} {name} {client}: "
+                          f"{json.dumps(summarize(runs[name][client][-1:], bodies, None))}", flush=True)
+            finally:
+                server.stop()
+    record["servers"] = {name: {client: summarize(client_runs, bodies, refs)
+                                for client, client_runs in by_client.items()} for name, by_client in runs.items()}
+    record["load_average_after"] = _load_average()
+
+
+def _provenance(args, bodies: list[list[str]]) -> dict:
+    from fastbert.cpu_info import cpu_features, cpu_name
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    return {"model": args.model, "cpu": cpu_name(), "cpu_features": cpu_features(), "commit": commit,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "threads": THREADS, "rounds": args.rounds,
+            "requests": len(bodies), "texts": sum(map(len, bodies)), "words_per_text": [3, 90],
+            "load_average_before": _load_average(),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
+
+
 def ratios(record: dict) -> dict:
     servers = record.get("servers", {})
 
@@ -379,6 +476,10 @@ def main() -> int:
     parser.add_argument("--json", help="write the record here")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few requests per level")
     parser.add_argument("--levels", help="concurrency:requests pairs, e.g. 8:300,64:600 (default: 1:100,8:300,64:600)")
+    parser.add_argument("--alone", action="store_true", help="issue 35's run: each server alone in turn, an async "
+                        "keep-alive client (64) and a thread-per-request client (16 threads, a new connection each)")
+    parser.add_argument("--requests", type=int, default=256, help="--alone: requests per client and turn")
+    parser.add_argument("--rounds", type=int, default=2, help="--alone: rounds, server order rotated")
     parser.add_argument("--st-server", metavar="MODEL_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
@@ -401,15 +502,23 @@ def main() -> int:
     args.servers = [name.strip() for name in args.servers.split(",") if name.strip()]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's fastbert, installed or not
     record = {}
+    if args.alone:
+        run_alone(args, record)
+        _write(args, record)
+        return 0
     try:
         run(args, record)
     finally:  # a failure late in the run keeps what was measured
         record["ratios"] = ratios(record)
         print(json.dumps(record["ratios"], indent=2))
-        if args.json:
-            Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-            print(f"wrote {args.json}")
+        _write(args, record)
     return 0
+
+
+def _write(args, record: dict) -> None:
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

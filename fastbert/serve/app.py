@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 
 from fastbert.serve import errors
 from fastbert.serve.batcher import AdmissionLimit, Batcher, BatchFailed, Overloaded
-from fastbert.serve.engine import Engine, InputTooLong
+from fastbert.serve.engine import Engine, InputTooLong, settle_dtype
 from fastbert.serve.gatekeeper import Gatekeeper
 from fastbert.serve.metrics import CONTENT_TYPE, ServeMetrics
 from fastbert.serve.options import ServeOptions
@@ -56,7 +56,7 @@ class FastJSON(Response):
 def default_engine(options: ServeOptions) -> Engine:
     from fastbert.serve.loading import load_model
 
-    return Engine(load_model(options))
+    return Engine(settle_dtype(load_model(options), options.dtype))
 
 
 class Serving:
@@ -174,6 +174,7 @@ def labelled(serving: Serving, row: torch.Tensor) -> list[dict]:
 
 def info(serving: Serving) -> dict:
     loaded, options = serving.engine.loaded, serving.options
+    choice = loaded.dtype_choice
     if loaded.kind == "embedding":
         model_type = {"embedding": {"pooling": "+".join(loaded.pooling)}}
     else:
@@ -182,7 +183,8 @@ def info(serving: Serving) -> dict:
         model_type = {kind: {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}}
     return {
         "model_id": serving.model_id, "served_model_name": serving.served_model_name, "model_sha": None,
-        "model_dtype": {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}[options.dtype],
+        "model_dtype": {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}[choice.dtype],
+        "dtype_choice": choice.dtype, "dtype_reason": choice.reason, "bf16_cosine": choice.bf16_cosine,
         "model_type": model_type, "max_concurrent_requests": options.max_concurrent_requests,
         "max_input_length": loaded.max_input_length, "max_batch_tokens": options.max_batch_tokens,
         "max_batch_requests": None, "max_client_batch_size": options.max_client_batch_size,
@@ -342,8 +344,8 @@ def create_app(options: ServeOptions, engine_factory=default_engine) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await serving.start()
-        logger.info("fastbert serve: %s ready (%s, batching %s)", serving.model_id, options.dtype,
-                    "on" if options.batching else "off")
+        logger.info("fastbert serve: %s ready (%s, batching %s)", serving.model_id,
+                    serving.engine.loaded.dtype_choice.describe(), "on" if options.batching else "off")
         try:
             yield
         finally:

@@ -27,6 +27,13 @@ IGNORED = {
 }
 
 
+# Between batches an OpenMP pool that keeps spinning takes the cores that tokenization, the event loop and
+# same-machine clients need; HF tokenizers' own Rust pool would add threads beside the one tokenizer thread.
+# libgomp reads its variables once, when torch loads it.
+THREAD_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0", "TOKENIZERS_PARALLELISM": "false"}
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "KMP_BLOCKTIME")
+
+
 def _boolean(text: str) -> bool:
     value = text.strip().lower()
     if value in ("true", "1", "yes", "on"):
@@ -107,9 +114,10 @@ def _model_arguments(group, env: _Environment) -> None:
             "directory has none")
     env.add(group, "--served-model-name", help="the model name that /info and /v1/embeddings report "
             "(default: --model-id as given)")
-    env.add(group, "--dtype", default="fp32", choices=(*DTYPES, *TEI_DTYPES),
-            help="fp32 (= TEI's float32), bf16 (= bfloat16), int8 (fastbert.quantize; needs --calibration); "
-                 "float16 serves bf16 on the CPU, with a warning")
+    env.add(group, "--dtype", default="auto", choices=(*DTYPES, *TEI_DTYPES),
+            help="auto: bf16 where the CPU has native bf16 (AMX or AVX512-BF16) and the model's outputs keep a "
+                 "cosine >= 0.9999 to fp32 on built-in texts, else fp32; fp32 (= TEI's float32), bf16 "
+                 "(= bfloat16), int8 (fastbert.quantize; needs --calibration); float16 serves bf16, with a warning")
     group.add_argument("--calibration", metavar="FILE", help="--dtype int8: your own texts, one a line")
     env.add(group, "--pooling", metavar="MODE", help="embedding pooling over 1_Pooling/config.json: cls, mean, "
             "last-token (TEI's names), max, mean_sqrt_len, weightedmean, lasttoken (required without that file)")
@@ -137,6 +145,8 @@ def _limit_arguments(group, env: _Environment) -> None:
     group.add_argument("--workers", type=int, default=1, help="server processes, each pinned to its own cores")
     group.add_argument("--threads", type=int, help="torch threads per worker (default: torch's, or the worker's "
                        "cores with --workers)")
+    group.add_argument("--no-thread-env", action="store_true", help="leave OMP_WAIT_POLICY, KMP_BLOCKTIME and "
+                       "TOKENIZERS_PARALLELISM unset (default: PASSIVE, 0 and false where unset; for comparisons)")
 
 
 def _network_arguments(group, env: _Environment) -> None:
@@ -228,11 +238,31 @@ def log_config(json_output: bool, level: str) -> dict:
     return config
 
 
+def set_thread_environment(args) -> dict[str, str]:
+    """THREAD_ENVIRONMENT's variables that the user left unset, now set in os.environ (so --workers' processes
+    inherit them); printed. Restarts the `fastbert` command when torch has loaded OpenMP before they were set."""
+    added = {} if args.no_thread_env else {k: v for k, v in THREAD_ENVIRONMENT.items() if k not in os.environ}
+    if not added:
+        return added
+    os.environ.update(added)
+    print("fastbert serve: threads: " + " ".join(f"{k}={v}" for k, v in added.items()) + " (idle OpenMP threads "
+          "sleep; tokenization stays on its own threads)", file=sys.stderr, flush=True)
+    if "torch" in sys.modules and set(added) & set(OPENMP_VARIABLES) and _is_serve_command():
+        os.execv(sys.executable, sys.orig_argv)  # too late for this process's OpenMP: start again with them set
+    return added
+
+
+def _is_serve_command() -> bool:
+    """This process is `fastbert serve` or `python -m fastbert serve` (not a test or a library calling main)."""
+    return sys.argv[1:2] == ["serve"] and os.path.basename(sys.argv[0]) in ("fastbert", "__main__.py")
+
+
 def main(args) -> int:
     try:
         options = options_from_args(args)
         if args.workers < 1:
             raise ServeConfigError(f"--workers {args.workers!r}: expected a positive integer")
+        set_thread_environment(args)
         import uvicorn
 
         from fastbert.serve.app import create_app, default_engine

@@ -6,13 +6,20 @@ padding compute: the only padded tensors are the integer inputs and the output b
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import threading
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from fastbert.serve.loading import LoadedModel, load_tokenizer
 from fastbert.serve.pooling import pool
+from fastbert.serve.precision import choose_dtype
+
+CALIBRATION_TEXTS = 64
+CALIBRATION_BATCH = 16
 
 Text = str | tuple[str, str]  # one sequence or a (first, second) pair
 
@@ -118,3 +125,30 @@ class Engine:
                 return output.logits.float()
             mask = tensors["attention_mask"].bool()
             return pool(output.last_hidden_state.float(), mask, self.loaded.pooling)
+
+
+def settle_dtype(loaded: LoadedModel, requested: str) -> LoadedModel:
+    """Records the dtype choice on `loaded`; --dtype auto casts the model to bf16 when choose_dtype says so."""
+    loaded.dtype_choice = choose_dtype(requested, lambda: bf16_cosine(loaded))
+    if requested == "auto" and loaded.dtype_choice.dtype == "bf16":
+        loaded.model = loaded.model.to(torch.bfloat16)
+    return loaded
+
+
+def bf16_cosine(loaded: LoadedModel) -> float:
+    """Mean cosine of a bf16 copy's outputs (pooled embeddings or logits) to the fp32 model's, through the
+    served forward, on fastbert's built-in calibration texts."""
+    from fastbert.bench.calibration_texts import sentences
+
+    texts = sentences(CALIBRATION_TEXTS, seed=0)
+    bf16 = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).to(torch.bfloat16))
+    reference, candidate = (_outputs(Engine(model), texts) for model in (loaded, bf16))
+    if reference.shape[1] == 1:  # one score per text: compare the score vectors over the texts
+        reference, candidate = reference.T, candidate.T
+    return F.cosine_similarity(reference, candidate, dim=1).mean().item()
+
+
+def _outputs(engine: Engine, texts: list[str]) -> torch.Tensor:
+    encoded = engine.tokenize(texts, truncate=True)
+    return torch.cat([engine.forward(encoded[start:start + CALIBRATION_BATCH])
+                      for start in range(0, len(encoded), CALIBRATION_BATCH)])

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from fastbert.serve.options import ServeConfigError, ServeOptions
 from fastbert.serve.pooling import POOLING_MODES, pooling_modes_from_config
+from fastbert.serve.precision import DtypeChoice
 
 logger = logging.getLogger("fastbert.serve")
 ST_TRANSFORMER = "sentence_transformers.models.Transformer"
@@ -46,6 +47,7 @@ class LoadedModel:
     problem_type: str | None = None
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt: str | None = None  # put before each input whose request names no prompt
+    dtype_choice: DtypeChoice = DtypeChoice("fp32", "as loaded")  # set by engine.settle_dtype
 
     def prompt(self, name: str | None) -> str | None:
         """The text put before each input: the prompt `name`, else the server's default prompt."""
@@ -184,6 +186,7 @@ def load_tokenizer(model_dir: str):
 
 
 def _apply_dtype(model: nn.Module, options: ServeOptions) -> nn.Module:
+    """The model in the dtype asked for; auto stays fp32 here (engine.settle_dtype measures it)."""
     if options.dtype == "bf16":
         return model.to(torch.bfloat16)
     if options.dtype == "int8":

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-DTYPES = ("fp32", "bf16", "int8")
+DTYPES = ("fp32", "bf16", "int8", "auto")  # auto: fastbert.serve.precision.choose_dtype
 
 
 class ServeConfigError(ValueError):
@@ -16,7 +16,7 @@ class ServeConfigError(ValueError):
 @dataclass(frozen=True)
 class ServeOptions:
     model_dir: str
-    dtype: str = "fp32"
+    dtype: str = "auto"
     max_batch_tokens: int = 16384
     max_concurrent_requests: int = 512
     max_client_batch_size: int = 32

@@ -67,7 +67,7 @@ def test_defaults(embed_dir, clean_environment):
     args, options = parse(embed_dir)
     assert (args.hostname, args.port, args.json_output) == ("127.0.0.1", 8080, False)  # loopback, not TEI's 0.0.0.0
     assert (options.dtype, options.auto_truncate, options.max_batch_tokens, options.api_key) == (
-        "fp32", True, 16384, None)
+        "auto", True, 16384, None)
     assert options.served_model_name is None and options.model_id == embed_dir
     assert parse(embed_dir, "--auto-truncate")[1].auto_truncate  # TEI's bare flag: true
 
