@@ -1,6 +1,7 @@
 """Shared test helpers: the tolerance rule, small model configs, random batches."""
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,15 @@ def assert_close_to_ref(fast: torch.Tensor, torch_same_dtype: torch.Tensor, ref6
     atol = ATOL[fast.dtype] if atol is None else atol
     fast_err, torch_err = max_error(fast, ref64), max_error(torch_same_dtype, ref64)
     assert fast_err <= 2 * torch_err + atol, f"{name}: error {fast_err:.3g} > 2 * {torch_err:.3g} + {atol:g}"
+
+
+def int8_gate() -> tuple[float, float]:
+    """The project's int8 accuracy gate (min mean cosine, min per-example cosine to the unquantized model):
+    the defaults of fastbert.quantize.quantize, read from there so that the tests follow it."""
+    from fastbert.quantize import quantize
+
+    parameters = inspect.signature(quantize).parameters
+    return parameters["min_cosine_mean"].default, parameters["min_cosine"].default
 
 
 # ---- formulas written out independently of torch.nn.functional, for any float dtype ----------------

