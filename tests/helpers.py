@@ -69,6 +69,21 @@ def layer_norm_formula(x, residual, weight, bias, eps, x_bias):
     return (h - mean) / torch.sqrt(var + eps) * weight + bias
 
 
+def packed_attention_probs(q, k, cu_seqlens, scale):
+    """Per sequence of packed (tokens, heads, dim) q, k: softmax(q k^T * scale), (heads, length, length)."""
+    bounds = cu_seqlens.tolist()
+    return [torch.softmax(q[a:b].transpose(0, 1) @ k[a:b].permute(1, 2, 0) * scale, -1)
+            for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def packed_attention_formula(q, k, v, cu_seqlens, scale):
+    """Self-attention on packed (tokens, heads, dim) tensors, each sequence over its own tokens only."""
+    bounds = cu_seqlens.tolist()
+    probs = packed_attention_probs(q, k, cu_seqlens, scale)
+    return torch.cat([(p @ v[a:b].transpose(0, 1)).transpose(0, 1)
+                      for p, a, b in zip(probs, bounds[:-1], bounds[1:])])
+
+
 def _leaves(inputs, dtype=None):
     """Fresh leaf copies (optionally cast) of the tensor inputs that require grad; None stays None."""
     return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(t.is_floating_point())

@@ -6,7 +6,14 @@ import torch
 
 from fastbert import extension
 from fastbert.ops import varlen_attention_ref
-from tests.helpers import assert_close_to_ref
+from tests.helpers import (
+    ATOL,
+    assert_close_to_ref,
+    check_against_reference,
+    max_error,
+    packed_attention_formula,
+    packed_attention_probs,
+)
 
 pytestmark = pytest.mark.skipif(extension.load_problem() is not None, reason=str(extension.load_problem()))
 
@@ -54,11 +61,27 @@ def test_large_scores_stay_finite_and_contiguous_inputs_work():
 
 
 def test_autograd_and_dropout_calls_take_the_torch_path():
-    q, k, v, cu = packed_qkv([5, 9], 2, 8)
-    q.requires_grad_()
-    out = cpp_attention(q, k, v, cu, 9)
-    out.sum().backward()
-    assert q.grad is not None
+    q, k, v, cu = packed_qkv([5, 9], 2, 16)
+    scale = 16**-0.5
+    # Autograd: output and every gradient against the attention formula (fp32 baseline, fp64 reference).
+    check_against_reference(lambda q, k, v: cpp_attention(q, k, v, cu, 9, softmax_scale=scale),
+                            lambda q, k, v: packed_attention_formula(q, k, v, cu, scale), [q, k, v],
+                            ATOL[torch.float32], names="qkv")
+    # Dropout (no autograd): with v[token] = one-hot of its position, each output row is its row of dropped
+    # probabilities, so every entry must be 0 or the exact probability / (1 - p).
+    p = 0.5
+    v = torch.cat([torch.eye(16)[:length] for length in (5, 9)])[:, None, :].expand(14, 2, 16).contiguous()
+    with torch.no_grad():
+        out = cpp_attention(q, k, v, cu, 9, softmax_scale=scale, dropout_p=p)
+    probs = packed_attention_probs(q.double(), k.double(), cu, scale)  # per sequence (heads, length, length)
+    rows = [out[a:b, :, :b - a].double().transpose(0, 1) for a, b in ((0, 5), (5, 14))]
+    assert not out[:5, :, 5:].any(), "a 5-token sequence attended beyond its keys"
+    for got, want in zip(rows, probs):
+        kept = got != 0
+        torch.testing.assert_close(got[kept], want[kept] / (1 - p), rtol=1e-5, atol=1e-6,
+                                   msg="a kept probability is not scaled by 1 / (1 - p)")
+    kept_fraction = torch.cat([(r != 0).flatten() for r in rows]).double().mean().item()
+    assert 0.3 < kept_fraction < 0.7, f"{kept_fraction:.2f} of the probabilities kept with dropout_p={p}"
 
 
 def test_bad_cu_seqlens_raise():
@@ -119,12 +142,26 @@ def test_training_runs_under_auto():
     import fastbert
 
     config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32)
+                                     intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    reference = transformers.BertModel(config).double()  # transformers' own forward, in fp64
     model = fastbert.patch(transformers.BertModel(config))
+    model.load_state_dict(reference.state_dict())
     ids = torch.randint(1, 50, (2, 6))
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
-    model(input_ids=ids, attention_mask=mask).last_hidden_state.sum().backward()
-    assert model.embeddings.word_embeddings.weight.grad is not None
+    keep = mask.bool()
+    weights = torch.randn(int(keep.sum()), 16, dtype=torch.float64)  # a random loss over the real tokens
+    for m in (model, reference):
+        (m(input_ids=ids, attention_mask=mask).last_hidden_state[keep].double() * weights).sum().backward()
+    reference_grads = dict(reference.named_parameters())
+    for name, parameter in model.named_parameters():
+        want = reference_grads[name].grad
+        if want is None:  # the pooler: not in the loss
+            assert parameter.grad is None, f"{name} has a gradient transformers does not give"
+            continue
+        assert parameter.grad is not None, f"no gradient for {name}"
+        # fp32 against fp64: 1e-5 x max(1, |grad|) (measured: 1.5e-7 x that scale)
+        error, bound = max_error(parameter.grad, want), 1e-5 * max(1.0, want.abs().max().item())
+        assert error <= bound, f"grad of {name}: error {error:.3g} > {bound:.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

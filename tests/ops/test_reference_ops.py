@@ -6,7 +6,7 @@ import torch
 
 import fastbert
 from fastbert import ops
-from tests.helpers import assert_close_to_ref, gelu_formula, layer_norm_formula
+from tests.helpers import assert_close_to_ref, gelu_formula, layer_norm_formula, packed_attention_formula
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -182,16 +182,6 @@ def test_fully_masked_rows_give_zeros_and_zero_gradients():
             t.grad = None
 
 
-def varlen_formula(q, k, v, cu_seqlens, scale):
-    """Independent packed attention: per sequence, softmax(q k^T * scale) v over its own tokens."""
-    out, bounds = [], cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        one_q, one_k, one_v = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, length, dim)
-        probs = torch.softmax(one_q @ one_k.transpose(-1, -2) * scale, -1)
-        out.append((probs @ one_v).transpose(0, 1))
-    return torch.cat(out)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("implementation", ["sdpa_backend", "reference"])
 def test_varlen_attention_matches_padded_attention(dtype, implementation):
@@ -212,7 +202,7 @@ def test_varlen_attention_matches_padded_attention(dtype, implementation):
                                     [leaf(pack(t), dtype) for t in (q64, k64, v64)], grad)
 
     def formula(q, k, v):
-        return varlen_formula(q, k, v, cu_seqlens, head_dim**-0.5)
+        return packed_attention_formula(q, k, v, cu_seqlens, head_dim**-0.5)
 
     ref, ref_grads = run_with_grads(formula, [leaf(pack(t), torch.float64) for t in (q64, k64, v64)], grad)
     plain, plain_grads = run_with_grads(formula, [leaf(pack(t), dtype) for t in (q64, k64, v64)], grad)
