@@ -1,10 +1,12 @@
 """fastbert's models against transformers': same weights, same outputs on real tokens."""
+import copy
+
 import pytest
 import torch
 import transformers
 
 import fastbert
-from tests.helpers import max_error, multiple_choice_batch, random_batch, small_config
+from tests.helpers import assert_close_to_ref, max_error, multiple_choice_batch, random_batch, small_config
 
 HEADS = [
     ("BertModel", {}),
@@ -181,17 +183,20 @@ def test_sequence_length_one():
         assert max_error(fast(**batch).last_hidden_state, reference(**batch).last_hidden_state) <= 1e-5
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float16, 5e-2)])
-def test_dtypes_without_compiled_kernels_run_under_auto(dtype, atol):
-    """fp64 and fp16 have no cpp kernels: "auto" must fall back to torch for them, not raise."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_dtypes_without_compiled_kernels_run_under_auto(dtype):
+    """fp64 and fp16 have no cpp kernels: "auto" must fall back to torch for them, not raise, and be as
+    accurate as transformers in that dtype: the tolerance rule against transformers in fp64 on the same
+    (rounded) weights, atol ATOL[dtype] (fp16 measured: error 0.003, transformers fp16 0.004)."""
     config = small_config()
     reference, fast = twin_models("BertModel", config)
     reference, fast = reference.to(dtype), fast.to(dtype)
+    exact = copy.deepcopy(reference).double()  # the weights rounded to dtype, then computed in fp64
     batch = random_batch(config, 2, 8, lengths=[8, 5])
     keep = batch["attention_mask"].bool()
     with torch.no_grad(), fastbert.use_backend("auto"):
         out = fast(**batch).last_hidden_state
     with torch.no_grad():
-        ref = reference(**batch).last_hidden_state
+        same_dtype, ref64 = reference(**batch).last_hidden_state, exact(**batch).last_hidden_state
     assert out.dtype == dtype
-    assert max_error(out[keep], ref[keep]) <= atol
+    assert_close_to_ref(out[keep], same_dtype[keep], ref64[keep], name=str(dtype))
