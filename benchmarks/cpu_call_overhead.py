@@ -3,7 +3,7 @@ where the arithmetic costs microseconds, so the time is dispatch, Python and op-
 fastbert (patched; with its inference plan, and with plans off: the general forward) and HuggingFace
 (SDPA) interleaved; medians of many calls. With --count-calls it
 also counts the Python-level calls (functions and builtins, via sys.setprofile) of one forward of
-each: the number to compare before and after a change to the forward (docs/perf-notes.md).
+each: the number to compare before and after a change to the forward (docs/engineering/perf-notes.md).
 
     python benchmarks/cpu_call_overhead.py [--threads 2] [--repeats 300] [--count-calls]
 """

@@ -3,7 +3,7 @@
 Why: in one process, OpenVINO's (or ONNX Runtime's) and torch's thread pools both spin while waiting,
 and on a small machine they take each other's cores, so an interleaved in-process run (fastbert bench
 --baselines openvino, python -m fastbert.bench.reduced_precision) can slow either side several-fold
-(docs/perf-notes.md). Here each round starts one fresh process per runtime, in rotated order; a
+(docs/engineering/perf-notes.md). Here each round starts one fresh process per runtime, in rotated order; a
 process builds its runtime, warms up, then times --repeats forwards of the same input. The report
 gives each runtime's median over rounds of its per-round median, and the ratio of those medians.
 

@@ -38,8 +38,8 @@ BACKENDS = ("torch", "triton", "cuda", "cpp", "onednn", "auto")
 
 def _cpu_varlen_attention_order() -> tuple[str, ...]:
     """The cpp kernel or torch's SDPA per sequence, by CPU, as measured on whole padded forwards
-    (docs/perf-notes.md): on an AMX Xeon (2026-12-01) the cpp kernel took 1.00-1.06x SDPA's time at 32 x 128
-    and 1.24x (fp32) / 1.93x (bf16) at 8 x 512, where SDPA's GEMMs run on AMX; on an AMD EPYC without AMX,
+    (docs/engineering/perf-notes.md): on an AMX Xeon (2026-12-01) the cpp kernel took 1.00-1.06x SDPA's time at
+    32 x 128 and 1.24x (fp32) / 1.93x (bf16) at 8 x 512, where SDPA's GEMMs run on AMX; on an AMD EPYC without AMX,
     0.87-0.95x at 32 x 128 and 0.88-1.01x at 8 x 512. "cpp" stays available by name on either."""
     from fastbert.cpu_info import cpu_features
 
@@ -48,8 +48,8 @@ def _cpu_varlen_attention_order() -> tuple[str, ...]:
 
 # "auto": for each device type and op, the order in which backends are tried; backends without a
 # registration for the op are skipped, and "torch" ends every list. Decided by measurement
-# (docs/benchmarks.md): on CPU the Triton interpreter is never chosen automatically. CPU bias_gelu /
-# add_layer_norm: "cpp" (fastbert._C) measured faster than the torch reference forward and
+# (docs/engineering/benchmark-log.md): on CPU the Triton interpreter is never chosen automatically. CPU
+# bias_gelu / add_layer_norm: "cpp" (fastbert._C) measured faster than the torch reference forward and
 # forward+backward at 4096 x 768 and 4096 x 3072, fp32 and bf16 ("CPU kernels (fastbert._C, backend cpp)").
 AUTO_PREFERENCE = {
     "cuda": {

@@ -36,7 +36,7 @@ def test_explain_breaks_only_at_the_unpad_sync(backend):
         explanation = torch._dynamo.explain(model)(**batch)
     others = [r for r in explanation.break_reasons if not only_the_unpad_sync(r)]
     assert not others, [r.reason.splitlines()[0] for r in others]
-    assert explanation.graph_break_count >= 1  # the data-dependent unpad (documented in the README, "torch.compile")
+    assert explanation.graph_break_count >= 1  # the data-dependent unpad (docs/fine-tuning.md, "torch.compile")
 
 
 def test_compiled_outputs_match_and_shapes_do_not_recompile():
