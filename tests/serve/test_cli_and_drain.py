@@ -1,5 +1,6 @@
 """`fastbert serve` as a command: argument errors in one line, and SIGTERM in a real server process
 (127.0.0.1 only): new connections are refused, every accepted request is answered, the process exits."""
+import os
 import signal
 import subprocess
 import sys
@@ -81,8 +82,27 @@ def test_sigterm_drains_accepted_requests_then_exits(embed_dir):
             process.wait()
 
 
+def spawned_workers(parent: int) -> list[int]:
+    """The pids of `parent`'s multiprocessing-spawned children (uvicorn's workers; not the resource tracker)."""
+    workers = []
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"multiprocessing.spawn" in command:
+            workers.append(int(entry.name))
+    return workers
+
+
 @pytest.mark.slow
 def test_workers_share_the_port_and_pin_their_cores(embed_dir, tmp_path):
+    if not hasattr(os, "sched_getaffinity") or not Path("/proc/self/stat").exists():
+        pytest.skip("reading other processes' CPU affinity needs Linux (/proc and sched_getaffinity)")
+    cores = os.sched_getaffinity(0)
+    if len(cores) < 2:
+        pytest.skip(f"2 workers cannot have cores of their own on {len(cores)} usable core")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen([sys.executable, "-m", "fastbert", "serve", embed_dir, "--host", "127.0.0.1",
@@ -91,6 +111,13 @@ def test_workers_share_the_port_and_pin_their_cores(embed_dir, tmp_path):
         wait_healthy(url, process)
         responses = [httpx.post(f"{url}/embed", json={"inputs": ["worker", "pinned"]}, timeout=60) for _ in range(4)]
         assert all(response.status_code == 200 and len(response.json()) == 2 for response in responses)
+        # Each worker is pinned to its own half of the server's cores: disjoint, together all of them.
+        workers = spawned_workers(process.pid)
+        assert len(workers) == 2, f"expected 2 worker processes under {process.pid}, found {workers}"
+        pinned = [os.sched_getaffinity(pid) for pid in workers]
+        assert not pinned[0] & pinned[1], f"workers share cores: {pinned}"
+        assert pinned[0] | pinned[1] == os.sched_getaffinity(process.pid), f"{pinned} do not cover the cores"
+        assert abs(len(pinned[0]) - len(pinned[1])) <= 1, pinned
     finally:
         process.send_signal(signal.SIGTERM)
         try:
