@@ -15,6 +15,7 @@ import operator
 import weakref
 from typing import NamedTuple
 
+import torch
 from torch import nn
 from transformers import activations
 
@@ -195,8 +196,11 @@ def check_modules(family: Family, model: nn.Module, layer_classes: tuple[type, .
 
     Runs on every forward (a module may be replaced at any time). A passed check is remembered with
     its TreeStamp; while the stamp matches (a few C-level passes, no walk), the same ModuleCheck,
-    views included, is the answer. The forward reuses the views, so the tree is walked at most once."""
-    remembered = _PASSED.get(model)
+    views included, is the answer. The forward reuses the views, so the tree is walked at most once.
+    Under torch.compile the memo is left alone: dynamo guards on the weak dict's size, which a model
+    collected mid-trace changes ("Guard failed on the same frame it was created")."""
+    compiling = torch.compiler.is_compiling()
+    remembered = None if compiling else _PASSED.get(model)
     if remembered is not None and remembered[0] == layer_classes:
         check = remembered[1]
         if check.stamp.matches(schedule_of(family, model)):
@@ -206,10 +210,11 @@ def check_modules(family: Family, model: nn.Module, layer_classes: tuple[type, .
     problem = model_problem(family, model, layer_classes, views, stamp)
     if problem is None:
         check = ModuleCheck(None, views, stamp)
-        if stamp.complete:
+        if stamp.complete and not compiling:
             _PASSED[model] = (layer_classes, check)  # one assignment: thread-safe
         return check
-    _PASSED.pop(model, None)
+    if not compiling:
+        _PASSED.pop(model, None)
     module, why = problem
     name = next((n for n, m in model.named_modules() if m is module), type(module).__name__)
     return ModuleCheck(f"the module {name} ({why})", views)
