@@ -11,6 +11,7 @@ import os
 import sys
 from datetime import datetime, timezone
 
+from fastbert.env import parse_flag
 from fastbert.serve.options import DTYPES, ServeConfigError, ServeOptions
 
 MISSING_EXTRA = "fastbert serve needs the serve extra: pip install 'fastbert[serve]' ({error})"
@@ -35,12 +36,11 @@ OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "KMP_BLOCKTIME")
 
 
 def _boolean(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    """fastbert's one rule for booleans (fastbert.env), as an argparse type."""
+    try:
+        return parse_flag("the value", text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}") from None
 
 
 def _text(value) -> str:
