@@ -20,23 +20,19 @@ import transformers
 import fastbert
 from fastbert.models.families import FAMILIES
 from tests.models.family_configs import family_batch, family_config
+from tests.models.test_modernbert import modernbert_config
 
 LENGTHS, SEQLEN = [7, 3], 8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"the a fast model runs on cpu without its kernels".split()]
 
 
-def modernbert_config() -> transformers.ModernBertConfig:
-    return transformers.ModernBertConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        local_attention=4, global_attn_every_n_layers=2, max_position_embeddings=32, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, num_labels=2)
-
-
 def models() -> dict[str, transformers.PretrainedConfig]:
     """Class prefix -> a tiny config, for every family fastbert runs."""
     return {**{family.class_prefix: family_config(family.model_type) for family in FAMILIES},
-            "ModernBert": modernbert_config()}
+            "ModernBert": modernbert_config(
+                vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, local_attention=4,
+                global_attn_every_n_layers=2, max_position_embeddings=32, num_labels=2)}
 
 
 def build(name: str, config, patched: bool, dtype: torch.dtype) -> torch.nn.Module:
