@@ -6,6 +6,7 @@ rule); bf16 keeps 8 significant bits, so outputs of size ~5 carry rounding steps
 """
 import importlib
 import math
+import os
 
 import pytest
 import torch
@@ -115,3 +116,15 @@ def test_the_registry_sends_bf16_inference_to_the_packed_gemm():
         assert linear_op.fuses_epilogue(xb, wb, bb)
     wb.requires_grad_(True)
     assert linear_op.linear_implementation(xb, wb, bb) is linear_op.linear_ref  # autograd records: reference
+
+
+@needs_onednn
+def test_bf16_probe_is_torchs_own():
+    """Fence on the private probe behind onednn_linear.bf16_problem: were it gone, bf16 would quietly leave
+    oneDNN on every CPU; here it must exist and agree with the CPU (AVX512-BW/VL/DQ or AVX-NE-CONVERT)."""
+    assert hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    native = {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
+    assert (onednn_linear.bf16_problem() is None) == native
