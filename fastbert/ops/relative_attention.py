@@ -1,0 +1,104 @@
+"""relative_attention: self-attention on packed tokens with relative-position terms in the scores.
+
+The scores of query i and key j of one sequence are
+
+    softmax_scale * q_i . k_j  +  q_rel[i, h, index[i - j + L - 1]]  +  k_rel[j, h, index[i - j + L - 1]]
+
+where L = max_seqlen and `index` maps each relative distance i - j (from -(L-1) to L-1) to a bucket.
+Both families fastbert runs this way fit: MPNet adds one learned bias per (bucket, head), shared by
+every query (q_rel is that table broadcast over tokens, a stride-0 view; no k_rel); DeBERTa adds its
+content-to-position term (q_rel = scaled q . pos_key of every bucket) and its position-to-content term
+(k_rel = scaled k . pos_query of every bucket). The terms are gathered per query/key pair, never
+materialized as a (seq x seq) tensor except in the reference.
+
+q, k, v: (total_tokens, heads, head_dim); cu_seqlens: int32 (batch+1,); q_rel, k_rel: (total_tokens,
+heads, buckets) or None; index: integer (2 * max_seqlen - 1,), values in [0, buckets).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastbert import backend
+from fastbert.backend import REGISTRY, runs_anywhere
+from fastbert.ops._dispatch import compute_dtype, implementation
+from fastbert.registry import Implementation
+
+
+def pair_buckets(index: torch.Tensor, length: int, max_seqlen: int) -> torch.Tensor:
+    """(length, length) bucket of each (query i, key j) pair of one sequence: index[i - j + L - 1]."""
+    position = torch.arange(length, device=index.device)
+    return index[(position[:, None] - position[None, :]) + (max_seqlen - 1)].long()
+
+
+def relative_scores(one_q_rel, one_k_rel, buckets: torch.Tensor) -> torch.Tensor | float:
+    """(heads, length, length) relative terms of one sequence; rel tensors (length, heads, buckets)."""
+    terms = 0.0
+    length = buckets.shape[0]
+    if one_q_rel is not None:  # term[h, i, j] = q_rel[i, h, buckets[i, j]]
+        rows = one_q_rel.permute(1, 0, 2)  # (heads, i, buckets)
+        terms = terms + torch.gather(rows, 2, buckets[None].expand(rows.shape[0], length, length))
+    if one_k_rel is not None:  # term[h, i, j] = k_rel[j, h, buckets[i, j]]
+        cols = one_k_rel.permute(1, 0, 2)  # (heads, j, buckets)
+        picked = torch.gather(cols, 2, buckets.t()[None].expand(cols.shape[0], length, length))  # [h, j, i]
+        terms = terms + picked.transpose(1, 2)
+    return terms
+
+
+def relative_attention_ref(q, k, v, cu_seqlens, max_seqlen, index, *, q_rel=None, k_rel=None,
+                           softmax_scale=None, dropout_p=0.0):
+    """Reference: explicit scores, relative terms and softmax, one sequence at a time."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    math_dtype = compute_dtype(q.dtype)
+    outputs = []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        one_q, one_k, one_v = (t[start:end].to(math_dtype).transpose(0, 1) for t in (q, k, v))
+        buckets = pair_buckets(index, end - start, int(max_seqlen))
+        rel = [None if t is None else t[start:end].to(math_dtype) for t in (q_rel, k_rel)]
+        scores = torch.matmul(one_q, one_k.transpose(-1, -2)) * scale + relative_scores(*rel, buckets)
+        probs = torch.softmax(scores, dim=-1)
+        if dropout_p > 0.0:
+            probs = F.dropout(probs, p=dropout_p, training=True)
+        outputs.append(torch.matmul(probs, one_v).transpose(0, 1).to(q.dtype))
+    return torch.cat(outputs, dim=0) if outputs else q.new_zeros(q.shape)
+
+
+REGISTRY.register(Implementation(
+    op="relative_attention", backend="torch", target="fastbert.ops.relative_attention:relative_attention_ref",
+    devices=None, dtypes=None, probe=runs_anywhere,
+))
+
+
+def _check_arguments(q, k, v, cu_seqlens, max_seqlen, index, q_rel, k_rel, dropout_p) -> None:
+    if q.dim() != 3 or not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must be (total_tokens, heads, head_dim) of one shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of length batch+1, "
+                         f"got dtype {cu_seqlens.dtype} shape {tuple(cu_seqlens.shape)}")
+    span = 2 * int(max_seqlen) - 1
+    if index.dim() != 1 or index.numel() < span or index.is_floating_point():
+        raise ValueError(f"index must be an integer tensor of length >= 2 * max_seqlen - 1 = {span}, "
+                         f"got dtype {index.dtype} shape {tuple(index.shape)}")
+    for name, rel in (("q_rel", q_rel), ("k_rel", k_rel)):
+        if rel is not None and (rel.dim() != 3 or rel.shape[:2] != q.shape[:2]):
+            raise ValueError(f"{name} must be (total_tokens, heads, buckets) = ({q.shape[0]}, {q.shape[1]}, "
+                             f"buckets), got {tuple(rel.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def relative_attention(q, k, v, cu_seqlens, max_seqlen, index, *, q_rel=None, k_rel=None,
+                       softmax_scale=None, dropout_p=0.0):
+    """Self-attention on packed tokens with relative-position terms (see the module docstring).
+    Returns q's shape."""
+    _check_arguments(q, k, v, cu_seqlens, max_seqlen, index, q_rel, k_rel, dropout_p)
+    grad = backend.records_autograd(q, k, v, *(t for t in (q_rel, k_rel) if t is not None))
+    run = implementation("relative_attention", q, head_dim=q.shape[-1], grad=grad)
+    return run(q, k, v, cu_seqlens, int(max_seqlen), index, q_rel=q_rel, k_rel=k_rel,
+               softmax_scale=softmax_scale, dropout_p=dropout_p)
