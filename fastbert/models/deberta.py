@@ -87,6 +87,72 @@ def relative_terms(modules: dict, state: RelativeState, q: torch.Tensor, k: torc
     return index, _per_bucket(q, pos_key), _per_bucket(k, pos_query)
 
 
+def config_problem(model: nn.Module) -> str | None:
+    """Why this DebertaV2Model is not what the terms above compute, as a phrase for the plain path's
+    warning; None when it is. Read from the modules' own attributes (what transformers' forward reads)."""
+    encoder = model.encoder
+    if not encoder.relative_attention:
+        return "DeBERTa without relative_attention"
+    if encoder.conv is not None:
+        return f"DeBERTa's convolution layer (conv_kernel_size={model.config.conv_kernel_size})"
+    if getattr(model, "z_steps", 0) > 1:
+        return f"DeBERTa's z_steps={model.z_steps}"
+    for layer in encoder.layer:
+        attention = layer.attention.self
+        if not attention.share_att_key:
+            return "DeBERTa with share_att_key=False (separate pos_key_proj / pos_query_proj)"
+        if sorted(attention.pos_att_type) != ["c2p", "p2c"]:
+            return f"DeBERTa with pos_att_type={attention.pos_att_type} (fastbert runs exactly c2p and p2c)"
+    return None
+
+
+class DebertaRelative:
+    """Family.relative for DeBERTa-v2/v3 (fastbert.models.relative): prepare / terms above.
+
+    problem(model, arguments): configs and masks these terms do not cover run transformers' forward:
+    see config_problem; and a 4-D attention_mask, which DebertaV2Encoder reads as a 0/1 (query, key)
+    matrix (an additive mask would be read inverted there), so transformers' answer is kept."""
+
+    shared_modules = (("encoder.rel_embeddings", nn.Embedding),)
+
+    @staticmethod
+    def prepare(model: nn.Module, layout) -> RelativeState:
+        return prepare(model, layout.max_seqlen)
+
+    @staticmethod
+    def terms(modules: dict, shared: RelativeState, q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple:
+        return relative_terms(modules, shared, q, k, scale)
+
+    @staticmethod
+    def softmax_scale(modules: dict, head_dim: int, dtype: torch.dtype) -> float:
+        return attention_scale(head_dim, dtype)
+
+    @staticmethod
+    def problem(model: nn.Module, arguments: dict) -> str | None:
+        mask = arguments.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() != 2:
+            return f"DeBERTa with a {mask.dim()}-D attention_mask (read as a (query, key) 0/1 matrix there)"
+        return config_problem(model)
+
+
+DEBERTA_RELATIVE = DebertaRelative()
+
+
+def unread_inputs(model: nn.Module) -> frozenset[str]:
+    """Inputs DebertaV2Embeddings ignores: token_type_ids without a token-type table (type_vocab_size 0,
+    while DeBERTa-v3's tokenizer still returns them), position_ids without absolute positions
+    (position_biased_input False: then no sequence-length limit either, as in transformers)."""
+    embeddings = model.embeddings
+    if type(embeddings) is not hf.DebertaV2Embeddings:  # a subclass may read them: validated, passed on
+        return frozenset()
+    unread = set()
+    if embeddings.token_type_embeddings is None:
+        unread.add("token_type_ids")
+    if not embeddings.position_biased_input or embeddings.position_embeddings is None:
+        unread.add("position_ids")
+    return frozenset(unread)
+
+
 @functools.lru_cache(maxsize=32)
 def attention_scale(head_dim: int, dtype: torch.dtype, scale_factor: int = 3) -> float:
     """1 / transformers' scaled_size_sqrt (sqrt(head_dim * scale_factor) in float32, then cast to the
