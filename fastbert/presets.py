@@ -28,6 +28,14 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "albert-base": ("AlbertConfig", dict(embedding_size=128, hidden_size=768, num_attention_heads=12,
                                          intermediate_size=3072, hidden_act="gelu_new")),
     "modernbert-base": ("ModernBertConfig", {}),  # ModernBertConfig() is answerdotai/ModernBERT-base's shape
+    # microsoft/deberta-v3-base: relative positions only (log buckets), shared key/query projections
+    "deberta-v3-base": ("DebertaV2Config", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                                intermediate_size=3072, vocab_size=128100, max_position_embeddings=512,
+                                                position_buckets=256, relative_attention=True,
+                                                pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+                                                share_att_key=True, position_biased_input=False, type_vocab_size=0,
+                                                layer_norm_eps=1e-7, max_relative_positions=-1, pooler_hidden_size=768,
+                                                pooler_dropout=0, pooler_hidden_act="gelu", hidden_act="gelu")),
 }
 
 
