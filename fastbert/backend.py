@@ -27,6 +27,7 @@ import threading
 import torch
 
 from fastbert.kernels.host import triton_interpreting
+from fastbert.machine import MachineChoice
 from fastbert.registry import BackendUnavailableError, Registry, Signature
 
 __all__ = [
@@ -35,16 +36,6 @@ __all__ = [
 ]
 
 BACKENDS = ("torch", "triton", "cuda", "cpp", "onednn", "auto")
-
-def _cpu_varlen_attention_order() -> tuple[str, ...]:
-    """The cpp kernel or torch's SDPA per sequence, by CPU, as measured on whole padded forwards
-    (docs/engineering/perf-notes.md): on an AMX Xeon (2026-12-01) the cpp kernel took 1.00-1.06x SDPA's time at
-    32 x 128 and 1.24x (fp32) / 1.93x (bf16) at 8 x 512, where SDPA's GEMMs run on AMX; on an AMD EPYC without AMX,
-    0.87-0.95x at 32 x 128 and 0.88-1.01x at 8 x 512. "cpp" stays available by name on either."""
-    from fastbert.cpu_info import cpu_features
-
-    return ("torch",) if "amx_bf16" in cpu_features() else ("cpp", "torch")
-
 
 # "auto": for each device type and op, the order in which backends are tried; backends without a
 # registration for the op are skipped, and "torch" ends every list. Decided by measurement
@@ -67,7 +58,8 @@ AUTO_PREFERENCE = {
         "bias_gelu": ("cpp", "torch"),
         "add_layer_norm": ("cpp", "torch"),
         "attention": ("torch",),
-        "varlen_attention": _cpu_varlen_attention_order(),
+        # the one CPU-dependent entry: read from the machine record on first use (fastbert/machine.py)
+        "varlen_attention": MachineChoice("varlen_attention_order"),
         "linear": ("onednn", "torch"),
     },
 }

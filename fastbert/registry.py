@@ -136,7 +136,8 @@ class Registry:
         return "; ".join(dict.fromkeys(reasons))
 
     def auto_order(self, op: str, device: str) -> tuple[str, ...]:
-        return self.auto_preference.get(device, {}).get(op, ("torch",))
+        order = self.auto_preference.get(device, {}).get(op, ("torch",))
+        return order() if callable(order) else order  # a machine.MachineChoice, read on first use
 
     def resolve(self, requested: str, signature: Signature) -> Implementation:
         """The implementation that runs `signature` when the user selected backend `requested`.

@@ -9,3 +9,19 @@ import torch
 @pytest.fixture(autouse=True)
 def seed_from_test_name(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def pretend_machine(monkeypatch):
+    """pretend_machine(features, kernels=None): the machine record (fastbert/machine.py) says this CPU lists
+    `features` and fastbert._C's checks answer `kernels` (None: no extension); choices are re-read."""
+    from fastbert import machine
+
+    def pretend(features, kernels=None):
+        record = machine.Machine("pretended CPU", frozenset(features), kernels, "test")
+        monkeypatch.setattr(machine, "machine", lambda: record)
+        machine._choice_value.cache_clear()
+        return record
+
+    yield pretend
+    machine._choice_value.cache_clear()

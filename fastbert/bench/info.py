@@ -60,8 +60,8 @@ def _plan_lines() -> list[str]:
     """What CPU inference plans run beside the registry's choices (fastbert/models/plan.py): fastbert's
     GEMMs for few rows and the short-sequence attention, or why not."""
     from fastbert import backend
-    from fastbert.models.plan import FUSED_QKV_MAX_SEQLEN
     from fastbert.ops import few_rows_linear
+    from fastbert.ops.cpu_attention import fused_qkv_max_seqlen
 
     lines = []
     for dtype in (torch.bfloat16, torch.float32):
@@ -75,9 +75,21 @@ def _plan_lines() -> list[str]:
     kernel = backend.REGISTRY.get("varlen_attention", "cpp")
     problem = "not registered" if kernel is None else kernel.problem(
         backend.signature("varlen_attention", torch.empty(0), head_dim=64))
-    lengths = "of every length" if math.isinf(FUSED_QKV_MAX_SEQLEN) else f"of <= {FUSED_QKV_MAX_SEQLEN} tokens"
+    limit = fused_qkv_max_seqlen()
+    lengths = "of every length" if math.isinf(limit) else f"of <= {limit} tokens"
     lines.append(f"  attention {lengths}: "
                  + ("the cpp kernel on the fused QKV output" if problem is None else f"as resolved ({problem})"))
+    return lines
+
+
+def _machine_lines() -> list[str]:
+    """The machine record and each CPU-dependent choice made from it, with the benchmark that decided it."""
+    from fastbert.machine import CHOICES, choice, machine
+
+    record = machine()
+    lines = [f"  {record.name}: {' '.join(sorted(record.features)) or 'no listed features'} (from {record.source})"]
+    for name, row in CHOICES.items():
+        lines.append(f"  {name} = {choice(name)}: {row.says} [decided by {row.benchmark}]")
     return lines
 
 
@@ -111,6 +123,8 @@ def info_report(compare: bool = True) -> str:
         f"extension fastbert._C: {environment.extension_status()}",
         "ops (backend: devices; dtypes, per-call limits aside):",
         *_op_lines(),
+        "CPU choices (fastbert/machine.py; re-run the named benchmark on a new kind of CPU):",
+        *_machine_lines(),
         "CPU inference plans, besides the ops above:",
         *_plan_lines(),
     ]

@@ -10,8 +10,6 @@ implementation here.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastbert import backend, extension
@@ -70,10 +68,10 @@ def fused_qkv_max_seqlen() -> float:
     """The longest sequence the inference plan sends to `fused_qkv_attention` (longer ones go to SDPA): SHORT_SEQLEN
     on a CPU with AMX, where SDPA is faster above it; any length elsewhere, where the kernel was faster at every
     length measured (an AVX-512 AMD EPYC: 0.85-0.95x SDPA's forward time, 16-512 tokens, batch 1 and 8,
-    docs/perf-notes.md)."""
-    from fastbert.cpu_info import cpu_features
+    docs/perf-notes.md). A row of the machine record's choices (fastbert/machine.py)."""
+    from fastbert import machine
 
-    return SHORT_SEQLEN if "amx_bf16" in cpu_features() else math.inf
+    return machine.choice("fused_qkv_max_seqlen")
 
 
 def fused_qkv_attention(qkv: torch.Tensor, heads: int, head_dim: int, scale: float, cu_seqlens: torch.Tensor,

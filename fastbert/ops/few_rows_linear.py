@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fastbert import extension
 from fastbert.env import flag
-from fastbert.ops.weight_cache import PackedWeights
+from fastbert.ops.weight_cache import PackedWeights, packing_enabled
 
 MAX_ROWS = 256  # the most rows any kernel here takes (docs/perf-notes.md)
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "tanh")
@@ -37,7 +37,7 @@ _cache = PackedWeights()
 
 class _Kernel(NamedTuple):
     name: str  # what `fastbert info` calls it
-    usable: str  # fastbert._C function names
+    check: str  # its row of the machine record's fastbert._C checks (machine.EXTENSION_CHECKS)
     pack: str
     linear: str
     k_multiple: int  # in_features must be a multiple of this
@@ -50,18 +50,18 @@ class _Kernel(NamedTuple):
 _KERNELS = {
     torch.bfloat16: (
         # AMX: oneDNN's GELU epilogue costs about half of this kernel's, which decides from ~32 rows
-        _Kernel("AMX", "amx_bf16_usable", "bf16_pack", "amx_bf16_linear", 32,
+        _Kernel("AMX", "amx_bf16_gemm", "bf16_pack", "amx_bf16_linear", 32,
                 "AMX-BF16 (and an OS that grants its tile state)", MAX_ROWS, 32),
         # AVX512-BF16 (AMD Zen 4/5): the GELU epilogue makes oneDNN as fast from ~64 rows
-        _Kernel("AVX512-BF16", "avx512_bf16_usable", "bf16_pack", "avx512_bf16_linear", 32, "AVX512-BF16", MAX_ROWS,
+        _Kernel("AVX512-BF16", "avx512_bf16_gemm", "bf16_pack", "avx512_bf16_linear", 32, "AVX512-BF16", MAX_ROWS,
                 64),
     ),
     torch.float32: (
-        _Kernel("AVX-512", "avx512_fp32_usable", "avx512_fp32_pack", "avx512_fp32_linear", 1, "AVX-512", MAX_ROWS,
+        _Kernel("AVX-512", "avx512_fp32_gemm", "avx512_fp32_pack", "avx512_fp32_linear", 1, "AVX-512", MAX_ROWS,
                 MAX_ROWS),
     ),
 }
-_chosen: dict[torch.dtype, _Kernel | None] = {}  # the CPU (and OS) check per dtype, made once
+_chosen: dict[torch.dtype, _Kernel | None] = {}  # per dtype, from the machine record, once
 
 
 def _module():
@@ -72,21 +72,21 @@ def _module():
 def _kernel(dtype: torch.dtype) -> _Kernel | None:
     """The first of dtype's kernels that this CPU runs, or None (also without the extension or its kernels)."""
     if dtype not in _chosen:
-        module = _module()
+        from fastbert.machine import machine
+
+        module, record = _module(), machine()
 
         def runs(kernel: _Kernel) -> bool:
-            return hasattr(module, kernel.linear) and getattr(module, kernel.usable)()
+            return hasattr(module, kernel.linear) and record.runs(kernel.check)
 
         _chosen[dtype] = next((kernel for kernel in _KERNELS[dtype] if module is not None and runs(kernel)), None)
     return _chosen[dtype]
 
 
 def _machine_problem(dtype: torch.dtype) -> str | None:
-    from fastbert.ops import onednn_linear
-
     if not _enabled:
         return "the few-rows GEMMs are switched off (FASTBERT_FEW_ROWS_GEMM=0)"
-    if not onednn_linear.packing_enabled():
+    if not packing_enabled():
         return "packed weights are switched off (FASTBERT_PACKED_WEIGHTS=0 or onednn_linear.set_packing(False))"
     module = _module()
     if module is None:

@@ -102,9 +102,9 @@ def problem() -> str | None:
 
 def vnni_present() -> bool:
     """An int8 dot-product instruction that accumulates in 32 bits (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
-    from fastbert.cpu_info import cpu_features
+    from fastbert import machine
 
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_features()))
+    return machine.choice("int8_gemm")
 
 
 def prepack(weight_int8: torch.Tensor) -> torch.Tensor:
@@ -187,14 +187,13 @@ def _quantized_input(x, rows, kernels, code, threads):
     return q, token_scale
 
 
-@functools.lru_cache(maxsize=None)
 def activation_zero_point() -> int:
     """How the int8 activations go to oneDNN: 0 (int8) on a CPU with AMX-INT8, where oneDNN's s8 x s8 GEMM runs
     on AMX; else 128 (uint8 = int8 + 128), the u8 x s8 form of its VNNI GEMMs (given s8 x s8 there, oneDNN runs
     its reference loop)."""
-    from fastbert.cpu_info import cpu_features
+    from fastbert import machine
 
-    return 0 if "amx_int8" in cpu_features() else 128
+    return machine.choice("int8_zero_point")
 
 
 @functools.lru_cache(maxsize=64)

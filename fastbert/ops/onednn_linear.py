@@ -25,9 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastbert.env import flag
-from fastbert.ops import few_rows_linear, onednn_row_blocks
-from fastbert.ops.weight_cache import PackedWeights
+from fastbert.ops import few_rows_linear, onednn_row_blocks, weight_cache
+from fastbert.ops.weight_cache import PackedWeights, packing_enabled
 
 # activation name -> (oneDNN post-op attribute, its algorithm)
 # ("tanh": the plan's BertPooler; the linear op itself takes None and the two GELUs)
@@ -48,9 +47,6 @@ def bf16_problem() -> str | None:
 
 # the dtypes the packed GEMM runs here (as the input's dtype, or as the CPU autocast dtype); checked once
 DTYPES = frozenset({torch.float32, torch.bfloat16} if bf16_problem() is None else {torch.float32})
-
-_packing_enabled = flag("FASTBERT_PACKED_WEIGHTS", default=True)
-
 
 # Packed copies, per (weight, dtype packed in)
 _cache = PackedWeights()
@@ -73,23 +69,18 @@ def problem(device: str) -> str | None:
     """The registry probe: None if packed oneDNN linears can run on `device`, else why not."""
     if device != "cpu":
         return f"oneDNN packed linears run on CPU tensors, got {device}"
-    if not _packing_enabled:
+    if not packing_enabled():
         return "packed oneDNN weights are switched off (FASTBERT_PACKED_WEIGHTS=0 or onednn_linear.set_packing(False))"
     return mkldnn_problem()
 
 
 def set_packing(enabled: bool) -> None:
     """Turn the packed-weight path on or off for the process; off also frees every packed copy."""
-    global _packing_enabled
-    _packing_enabled = bool(enabled)
+    weight_cache.set_packing_flag(enabled)
     clear_cache()
     from fastbert.backend import REGISTRY
 
     REGISTRY.clear_cache()  # resolution is memoized; the probe's answer just changed
-
-
-def packing_enabled() -> bool:
-    return _packing_enabled
 
 
 def clear_cache() -> None:

@@ -12,6 +12,21 @@ from typing import Callable, Hashable, NamedTuple
 
 import torch
 
+from fastbert.env import flag
+
+# The one switch of every packed CPU GEMM (oneDNN's and the few-rows kernels'): FASTBERT_PACKED_WEIGHTS, or
+# onednn_linear.set_packing, which also empties the caches and the registry's memo.
+_packing = flag("FASTBERT_PACKED_WEIGHTS", default=True)
+
+
+def packing_enabled() -> bool:
+    return _packing
+
+
+def set_packing_flag(enabled: bool) -> None:
+    global _packing
+    _packing = bool(enabled)
+
 
 class _Packed(NamedTuple):
     source: weakref.ref  # the weight it was packed from (the key holds its id; this proves it is the same tensor)

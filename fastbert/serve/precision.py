@@ -4,10 +4,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fastbert.cpu_info import cpu_features
+from fastbert.machine import choice
 from fastbert.ops.onednn_linear import bf16_problem
 
-NATIVE_BF16 = ("amx_bf16", "avx512_bf16")
 BF16_MIN_COSINE = 0.9999  # mean cosine of bf16 to fp32 outputs on the calibration texts
 
 
@@ -27,7 +26,7 @@ def choose_dtype(requested: str, bf16_cosine: Callable[[], float]) -> DtypeChoic
     choice on a CPU with native bf16 that oneDNN can use."""
     if requested != "auto":
         return DtypeChoice(requested, f"--dtype {requested}")
-    native = [name for name in NATIVE_BF16 if name in cpu_features()]
+    native = choice("serve_bf16")
     if not native:  # bf16 emulated on AVX2 is slower than fp32
         return DtypeChoice("fp32", "auto: this CPU has no native bf16 (AMX-BF16 or AVX512-BF16)")
     problem = bf16_problem()

@@ -50,9 +50,10 @@ def test_info_says_what_cpu_plans_run_beside_the_registry(capsys, monkeypatch):
     monkeypatch.setattr("fastbert.bench.info.QUICK_CONFIG", TINY)
     assert main(["info", "--no-compare"]) == 0
     out = capsys.readouterr().out
-    from fastbert.models.plan import FUSED_QKV_MAX_SEQLEN
+    from fastbert.ops.cpu_attention import fused_qkv_max_seqlen
 
-    lengths = "of every length" if FUSED_QKV_MAX_SEQLEN == float("inf") else f"of <= {FUSED_QKV_MAX_SEQLEN} tokens"
+    limit = fused_qkv_max_seqlen()
+    lengths = "of every length" if limit == float("inf") else f"of <= {limit} tokens"
     assert "CPU inference plans" in out and f"attention {lengths}" in out
     for dtype in (torch.bfloat16, torch.float32):
         line = next(line for line in out.splitlines() if f"{str(dtype)[6:]} GEMMs of few rows" in line)

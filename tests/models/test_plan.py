@@ -16,7 +16,7 @@ from torch import nn
 
 import fastbert
 from fastbert.models import plan
-from fastbert.models.families import FAMILIES
+from fastbert.models.families import FAMILIES, family_of_model_type
 from tests.helpers import max_error, random_batch, small_config
 from tests.models.family_configs import MODEL_TYPES, family_batch, family_config
 
@@ -25,7 +25,7 @@ from tests.models.family_configs import MODEL_TYPES, family_batch, family_config
 def fused_qkv_attention_up_to_short_seqlen(monkeypatch):
     from fastbert.ops.cpu_attention import SHORT_SEQLEN
 
-    monkeypatch.setattr(plan, "FUSED_QKV_MAX_SEQLEN", SHORT_SEQLEN)
+    monkeypatch.setattr(plan, "fused_qkv_max_seqlen", lambda: SHORT_SEQLEN)
 
 
 @pytest.fixture
@@ -95,11 +95,24 @@ def test_plan_is_built_once(plan_runs):
     assert len(plan_runs) == 3 and len({id(p) for p in plan_runs}) == 1
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+# Plans do not bind relative-position terms (fastbert.models.relative): those families run the general forward.
+PLANNED_TYPES = tuple(t for t in MODEL_TYPES if family_of_model_type(t).relative is None)
+
+
+@pytest.mark.parametrize("model_type", [t for t in MODEL_TYPES if t not in PLANNED_TYPES])
+def test_families_with_relative_positions_run_no_plan(plan_runs, model_type):
+    config = family_config(model_type)
+    model = fastbert.patch(family_of_model_type(model_type).base(config).eval())
+    batch = family_batch(config, [24, 3, 20], 24, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(infer(model, batch).last_hidden_state, general(model, batch).last_hidden_state)
+    assert not plan_runs
+
+
+@pytest.mark.parametrize("model_type", PLANNED_TYPES)
 def test_every_family_runs_a_plan_equal_to_the_general_forward(plan_runs, model_type, monkeypatch):
     torch.manual_seed(0)
     config = family_config(model_type)  # at most 32 positions: the short attention kernel is turned off here
-    monkeypatch.setattr(plan, "FUSED_QKV_MAX_SEQLEN", 16)
+    monkeypatch.setattr(plan, "fused_qkv_max_seqlen", lambda: 16)
     family = next(f for f in FAMILIES if f.model_type == model_type)
     model = fastbert.patch(family.base(config).eval())
     batch = family_batch(config, [24, 3, 20], 24, generator=torch.Generator().manual_seed(1))
@@ -332,15 +345,14 @@ def test_an_int8_model_runs_its_plan_bitwise_and_hands_back_what_it_cannot_bind(
     assert len(plan_runs) == 2 and not torch.equal(mixed.last_hidden_state, changed.last_hidden_state)
 
 
-def test_fused_qkv_attention_length_follows_the_cpu(monkeypatch):
+def test_fused_qkv_attention_length_follows_the_cpu(pretend_machine):
     """Up to SHORT_SEQLEN tokens on a CPU with AMX (SDPA is faster above), every length elsewhere (measured)."""
     import math
 
-    from fastbert import cpu_info
     from fastbert.ops.cpu_attention import SHORT_SEQLEN, fused_qkv_max_seqlen
 
     for features, expected in ((["avx512f", "amx_bf16"], SHORT_SEQLEN), (["avx512f", "avx512_bf16"], math.inf)):
-        monkeypatch.setattr(cpu_info, "cpu_features", lambda features=features: features)
+        pretend_machine(features)
         assert fused_qkv_max_seqlen() == expected
 
 
@@ -353,7 +365,7 @@ def test_long_sequences_attend_on_the_fused_kernel_where_the_cpu_says_so(plan_ru
     from fastbert.ops.cpu_attention import SHORT_SEQLEN, fused_qkv_attention
 
     skip_without_the_extension()
-    monkeypatch.setattr(plan, "FUSED_QKV_MAX_SEQLEN", math.inf)
+    monkeypatch.setattr(plan, "fused_qkv_max_seqlen", lambda: math.inf)
     calls = []
     monkeypatch.setattr(plan, "fused_qkv_attention", lambda *a: calls.append(a[-1]) or fused_qkv_attention(*a))
     for lengths in ((SHORT_SEQLEN + 9, SHORT_SEQLEN + 9), (SHORT_SEQLEN + 9, 7, 1)):

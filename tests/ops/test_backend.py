@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastbert
-from fastbert import backend, cpu_info, extension
+from fastbert import backend, extension, machine
 from fastbert.registry import BackendUnavailableError, Implementation, Registry, Signature
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,7 +88,7 @@ SIZE_LIMITS = {("triton", "add_layer_norm"): 4096, ("cuda", "add_layer_norm"): 8
 AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
 # Registered but not chosen by "auto" on this CPU (measured slower than torch there; docs/perf-notes.md):
 # the cpp varlen attention on CPUs with AMX.
-AUTO_NEVER = {("cpp", "varlen_attention", "cpu")} if "amx_bf16" in cpu_info.cpu_features() else set()
+AUTO_NEVER = {("cpp", "varlen_attention", "cpu")} if machine.machine().amx_bf16 else set()
 
 
 def _can_run(name, op, device, dtype, size):
@@ -202,17 +202,18 @@ def test_registering_twice_is_refused():
         backend.REGISTRY.register(backend.REGISTRY.get("bias_gelu", "torch"))
 
 
-def test_cpu_varlen_attention_order_follows_the_cpu(monkeypatch):
+def test_cpu_varlen_attention_order_follows_the_cpu(pretend_machine):
     """SDPA per sequence on an AMX CPU, the cpp kernel first elsewhere (each measured faster there)."""
     for features, expected in ((["avx512f", "amx_bf16"], ("torch",)), (["avx512f", "avx512_bf16"], ("cpp", "torch")),
                                ([], ("cpp", "torch"))):
-        monkeypatch.setattr(cpu_info, "cpu_features", lambda features=features: features)
-        assert backend._cpu_varlen_attention_order() == expected
+        pretend_machine(features)
+        assert backend.REGISTRY.auto_order("varlen_attention", "cpu") == expected
 
 
 def test_every_auto_choice_names_a_known_backend():
-    for device, orders in backend.AUTO_PREFERENCE.items():
-        for op, order in orders.items():
+    for device in backend.AUTO_PREFERENCE:
+        for op in backend.AUTO_PREFERENCE[device]:
+            order = backend.REGISTRY.auto_order(op, device)
             assert order[-1] == "torch", (device, op)
             assert set(order) <= set(backend.BACKENDS), (device, op, order)
 

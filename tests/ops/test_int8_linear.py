@@ -67,15 +67,14 @@ def test_both_activation_forms_give_the_same_result(zero_point, monkeypatch):
     assert (fast.double() - exact).abs().max().item() <= 1e-5 * (1 + exact.abs().max().item())
 
 
-def test_activation_form_follows_the_cpu(monkeypatch):
-    """uint8 + 128 unless the CPU has AMX-INT8: oneDNN runs s8 x s8 on VNNI only in its reference loop."""
-    from fastbert import cpu_info
-
-    for features, expected in ((["avx512_vnni", "amx_int8"], 0), (["avx512_vnni"], 128), ([], 128)):
-        ops.activation_zero_point.cache_clear()
-        monkeypatch.setattr(cpu_info, "cpu_features", lambda features=features: features)
+def test_activation_form_follows_the_cpu(pretend_machine):
+    """uint8 + 128 unless the CPU has AMX-INT8 and its tiles: oneDNN runs s8 x s8 on VNNI only in its reference
+    loop."""
+    refused = {"amx_bf16_gemm": False, "avx512_bf16_gemm": True, "avx512_fp32_gemm": True}  # a VM without tiles
+    for features, kernels, expected in ((["avx512_vnni", "amx_int8"], None, 0), (["avx512_vnni"], None, 128),
+                                        ([], None, 128), (["avx512_vnni", "amx_int8"], refused, 128)):
+        pretend_machine(features, kernels)
         assert ops.activation_zero_point() == expected
-    ops.activation_zero_point.cache_clear()
 
 
 @needs_fast

@@ -1,5 +1,5 @@
 """The bf16 packed GEMM on row blocks (fastbert/ops/onednn_row_blocks.py): the same result as the whole GEMM,
-measured once per shape, only from 512 rows on and with more than one thread."""
+run where the machine record says (AMX), 512..1024 rows, more than one thread."""
 import math
 
 import pytest
@@ -12,12 +12,11 @@ pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
 
 
 @pytest.fixture(autouse=True)
-def fresh_measurements():
-    onednn_row_blocks.forget_measurements()
+def two_threads():
     threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     yield
     torch.set_num_threads(threads)
-    onednn_row_blocks.forget_measurements()
 
 
 def problem(rows, fan_in=64, fan_out=48):
@@ -27,41 +26,20 @@ def problem(rows, fan_in=64, fan_out=48):
 
 
 @pytest.mark.parametrize("attribute,algorithm", [("none", ""), ("gelu", "none"), ("gelu", "tanh")])
-@pytest.mark.parametrize("in_blocks", [False, True])
-def test_blocks_give_the_whole_gemms_result(attribute, algorithm, in_blocks):
-    torch.set_num_threads(2)
+@pytest.mark.parametrize("amx", [False, True])
+def test_blocks_give_the_whole_gemms_result(attribute, algorithm, amx, pretend_machine):
+    pretend_machine(["avx512f", "avx512_bf16", "amx_bf16"] if amx else ["avx512f", "avx512_bf16"])
     x, weight, bias = problem(700)
     packed = onednn_linear.packed_weight(weight)
+    assert onednn_row_blocks.uses_blocks(700, 2) == amx
     with torch.no_grad():
         whole = torch.ops.mkldnn._linear_pointwise(x, packed, bias, attribute, [], algorithm)
-        onednn_row_blocks._faster_in_blocks[(1024, 64, 48, 2)] = in_blocks  # decide instead of measuring
         got = onednn_row_blocks.bf16_linear(x, packed, bias, attribute, algorithm)
     assert torch.equal(got, whole)  # each row depends on that row alone, summed in the same order
     reference = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
     if attribute == "gelu":
         reference = torch.nn.functional.gelu(reference, approximate=algorithm)
     assert (got.double() - reference).abs().max() < 5e-2  # bf16 output rounding
-
-
-def test_first_call_of_a_shape_measures_and_remembers():
-    torch.set_num_threads(2)
-    x, weight, bias = problem(600)
-    packed = onednn_linear.packed_weight(weight)
-    with torch.no_grad():
-        first = onednn_row_blocks.bf16_linear(x, packed, bias)
-        assert set(onednn_row_blocks.measured_shapes()) == {(1024, 64, 48, 2)}
-        assert torch.equal(onednn_row_blocks.bf16_linear(x, packed, bias), first)
-
-
-def test_small_batches_and_one_thread_are_not_measured():
-    x, weight, bias = problem(onednn_row_blocks.MIN_ROWS - 1)
-    packed = onednn_linear.packed_weight(weight)
-    with torch.no_grad():
-        torch.set_num_threads(2)
-        onednn_row_blocks.bf16_linear(x, packed, bias)
-        torch.set_num_threads(1)
-        onednn_row_blocks.bf16_linear(torch.cat([x, x]), packed, bias)
-    assert onednn_row_blocks.measured_shapes() == {}
 
 
 def test_linear_onednn_and_bf16_plans_use_it(monkeypatch):

@@ -15,10 +15,10 @@ AVX2_ONLY = ["avx2"]
 
 
 @pytest.fixture
-def cpu(monkeypatch):
+def cpu(monkeypatch, pretend_machine):
     """cpu(features, onednn_problem=None): this CPU, as precision sees it."""
     def set_cpu(features, onednn_problem=None):
-        monkeypatch.setattr(precision, "cpu_features", lambda: list(features))
+        pretend_machine(features)
         monkeypatch.setattr(precision, "bf16_problem", lambda: onednn_problem)
     return set_cpu
 
