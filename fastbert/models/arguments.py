@@ -105,11 +105,17 @@ def hidden_state_selection(model, value) -> frozenset | bool:
     """
     if not value:
         return False
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not _records_hidden_states(model):
         return True
     indices = [value] if isinstance(value, int) else list(value)
     count = _hidden_state_count(model)
     return frozenset(i % count for i in indices if -count <= i < count)
+
+
+def _records_hidden_states(model) -> bool:
+    """Whether transformers' forward reads output_hidden_states through capture_outputs (indices select);
+    MPNet's own forward reads any truthy value as True."""
+    return "hidden_states" in (getattr(type(model), "_can_record_outputs", None) or {})
 
 
 def _hidden_state_count(model) -> int:

@@ -26,6 +26,7 @@ from fastbert.ops import add_layer_norm, attention, bias_gelu, varlen_attention
 from fastbert.ops.linear import GELU_ACTIVATION, fuses_epilogue
 from fastbert.ops.linear import linear as linear_op
 from fastbert.ops.padding import counts_from_mask, gather_rows, packing_from_counts, pad_input
+from fastbert.ops.relative_attention import relative_attention
 
 
 @dataclass
@@ -43,6 +44,9 @@ class TokenLayout:
     # This forward trains (the model's mode, decided once per forward by encode): every op call of the
     # layers counts as recorded by autograd, even under no_grad (reentrant checkpointing's first pass).
     training: bool = False
+    # (family.relative, what its prepare returned) for a family with relative-position terms, else None
+    # (fastbert.models.relative): set once per forward, read by every layer's self-attention.
+    relative: tuple | None = None
 
     @classmethod
     def from_mask(cls, keep: torch.Tensor | None, batch: int, seqlen: int) -> "TokenLayout":
@@ -57,6 +61,12 @@ class TokenLayout:
     @property
     def dense(self) -> bool:
         return self.indices is None
+
+    def offsets(self, device: torch.device) -> torch.Tensor:
+        """cu_seqlens, also for a dense batch (batch sequences of seqlen tokens)."""
+        if not self.dense:
+            return self.cu_seqlens
+        return torch.arange(0, (self.batch + 1) * self.seqlen, self.seqlen, dtype=torch.int32, device=device)
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """(batch, seq, ...) -> (tokens, ...)."""
@@ -196,6 +206,8 @@ def self_attention_forward(modules: dict, heads_attribute: str, hidden: torch.Te
     dropout_p = _dropout_p(modules["attention_dropout"])
     q, k, v = project_qkv(owner, modules["query"], modules["key"], modules["value"], hidden)
     tokens = hidden.shape[0]
+    if layout.relative is not None:
+        return _relative_attention(modules, (q, k, v), heads, head_dim, scale, dropout_p, layout)
     if layout.dense:
         shape = (layout.batch, layout.seqlen, heads, head_dim)  # then (batch, heads, seq, head_dim) views
         q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
@@ -206,6 +218,18 @@ def self_attention_forward(modules: dict, heads_attribute: str, hidden: torch.Te
     context = varlen_attention(
         q, k, v, layout.cu_seqlens, layout.max_seqlen, softmax_scale=scale, dropout_p=dropout_p
     )
+    return context.reshape(tokens, heads * head_dim)
+
+
+def _relative_attention(modules: dict, qkv: tuple, heads: int, head_dim: int, scale: float, dropout_p: float,
+                        layout: TokenLayout) -> torch.Tensor:
+    """Self-attention with the family's relative-position terms (fastbert.models.relative), dense or packed."""
+    tokens = qkv[0].shape[0]
+    q, k, v = (t.view(tokens, heads, head_dim) for t in qkv)
+    hook, shared = layout.relative
+    index, q_rel, k_rel = hook.terms(modules, shared, q, k, scale)
+    context = relative_attention(q, k, v, layout.offsets(q.device), layout.max_seqlen, index, q_rel=q_rel,
+                                 k_rel=k_rel, softmax_scale=scale, dropout_p=dropout_p)
     return context.reshape(tokens, heads * head_dim)
 
 
@@ -324,6 +348,8 @@ def _general_forward(model: nn.Module, family: Family, inputs: dict, layout: Tok
         hidden = projection(hidden)
     if all_hidden is not None:
         all_hidden.append(layout.unpack(hidden))
+    if family.relative is not None:
+        layout.relative = (family.relative, family.relative.prepare(model, layout))
     for layer in family.schedule(model):
         hidden = _run_layer(layer, hidden, layout, family)
         if all_hidden is not None:
@@ -354,8 +380,10 @@ def encode(model: nn.Module, family: Family, inputs: dict, keep: torch.Tensor | 
     # Training or inference: decided here, per forward, from this forward's module mode and grad mode.
     layout.training = model.training
     all_hidden = [] if options.get("output_hidden_states") else None
-    # (torch.compile traces the general forward: a plan is Python state bound outside any graph)
-    inference = not layout.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    # (torch.compile traces the general forward: a plan is Python state bound outside any graph; plans do
+    # not bind relative-position terms, so those families run the general forward)
+    inference = (not layout.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                 and family.relative is None)
     resolved = plan.plan_for(model, family, views, (family.layer, fast_layer_class(family))) if inference else None
     planned = resolved is not None and resolved.takes(inputs, layout)
     if planned:

@@ -23,8 +23,11 @@ from transformers.models.bert import modeling_bert
 from transformers.models.camembert import modeling_camembert
 from transformers.models.distilbert import modeling_distilbert
 from transformers.models.electra import modeling_electra
+from transformers.models.mpnet import modeling_mpnet
 from transformers.models.roberta import modeling_roberta
 from transformers.models.xlm_roberta import modeling_xlm_roberta
+
+from fastbert.models.relative import MPNET_RELATIVE, RelativePositions
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,29 @@ ALBERT_PIECES = LayerPieces(
 )
 
 
+MPNET_PIECES = LayerPieces(
+    attention="attention.attn",
+    heads_attribute="num_attention_heads",
+    query="attention.attn.q",
+    key="attention.attn.k",
+    value="attention.attn.v",
+    attention_dropout="attention.attn.dropout",
+    attention_dense="attention.attn.o",  # MPNet's output projection sits in its self-attention module
+    attention_dense_dropout="attention.dropout",
+    attention_norm="attention.LayerNorm",
+    ffn_in="intermediate.dense",
+    activation="intermediate.intermediate_act_fn",
+    ffn_out="output.dense",
+    ffn_out_dropout="output.dropout",
+    ffn_norm="output.LayerNorm",
+    containers=(
+        ("attention", modeling_mpnet.MPNetAttention),
+        ("attention.attn", modeling_mpnet.MPNetSelfAttention),
+        ("intermediate", modeling_mpnet.MPNetIntermediate),
+        ("output", modeling_mpnet.MPNetOutput),
+    ),
+)
+
 # ---- positions: (embeddings, input_ids or None, batch, seqlen) -> (1 or batch, seqlen) position ids ----
 
 
@@ -175,7 +201,7 @@ def column_positions(embeddings: nn.Module, input_ids, batch: int, seqlen: int) 
 
 
 def padding_offset_positions(embeddings: nn.Module, input_ids, batch: int, seqlen: int) -> torch.Tensor:
-    """RoBERTa, XLM-R, CamemBERT (fairseq): positions count the tokens whose id is not the pad id,
+    """RoBERTa, XLM-R, CamemBERT (fairseq), MPNet: positions count the tokens whose id is not the pad id,
     starting at padding_idx + 1; a pad id keeps position padding_idx and does not advance the count.
     Computed from input_ids, not the attention mask, so left and right padding agree. Without ids
     (inputs_embeds) they run by column from padding_idx + 1."""
@@ -251,6 +277,7 @@ class Family:
     output_class: type
     heads: tuple[str, ...]  # suffixes of transformers' head classes
     first_token_heads: tuple[str, ...] = ()  # heads that read [:, 0] of the padded output themselves
+    relative: RelativePositions | None = None  # relative-position terms in the scores (fastbert.models.relative)
 
     def hf_class(self, suffix: str) -> type:
         return getattr(_MODULES[self.model_type], self.class_prefix + suffix)
@@ -271,6 +298,7 @@ _MODULES = {
     "electra": modeling_electra,
     "distilbert": modeling_distilbert,
     "albert": modeling_albert,
+    "mpnet": modeling_mpnet,
 }
 
 _ENCODER_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
@@ -358,6 +386,27 @@ FAMILIES: tuple[Family, ...] = (
         pool=albert_pooler,
         output_class=outputs.BaseModelOutputWithPooling,
         heads=("ForPreTraining", "ForMaskedLM", *_ENCODER_HEADS),
+    ),
+    Family(
+        name="MPNet",
+        model_type="mpnet",
+        class_prefix="MPNet",
+        base=modeling_mpnet.MPNetModel,
+        embeddings=modeling_mpnet.MPNetEmbeddings,
+        layer=modeling_mpnet.MPNetLayer,
+        pieces=MPNET_PIECES,
+        encoder=("encoder", modeling_mpnet.MPNetEncoder),
+        groups=None,
+        positions=padding_offset_positions,  # fairseq's, from padding_idx 1
+        token_types=False,
+        projection=None,
+        schedule=encoder_layers,
+        pooler=modeling_mpnet.MPNetPooler,
+        pool=module_pooler,
+        output_class=outputs.BaseModelOutputWithPooling,
+        heads=("ForMaskedLM", *_ENCODER_HEADS),
+        first_token_heads=("ForSequenceClassification",),
+        relative=MPNET_RELATIVE,
     ),
 )
 

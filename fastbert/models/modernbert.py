@@ -43,6 +43,7 @@ from fastbert.models.validation import should_validate, validate_inputs
 from fastbert.ops.attention import varlen_attention
 from fastbert.ops.geglu import geglu
 from fastbert.ops.linear import linear as linear_op
+from fastbert.ops.padding import has_holes
 from fastbert.ops.rotary import RotaryTables, rotary
 from fastbert.ops.window_attention import window_attention
 
@@ -220,10 +221,7 @@ def _keep_mask(mask) -> torch.Tensor | None | str:
 
 def _mask_problem(keep: torch.Tensor | None) -> str | None:
     """Packing keeps distances only when each row's tokens are one contiguous run (left or right padding)."""
-    if keep is None or keep.shape[1] < 2:
-        return None
-    starts = (keep[:, 1:] & ~keep[:, :-1]).sum(dim=1) + keep[:, 0]
-    if bool((starts > 1).any()):
+    if has_holes(keep):
         return "an attention_mask with holes (padding between tokens: the window and positions count it)"
     return None
 

@@ -33,6 +33,7 @@ from fastbert.models.families import FAMILIES, Family, family_of_base
 from fastbert.models.loading import StrictLoading
 from fastbert.models.support import check_modules
 from fastbert.models.validation import should_validate, validate_inputs
+from fastbert.ops.padding import has_holes
 
 _warned_reasons: set[str] = set()
 
@@ -72,6 +73,15 @@ def mask_reason(attention_mask) -> str | None:
     if attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1:
         return None
     return f"an attention_mask of shape {tuple(attention_mask.shape)} (per-query masks)"
+
+
+def relative_mask_reason(family: Family, attention_mask) -> str | None:
+    """Relative-position terms count columns: packing a mask with holes would shorten the distances."""
+    if family.relative is None or not isinstance(attention_mask, torch.Tensor):
+        return None
+    if has_holes(key_padding_mask(attention_mask)):
+        return "an attention_mask with holes (padding between tokens: the relative positions count it)"
+    return None
 
 
 def plain_path_reason(model: nn.Module, arguments: dict) -> str | None:
@@ -121,7 +131,7 @@ class FastEncoder:
         if reason is None:
             family = self._fastbert_family
             check = check_modules(family, self, (family.layer, fast_layer_class(family)))
-            reason = check.problem
+            reason = check.problem or relative_mask_reason(family, arguments.get("attention_mask"))
         if reason is not None:  # decided before validation: transformers' forward checks its own inputs
             warn_plain_path(reason)
             return super().forward(*args, **kwargs)

@@ -156,6 +156,25 @@ def schedule_of(family: Family, model: nn.Module) -> tuple:
     return (*family.schedule(model), *family.container_modules(model))
 
 
+def shared_module_problem(family: Family, model: nn.Module, stamp: TreeStamp) -> tuple[nn.Module, str] | None:
+    """The modules a relative-position hook reads outside the layers (Family.relative.shared_modules):
+    exactly their classes (an nn.Embedding without max_norm, which would renormalize rows in its forward)."""
+    if family.relative is None:
+        return None
+    for path, cls in family.relative.shared_modules:
+        module = model
+        for name in path.split("."):
+            parent, module = module, stamp.attribute(module, name)
+            stamp.typed(module)
+            if module is None:
+                return parent, f"it has no {name} (the relative-position terms read {path})"
+        if type(module) is not cls:
+            return module, f"its class {type(module).__name__} is not {cls.__name__}"
+        if isinstance(module, nn.Embedding) and module.max_norm is not None:
+            return module, "an nn.Embedding with max_norm"
+    return None
+
+
 def model_problem(family: Family, model: nn.Module, layer_classes: tuple[type, ...],
                   views: dict, stamp: TreeStamp | None = None) -> tuple[nn.Module, str] | None:
     """(module, what is unknown) for the first module of the base model the fast encoder cannot run."""
@@ -166,6 +185,9 @@ def model_problem(family: Family, model: nn.Module, layer_classes: tuple[type, .
     if type(encoder) is not encoder_class:
         return encoder, f"its class {type(encoder).__name__} is not transformers' {encoder_class.__name__}"
     stamp.schedule = schedule_of(family, model)
+    problem = shared_module_problem(family, model, stamp)
+    if problem is not None:
+        return problem
     for group in family.container_modules(model):
         stamp.typed(group)
         if type(group) is not family.groups:

@@ -27,6 +27,15 @@ def counts_from_mask(keep: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return lengths, max_seqlen, total
 
 
+def has_holes(keep: torch.Tensor | None) -> bool:
+    """Whether some row of a (batch, seq) keep-mask has padding between its tokens (one host sync). Packing
+    keeps the distances between tokens only when each row's tokens are one contiguous run (left or right padding)."""
+    if keep is None or keep.shape[1] < 2:
+        return False
+    starts = (keep[:, 1:] & ~keep[:, :-1]).sum(dim=1) + keep[:, 0]
+    return bool((starts > 1).any())
+
+
 def packing_from_counts(keep: torch.Tensor, lengths: torch.Tensor, total: int):
     """(indices, cu_seqlens) for a mask whose counts_from_mask are known: nonzero_static needs no sync."""
     indices = torch.nonzero_static(keep.flatten(), size=total).flatten()

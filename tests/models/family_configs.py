@@ -32,6 +32,9 @@ def family_config(model_type: str, **overrides) -> transformers.PretrainedConfig
     elif model_type == "albert":  # albert-base-v2: factorized embeddings, one shared layer, gelu_new
         config = transformers.AlbertConfig(**_SIZE, embedding_size=16, max_position_embeddings=32,
                                            hidden_act="gelu_new", classifier_dropout_prob=0.0)
+    elif model_type == "mpnet":  # all-mpnet-base-v2: fairseq positions from pad id 1, 32 relative buckets
+        config = transformers.MPNetConfig(**_SIZE, max_position_embeddings=34, layer_norm_eps=1e-5, pad_token_id=1,
+                                          bos_token_id=0, eos_token_id=2)
     else:
         raise ValueError(model_type)
     for key, value in overrides.items():
@@ -39,8 +42,8 @@ def family_config(model_type: str, **overrides) -> transformers.PretrainedConfig
     return config
 
 
-MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert")
-FAIRSEQ_TYPES = ("roberta", "xlm-roberta", "camembert")
+MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "mpnet")
+FAIRSEQ_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet")
 
 
 def family_batch(config, lengths, seqlen: int, side: str = "right", generator=None) -> dict:
