@@ -53,6 +53,8 @@ AUTO_PREFERENCE = {
         "rotary": ("triton", "torch"),
         "geglu": ("triton", "torch"),
         "window_attention": ("triton", "torch"),
+        # unmeasured on a GPU so far; the Triton kernel never builds a (seq x seq) tensor
+        "relative_attention": ("triton", "torch"),
     },
     "cpu": {
         "bias_gelu": ("cpp", "torch"),
@@ -61,6 +63,7 @@ AUTO_PREFERENCE = {
         # the one CPU-dependent entry: read from the machine record on first use (fastbert/machine.py)
         "varlen_attention": MachineChoice("varlen_attention_order"),
         "linear": ("onednn", "torch"),
+        "relative_attention": ("torch",),
     },
 }
 

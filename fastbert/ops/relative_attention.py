@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import backend
-from fastbert.backend import REGISTRY, runs_anywhere
+from fastbert.backend import REGISTRY, runs_anywhere, triton_probe
+from fastbert.kernels import limits as triton_limits
 from fastbert.ops._dispatch import compute_dtype, implementation
-from fastbert.registry import Implementation
+from fastbert.registry import Implementation, Signature
 
 
 def pair_buckets(index: torch.Tensor, length: int, max_seqlen: int) -> torch.Tensor:
@@ -66,9 +67,70 @@ def relative_attention_ref(q, k, v, cu_seqlens, max_seqlen, index, *, q_rel=None
     return torch.cat(outputs, dim=0) if outputs else q.new_zeros(q.shape)
 
 
+def _sequence_terms(buckets, table, one_q_rel, one_k_rel, math_dtype):
+    """(heads, n, n) relative terms of one sequence: the shared table's slice plus the gathered rows."""
+    n = buckets.shape[0]
+    rel = [None if t is None else t.to(math_dtype) for t in (one_q_rel, one_k_rel)]
+    terms = relative_scores(*rel, buckets[:n, :n])
+    if table is not None:
+        terms = terms + table[:, :n, :n]
+    return terms
+
+
+def _relative_attention_split(q, k, v, cu_seqlens, max_seqlen, index, *, q_rel=None, k_rel=None,
+                              softmax_scale=None, dropout_p=0.0):
+    """The "torch" backend: explicit scores per sequence, in fp32 (fp64 stays fp64).
+
+    Chosen by measurement over SDPA with the terms as attn_mask (per sequence, or one padded batch with
+    -inf keys), which was slower on CPU: see docs or the commit message. What makes it fast is how
+    sequences are cut: `split` (its backward is one cat), not per-sequence slicing, whose backward fills
+    a zero tensor of the whole input per sequence (O(batch x tokens x heads x buckets) for q_rel/k_rel).
+    The pair buckets are built once for the longest sequence; MPNet's stride-0 q_rel is one
+    (heads, buckets) table, looked up once into (heads, P, P) and sliced per sequence.
+    """
+    bounds = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    if not lengths or max(lengths) == 0:
+        return q.new_zeros(q.shape)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    math_dtype = compute_dtype(q.dtype)
+    buckets = pair_buckets(index, max(lengths), int(max_seqlen))
+    table = None
+    if q_rel is not None and q_rel.stride(0) == 0:  # one row for every token: look the table up once
+        table, q_rel = q_rel[0].to(math_dtype)[:, buckets], None
+    pieces = [None if t is None else t[bounds[0]:bounds[-1]].split(lengths) for t in (q, k, v, q_rel, k_rel)]
+    outputs = []
+    for number, length in enumerate(lengths):
+        one_q, one_k, one_v, one_q_rel, one_k_rel = (None if p is None else p[number] for p in pieces)
+        terms = _sequence_terms(buckets[:length, :length], table, one_q_rel, one_k_rel, math_dtype)
+        one_q, one_k, one_v = (t.transpose(0, 1).to(math_dtype) for t in (one_q, one_k, one_v))
+        if torch.is_tensor(terms):
+            scores = torch.baddbmm(terms, one_q, one_k.transpose(1, 2), alpha=scale)
+        else:  # neither q_rel nor k_rel
+            scores = torch.bmm(one_q, one_k.transpose(1, 2)) * scale
+        probs = torch.softmax(scores, dim=-1)
+        if dropout_p > 0.0:
+            probs = F.dropout(probs, p=dropout_p, training=True)
+        outputs.append(torch.bmm(probs, one_v).transpose(0, 1))
+    return torch.cat(outputs).to(q.dtype)
+
+
 REGISTRY.register(Implementation(
-    op="relative_attention", backend="torch", target="fastbert.ops.relative_attention:relative_attention_ref",
+    op="relative_attention", backend="torch", target="fastbert.ops.relative_attention:_relative_attention_split",
     devices=None, dtypes=None, probe=runs_anywhere,
+))
+
+
+def _triton_supports(call: Signature) -> str | None:
+    return triton_limits.cpu_problem(call.device, call.interpreting) or triton_limits.attention_head_dim_problem(
+        call.head_dim
+    )
+
+
+REGISTRY.register(Implementation(
+    op="relative_attention", backend="triton",
+    target="fastbert.kernels.relative_attention:relative_attention_triton",
+    devices=triton_limits.DEVICES, dtypes=triton_limits.DTYPES, probe=triton_probe, supports=_triton_supports,
 ))
 
 
