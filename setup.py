@@ -31,8 +31,8 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 CPU_SOURCES = ["csrc/cpu/bias_gelu.cpp", "csrc/cpu/add_layer_norm.cpp", "csrc/cpu/attention.cpp",
-               "csrc/cpu/quantize.cpp", "csrc/cpu/bf16_pack.cpp",
-               "csrc/cpu/amx_linear.cpp", "csrc/cpu/avx512_bf16_linear.cpp", "csrc/cpu/fp32_linear.cpp",
+               "csrc/cpu/quantize.cpp", "csrc/cpu/gemm/isa.cpp", "csrc/cpu/gemm/bf16_pack.cpp",
+               "csrc/cpu/gemm/amx_bf16.cpp", "csrc/cpu/gemm/avx512_bf16.cpp", "csrc/cpu/gemm/avx512_fp32.cpp",
                "csrc/bindings/module_cpu.cpp"]
 CUDA_SOURCES = ["csrc/cuda/bias_gelu.cu", "csrc/cuda/add_layer_norm.cu", "csrc/bindings/module_cuda.cpp"]
 DEFAULT_CUDA_ARCH = "80;86;89;90"

@@ -2,7 +2,7 @@
 
 Why: up to a few hundred rows (one short request, a small batch) a GEMM takes the time it needs to stream
 its weight, and oneDNN's packed GEMM behind torch's ops streams it at about half the rate these kernels
-do (csrc/cpu/amx_linear.cpp, csrc/cpu/avx512_bf16_linear.cpp, csrc/cpu/fp32_linear.cpp; docs/perf-notes.md,
+do (csrc/cpu/gemm/amx_bf16.cpp, csrc/cpu/gemm/avx512_bf16.cpp, csrc/cpu/gemm/avx512_fp32.cpp; docs/perf-notes.md,
 "GEMMs for few rows"). Above a kernel's row limit (`max_rows`: measured per kernel and epilogue) oneDNN is as
 fast or faster, so `by_rows` sends larger calls there.
 

@@ -1,5 +1,5 @@
-"""The CPU GEMMs for few rows (fastbert/ops/few_rows_linear.py: bf16 on AMX, csrc/cpu/amx_linear.cpp, or on
-AVX512-BF16, csrc/cpu/avx512_bf16_linear.cpp; fp32 on AVX-512, csrc/cpu/fp32_linear.cpp) against a float64
+"""The CPU GEMMs for few rows (fastbert/ops/few_rows_linear.py: bf16 on AMX, csrc/cpu/gemm/amx_bf16.cpp, or on
+AVX512-BF16, csrc/cpu/gemm/avx512_bf16.cpp; fp32 on AVX-512, csrc/cpu/gemm/avx512_fp32.cpp) against a float64
 reference, on fresh random inputs: every kernel this CPU runs, every activation, tails of rows and column
 groups, 1-3 threads; and where they run (the plan and oneDNN's packed linear send at most max_rows rows to
 them)."""

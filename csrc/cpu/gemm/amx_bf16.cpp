@@ -15,15 +15,12 @@
 // Packed weight layout: bf16_tiles.h (made by bf16_pack; the AVX512-BF16 kernel shares it).
 //
 // Compiled with target attributes (never -march): the wheel runs on any x86-64; amx_bf16_usable() checks
-// the CPU, the OS's tile state and asks Linux for permission to use it (arch_prctl) before anything runs.
+// (isa.cpp) the CPU, the OS's tile state and Linux's permission to use it (arch_prctl) before anything runs.
 #include "bf16_tiles.h"
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 11))
 #define FB_HAS_AMX 1
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #else
 #define FB_HAS_AMX 0
 #endif
@@ -50,22 +47,6 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16];
   uint8_t rows[16];
 };
-
-bool cpu_has_amx_bf16() {
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool amx = (d >> 22 & 1u) && (d >> 24 & 1u);  // AMX-BF16, AMX-TILE
-  const bool avx512 = (b >> 16 & 1u) && (b >> 30 & 1u) && (b >> 31 & 1u) && (b >> 17 & 1u);  // F, BW, VL, DQ
-  if (!amx || !avx512 || !__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a >> 5 & 1u)) return false;  // AVX512_BF16
-  unsigned xcr0_lo, xcr0_hi;
-  __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
-  return (xcr0_lo & 0x60000u) == 0x60000u;  // the OS saves the tile config and tile data (XCR0 bits 17, 18)
-}
-
-bool linux_grants_tiles() {
-  constexpr int kReqXcompPerm = 0x1023, kXfeatureTileData = 18;  // arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)
-  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureTileData) == 0;
-}
 
 // One 16-row block of x against one group's panel: acc = x_block @ panel^T, acc [16, 4 * 16] fp32.
 template <int BLOCKS>
@@ -176,28 +157,16 @@ FB_ISA_AMX void run_groups(const Problem& p, int64_t first, int64_t last) {
 
 }  // namespace
 
-bool amx_bf16_usable() {
-#if FB_HAS_AMX
-  static const bool usable = cpu_has_amx_bf16() && linux_grants_tiles();
-  return usable;
-#else
-  return false;
-#endif
-}
-
 void amx_bf16_linear(const bf16_t* x, const bf16_t* packed, const float* bias, bf16_t* y, int64_t rows, int64_t n,
                      int64_t k, int activation, int num_threads) {
-  check_shape(n, k, "amx_bf16_linear");
-  if (!amx_bf16_usable()) throw std::runtime_error("amx_bf16_linear: this CPU or OS has no usable AMX-BF16");
-  if (rows <= 0) return;
+  gemm::run(__func__, gemm::Isa::kAmxBf16, kSliceK, x, packed, bias, y, rows, n, k, activation,
+            [&](const Problem& p, auto mode) {
 #if FB_HAS_AMX
-  const Problem p{x, packed, bias, y, rows, n, k};
-  with_activation(activation, "amx_bf16_linear", [&](auto mode) {
-    parallel_ranges(groups(n), num_threads, [&](int64_t first, int64_t last) {
-      run_groups<decltype(mode)::value>(p, first, last);
-    });
-  });
+              parallel_ranges(groups(n), num_threads, [&](int64_t first, int64_t last) {
+                run_groups<decltype(mode)::value>(p, first, last);
+              });
 #endif
+            });
 }
 
 }  // namespace cpu

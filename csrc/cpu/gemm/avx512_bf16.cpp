@@ -1,7 +1,7 @@
 // bf16 GEMM for few rows on AVX512-BF16 (inference), for CPUs without AMX (AMD Zen 4/5, Intel Cooper Lake):
 // y = act(x @ W^T + bias), x [rows, k] bf16, y [rows, n] bf16, fp32 accumulation.
 //
-// Why: as on AMX (amx_linear.cpp), a GEMM of a few rows takes the time it needs to stream its weight, and
+// Why: as on AMX (amx_bf16.cpp), a GEMM of a few rows takes the time it needs to stream its weight, and
 // oneDNN's packed bf16 GEMM behind torch's ops streams it well below the memory's rate at these rows
 // (docs/perf-notes.md, "bf16 GEMM for few rows without AMX").
 //
@@ -13,8 +13,8 @@
 // row blocks after the first. The epilogue (bf16_tiles::store_rows) adds the bias, applies the activation
 // and rounds to bf16.
 //
-// Compiled with target attributes (never -march): the wheel runs on any x86-64; avx512_bf16_usable() checks
-// the CPU first.
+// Compiled with target attributes (never -march): the wheel runs on any x86-64; avx512_bf16_usable() (isa.cpp)
+// checks the CPU first.
 #include "bf16_tiles.h"
 
 namespace fastbert {
@@ -98,31 +98,16 @@ FB_ISA_AVX512_BF16 void run_groups(const Problem& p, int64_t first, int64_t last
 
 }  // namespace
 
-bool avx512_bf16_usable() {
-#if FB_HAS_BF16_TILES
-  static const bool usable = [] {
-    __builtin_cpu_init();
-    return isa_level() == 2 && __builtin_cpu_supports("avx512bf16");
-  }();
-  return usable;
-#else
-  return false;
-#endif
-}
-
 void avx512_bf16_linear(const bf16_t* x, const bf16_t* packed, const float* bias, bf16_t* y, int64_t rows, int64_t n,
                         int64_t k, int activation, int num_threads) {
-  check_shape(n, k, "avx512_bf16_linear");
-  if (!avx512_bf16_usable()) throw std::runtime_error("avx512_bf16_linear: this CPU has no AVX512-BF16");
-  if (rows <= 0) return;
+  gemm::run(__func__, gemm::Isa::kAvx512Bf16, kSliceK, x, packed, bias, y, rows, n, k, activation,
+            [&](const Problem& p, auto mode) {
 #if FB_HAS_BF16_TILES
-  const Problem p{x, packed, bias, y, rows, n, k};
-  with_activation(activation, "avx512_bf16_linear", [&](auto mode) {
-    parallel_ranges(groups(n), num_threads, [&](int64_t first, int64_t last) {
-      run_groups<decltype(mode)::value>(p, first, last);
-    });
-  });
+              parallel_ranges(groups(n), num_threads, [&](int64_t first, int64_t last) {
+                run_groups<decltype(mode)::value>(p, first, last);
+              });
 #endif
+            });
 }
 
 }  // namespace cpu

@@ -12,9 +12,9 @@
 // The panel group stays in L2 across the row blocks; three panels are three sequential streams at once.
 // (Up to 64 rows a 14 x 2 block ran until 2026-12-01: on the AMD EPYC 8 x 3 was as fast or faster at every
 // row count, 1.06 vs 1.21-1.30 ms for MiniLM's GEMMs at 16 rows; docs/perf-notes.md.)
-// Compiled with target attributes (never -march): the wheel runs on any x86-64; avx512_fp32_usable() checks
-// the CPU first.
-#include "cpu_common.h"
+// Compiled with target attributes (never -march): the wheel runs on any x86-64; avx512_fp32_usable() (isa.cpp)
+// checks the CPU first.
+#include "gemm.h"
 
 #if defined(__x86_64__) && (defined(__clang__) || defined(__GNUC__))
 #define FB_HAS_FP32_GEMM 1
@@ -32,23 +32,11 @@ constexpr int64_t kPrefetchSteps = 32;  // k steps ahead (32 x 64 bytes per pane
 constexpr int kRowBlock = 8;            // MR: rows per register block
 constexpr int kPanels = 3;              // NB: panels per register block (8 x 3 = 24 accumulators)
 
-void check_shape(int64_t n, int64_t k, const char* op) {
-  if (n <= 0 || k <= 0 || n % kLanes != 0)
-    throw std::invalid_argument(std::string(op) + ": needs out_features % 16 == 0 and in_features > 0, got " +
-                                std::to_string(n) + " and " + std::to_string(k));
-}
+using Problem = gemm::Problem<float>;
 
 #if FB_HAS_FP32_GEMM
 #define FB_ISA_FP32_GEMM \
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
-
-struct Problem {
-  const float* x;
-  const float* packed;
-  const float* bias;
-  float* y;
-  int64_t rows, n, k;
-};
 
 // y[0:MR, 0:16 NB] = x[0:MR, :] @ panels^T + bias, then the activation over that tile.
 template <int MR, int NB, int MODE>
@@ -125,16 +113,8 @@ void run_parallel(const Problem& p, int num_threads) {
 
 }  // namespace
 
-bool avx512_fp32_usable() {
-#if FB_HAS_FP32_GEMM
-  return isa_level() == 2;
-#else
-  return false;
-#endif
-}
-
 void avx512_fp32_pack(const float* w, float* packed, int64_t n, int64_t k) {
-  check_shape(n, k, "avx512_fp32_pack");
+  gemm::check_shape(n, k, 1, "avx512_fp32_pack");
   for (int64_t j = 0; j < n / kLanes; ++j)
     for (int64_t s = 0; s < k; ++s)
       for (int64_t c = 0; c < kLanes; ++c) packed[(j * k + s) * kLanes + c] = w[(j * kLanes + c) * k + s];
@@ -142,14 +122,12 @@ void avx512_fp32_pack(const float* w, float* packed, int64_t n, int64_t k) {
 
 void avx512_fp32_linear(const float* x, const float* packed, const float* bias, float* y, int64_t rows, int64_t n,
                         int64_t k, int activation, int num_threads) {
-  check_shape(n, k, "avx512_fp32_linear");
-  if (!avx512_fp32_usable()) throw std::runtime_error("avx512_fp32_linear: this CPU has no AVX-512");
-  if (rows <= 0) return;
+  gemm::run(__func__, gemm::Isa::kAvx512, 1, x, packed, bias, y, rows, n, k, activation,
+            [&](const Problem& p, auto mode) {
 #if FB_HAS_FP32_GEMM
-  const Problem p{x, packed, bias, y, rows, n, k};
-  with_activation(activation, "avx512_fp32_linear",
-                  [&](auto mode) { run_parallel<kRowBlock, kPanels, decltype(mode)::value>(p, num_threads); });
+              run_parallel<kRowBlock, kPanels, decltype(mode)::value>(p, num_threads);
 #endif
+            });
 }
 
 }  // namespace cpu

@@ -6,7 +6,7 @@ namespace cpu {
 
 void bf16_pack(const bf16_t* w, bf16_t* packed, int64_t n, int64_t k) {
   using namespace bf16_tiles;
-  check_shape(n, k, "bf16_pack");
+  gemm::check_shape(n, k, kSliceK, "bf16_pack");
   const int64_t slices = k / kSliceK;
   for (int64_t g = 0; g < groups(n); ++g) {
     const int64_t blocks = group_blocks(g, n);

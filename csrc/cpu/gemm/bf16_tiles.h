@@ -1,5 +1,5 @@
-// The packed weight layout of the bf16 GEMMs for few rows (AMX: amx_linear.cpp; AVX512-BF16:
-// avx512_bf16_linear.cpp), made once per weight by bf16_pack (bf16_pack.cpp), and their shared epilogue.
+// The packed weight layout of the bf16 GEMMs for few rows (AMX: amx_bf16.cpp; AVX512-BF16: avx512_bf16.cpp),
+// made once per weight by bf16_pack (bf16_pack.cpp), and their shared epilogue.
 //
 // Layout: the columns of W [n, k] come in groups of up to 4 blocks of 16 columns, group after group; inside
 // a group, for each 32-wide slice of k, the 16 x 32 bf16 tile of each of its column blocks (1 KiB each).
@@ -7,7 +7,7 @@
 // and also one AVX512-BF16 `vdpbf16ps` operand (16 column pairs) per tile row.
 #pragma once
 
-#include "cpu_common.h"
+#include "gemm.h"
 
 #if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 11))
 #define FB_HAS_BF16_TILES 1
@@ -29,25 +29,12 @@ constexpr int64_t kTileRows = 16;   // k pairs per tile
 constexpr int64_t kGroupBlocks = 4;
 constexpr int64_t kTileElements = kTileRows * kSliceK;  // 512 bf16 = 1 KiB
 
-inline void check_shape(int64_t n, int64_t k, const char* op) {
-  if (n <= 0 || k <= 0 || n % kBlockCols != 0 || k % kSliceK != 0)
-    throw std::invalid_argument(std::string(op) + ": needs out_features % 16 == 0 and in_features % 32 == 0, got " +
-                                std::to_string(n) + " and " + std::to_string(k));
-}
-
 // Column blocks in group g, and where the group's panel starts in the packed weight.
 inline int64_t group_blocks(int64_t g, int64_t n) { return std::min(kGroupBlocks, n / kBlockCols - g * kGroupBlocks); }
 inline int64_t group_offset(int64_t g, int64_t k) { return g * kGroupBlocks * (k / kSliceK) * kTileElements; }
 inline int64_t groups(int64_t n) { return (n / kBlockCols + kGroupBlocks - 1) / kGroupBlocks; }
 
-// One call of a bf16 GEMM for few rows: y [rows, n] = act(x [rows, k] @ W^T + bias), W packed by bf16_pack.
-struct Problem {
-  const bf16_t* x;
-  const bf16_t* packed;
-  const float* bias;  // fp32 [n] or nullptr
-  bf16_t* y;
-  int64_t rows, n, k;
-};
+using Problem = gemm::Problem<bf16_t>;  // W packed by bf16_pack
 
 #if FB_HAS_BF16_TILES
 // fp32 accumulators -> y rows: bias, activation, bf16 (round to nearest even). acc rows are `acc_stride`
