@@ -51,8 +51,6 @@ _TRAINING = operator.attrgetter("training")
 _LINEARS = ("query", "key", "value", "attention_dense", "ffn_in", "ffn_out")
 _DROPOUTS = ("attention_dropout", "attention_dense_dropout", "ffn_out_dropout")
 _DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
-# Sequences up to this long attend with the cpp kernel on the fused QKV output, longer ones on SDPA (by CPU)
-FUSED_QKV_MAX_SEQLEN = fused_qkv_max_seqlen()
 
 
 class LayerSteps(NamedTuple):
@@ -98,7 +96,7 @@ class Resolver:
         return _dispatch.implementation(op, self.probe, width=width, head_dim=head_dim, grad=False)
 
     def short_attention(self, head_dim: int) -> Callable | None:
-        """The cpp attention kernel for sequences of at most FUSED_QKV_MAX_SEQLEN tokens, where it beats SDPA on CPU
+        """The cpp attention kernel for sequences of at most fused_qkv_max_seqlen() tokens, where it beats SDPA on CPU
         (docs/perf-notes.md); None unless the selection is "auto" or "cpp" and the kernel takes the call."""
         if not self.cpu or backend.current_backend() not in ("auto", "cpp"):
             return None
@@ -240,12 +238,13 @@ def _qkv_gemm(resolver: Resolver, query: nn.Module, key: nn.Module, value: nn.Mo
 
 def dense_attention(run: Callable | None, short: Callable | None) -> Callable:
     """(qkv (tokens, 3*heads*head_dim), heads, head_dim, scale, batch, seqlen) -> context (tokens, heads*head_dim).
-    short: the kernel for sequences of at most FUSED_QKV_MAX_SEQLEN tokens (Resolver.short_attention), or None."""
+    short: the kernel for sequences of at most fused_qkv_max_seqlen() tokens (Resolver.short_attention), or None."""
     sdpa = torch._C._nn.scaled_dot_product_attention
+    limit = fused_qkv_max_seqlen() if short is not None else -1  # by CPU: the machine record
     offsets: dict[tuple[int, int], torch.Tensor] = {}  # (batch, seqlen) -> cu_seqlens of equal lengths
 
     def attend(qkv, heads, head_dim, scale, batch, seqlen):
-        if short is not None and seqlen <= FUSED_QKV_MAX_SEQLEN:
+        if seqlen <= limit:
             cu_seqlens = offsets.get((batch, seqlen))
             if cu_seqlens is None:
                 if len(offsets) > 64:
@@ -261,9 +260,10 @@ def dense_attention(run: Callable | None, short: Callable | None) -> Callable:
 
 def varlen_attention(run: Callable, short: Callable | None) -> Callable:
     """(qkv, heads, head_dim, scale, cu_seqlens, max_seqlen) -> context (tokens, heads*head_dim)."""
+    limit = fused_qkv_max_seqlen() if short is not None else -1
 
     def attend(qkv, heads, head_dim, scale, cu_seqlens, max_seqlen):
-        if short is not None and max_seqlen <= FUSED_QKV_MAX_SEQLEN:
+        if max_seqlen <= limit:
             return short(qkv, heads, head_dim, scale, cu_seqlens, max_seqlen)
         tokens = qkv.shape[0]
         q, k, v = qkv.view(tokens, 3, heads, head_dim).unbind(1)
