@@ -227,6 +227,9 @@ def _relative_attention(modules: dict, qkv: tuple, heads: int, head_dim: int, sc
     tokens = qkv[0].shape[0]
     q, k, v = (t.view(tokens, heads, head_dim) for t in qkv)
     hook, shared = layout.relative
+    own_scale = getattr(hook, "softmax_scale", None)  # DeBERTa: 1 / sqrt(3 * head_dim), on all three terms
+    if own_scale is not None:
+        scale = own_scale(modules, head_dim, q.dtype)
     index, q_rel, k_rel = hook.terms(modules, shared, q, k, scale)
     context = relative_attention(q, k, v, layout.offsets(q.device), layout.max_seqlen, index, q_rel=q_rel,
                                  k_rel=k_rel, softmax_scale=scale, dropout_p=dropout_p)
@@ -309,6 +312,8 @@ def embeddings_forward(family: Family, embeddings: nn.Module, inputs: dict, layo
     `inputs` holds input_ids or inputs_embeds, token_type_ids and position_ids, each (batch, seq)
     (or None). Positions default to what the family's embeddings compute (see families.py).
     """
+    if family.embed is not None:
+        return family.embed(embeddings, inputs, layout)
     if not embeddings_known(family, embeddings):
         return _own_embeddings(family, embeddings, inputs, layout)
     batch, seqlen = layout.batch, layout.seqlen

@@ -21,12 +21,14 @@ from transformers import modeling_outputs as outputs
 from transformers.models.albert import modeling_albert
 from transformers.models.bert import modeling_bert
 from transformers.models.camembert import modeling_camembert
+from transformers.models.deberta_v2 import modeling_deberta_v2
 from transformers.models.distilbert import modeling_distilbert
 from transformers.models.electra import modeling_electra
 from transformers.models.mpnet import modeling_mpnet
 from transformers.models.roberta import modeling_roberta
 from transformers.models.xlm_roberta import modeling_xlm_roberta
 
+from fastbert.models import deberta
 from fastbert.models.relative import MPNET_RELATIVE, RelativePositions
 
 
@@ -192,6 +194,30 @@ MPNET_PIECES = LayerPieces(
     ),
 )
 
+DEBERTA_PIECES = LayerPieces(
+    attention="attention.self",
+    heads_attribute="num_attention_heads",
+    query="attention.self.query_proj",
+    key="attention.self.key_proj",
+    value="attention.self.value_proj",
+    attention_dropout="attention.self.dropout",
+    attention_dense="attention.output.dense",
+    attention_dense_dropout="attention.output.dropout",
+    attention_norm="attention.output.LayerNorm",
+    ffn_in="intermediate.dense",
+    activation="intermediate.intermediate_act_fn",
+    ffn_out="output.dense",
+    ffn_out_dropout="output.dropout",
+    ffn_norm="output.LayerNorm",
+    containers=(
+        ("attention", modeling_deberta_v2.DebertaV2Attention),
+        ("attention.self", modeling_deberta_v2.DisentangledSelfAttention),
+        ("attention.output", modeling_deberta_v2.DebertaV2SelfOutput),
+        ("intermediate", modeling_deberta_v2.DebertaV2Intermediate),
+        ("output", modeling_deberta_v2.DebertaV2Output),
+    ),
+)
+
 # ---- positions: (embeddings, input_ids or None, batch, seqlen) -> (1 or batch, seqlen) position ids ----
 
 
@@ -278,6 +304,12 @@ class Family:
     heads: tuple[str, ...]  # suffixes of transformers' head classes
     first_token_heads: tuple[str, ...] = ()  # heads that read [:, 0] of the padded output themselves
     relative: RelativePositions | None = None  # relative-position terms in the scores (fastbert.models.relative)
+    # The family's own embeddings forward, (embeddings, inputs, layout) -> (tokens, hidden), where the
+    # generic one (tables by family.positions/token_types) does not fit (DeBERTa: optional tables, embed_proj)
+    embed: Callable | None = None
+    # (base model) -> names of inputs its embeddings ignore (DeBERTa-v3: token_type_ids, position_ids):
+    # neither validated nor read, as in transformers
+    unread: Callable | None = None
 
     def hf_class(self, suffix: str) -> type:
         return getattr(_MODULES[self.model_type], self.class_prefix + suffix)
@@ -299,6 +331,7 @@ _MODULES = {
     "distilbert": modeling_distilbert,
     "albert": modeling_albert,
     "mpnet": modeling_mpnet,
+    "deberta-v2": modeling_deberta_v2,
 }
 
 _ENCODER_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
@@ -407,6 +440,29 @@ FAMILIES: tuple[Family, ...] = (
         heads=("ForMaskedLM", *_ENCODER_HEADS),
         first_token_heads=("ForSequenceClassification",),
         relative=MPNET_RELATIVE,
+    ),
+    Family(
+        name="DeBERTa-v2/v3",
+        model_type="deberta-v2",
+        class_prefix="DebertaV2",
+        base=modeling_deberta_v2.DebertaV2Model,
+        embeddings=modeling_deberta_v2.DebertaV2Embeddings,
+        layer=modeling_deberta_v2.DebertaV2Layer,
+        pieces=DEBERTA_PIECES,
+        encoder=("encoder", modeling_deberta_v2.DebertaV2Encoder),
+        groups=None,
+        positions=column_positions,  # position_biased_input only (v3 has no absolute positions)
+        token_types=True,
+        projection=None,  # embed_proj lives in the embeddings (deberta.embeddings_forward)
+        schedule=encoder_layers,
+        pooler=None,  # the heads' ContextPooler reads [:, 0] itself
+        pool=no_pooler,
+        output_class=outputs.BaseModelOutput,
+        heads=("ForMaskedLM", *_ENCODER_HEADS),
+        first_token_heads=("ForSequenceClassification", "ForMultipleChoice"),
+        relative=deberta.DEBERTA_RELATIVE,
+        embed=deberta.embeddings_forward,
+        unread=deberta.unread_inputs,
     ),
 )
 

@@ -84,6 +84,18 @@ def relative_mask_reason(family: Family, attention_mask) -> str | None:
     return None
 
 
+def relative_problem(family: Family, model: nn.Module, arguments: dict) -> str | None:
+    """The relative-position hook's own reason (a config or mask its terms do not cover), if it has one."""
+    problem = getattr(family.relative, "problem", None)
+    return None if problem is None else problem(model, arguments)
+
+
+def unread_inputs(model: nn.Module) -> frozenset:
+    """Inputs the model's embeddings ignore (Family.unread): neither validated nor read, as in transformers."""
+    unread = model._fastbert_family.unread
+    return frozenset() if unread is None else unread(model)
+
+
 def plain_path_reason(model: nn.Module, arguments: dict) -> str | None:
     """Why this call's arguments or config keep it off the fast path, or None (modules: check_modules)."""
     config = model.config
@@ -106,6 +118,7 @@ def _validate(model: nn.Module, arguments: dict) -> None:
         arguments.get("inputs_embeds"),
         position_offset=family.first_position(config),
         embedding_width=getattr(config, "embedding_size", None),
+        length_limit="position_ids" not in unread_inputs(model),
     )
 
 
@@ -131,10 +144,14 @@ class FastEncoder:
         if reason is None:
             family = self._fastbert_family
             check = check_modules(family, self, (family.layer, fast_layer_class(family)))
-            reason = check.problem or relative_mask_reason(family, arguments.get("attention_mask"))
+            reason = (check.problem or relative_problem(family, self, arguments)
+                      or relative_mask_reason(family, arguments.get("attention_mask")))
         if reason is not None:  # decided before validation: transformers' forward checks its own inputs
             warn_plain_path(reason)
             return super().forward(*args, **kwargs)
+        unread = unread_inputs(self)
+        if unread:
+            arguments = {name: value for name, value in arguments.items() if name not in unread}
         if should_validate(self.config, validate):
             _validate(self, arguments)
         return self._fast_forward(arguments, key_padding_mask(arguments.get("attention_mask")), check.views)

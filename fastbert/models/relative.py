@@ -13,7 +13,11 @@ object there has:
   (`LayerView.pieces`: piece name -> module), `shared`, the layer's packed q and k (tokens, heads,
   head_dim) and its softmax scale: the arguments of `fastbert.ops.relative_attention.relative_attention`
   (index (2 * max_seqlen - 1,) integer, bucket of distance i - j at i - j + max_seqlen - 1; q_rel,
-  k_rel (tokens, heads, buckets) or None).
+  k_rel (tokens, heads, buckets) or None);
+- optional `softmax_scale(modules, head_dim, dtype) -> float`: the layer's softmax scale when it is not
+  the attention module's `scaling` / head_dim ** -0.5 (DeBERTa: 1 / sqrt(3 * head_dim), on all three terms);
+- optional `problem(model, arguments) -> str | None`: per forward, why this model or call is outside what
+  the terms compute (a config, a mask), as a phrase for the plain path's warning; None when it is not.
 
 The encoder keeps (hook, shared) in `TokenLayout.relative` and its layers' self-attention call
 `relative_attention` on packed tokens (a dense batch passes cu_seqlens = arange(0, (batch+1)*seq, seq),

@@ -116,6 +116,7 @@ def validate_inputs(
     *,
     position_offset: int = 0,
     embedding_width: int | None = None,
+    length_limit: bool = True,
 ) -> None:
     """Raise ValueError / TypeError naming the argument, the value and the limit if the inputs do not
     fit the model. Call it before the embeddings.
@@ -124,7 +125,8 @@ def validate_inputs(
     max_position_embeddings, hidden_size). embedding_device: the device of the word embedding weights.
     position_offset: the position id of the first token (RoBERTa: padding_idx + 1), so a sequence
     holds at most max_position_embeddings - position_offset tokens. embedding_width: the width of
-    inputs_embeds (ALBERT, ELECTRA: embedding_size), hidden_size by default.
+    inputs_embeds (ALBERT, ELECTRA: embedding_size), hidden_size by default. length_limit: False for a
+    model without absolute positions (DeBERTa-v3: relative buckets take any length, as in transformers).
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -154,7 +156,7 @@ def validate_inputs(
         ranges.append(("input_ids", input_ids, 0, model_config.vocab_size, "vocab_size"))
     max_positions = model_config.max_position_embeddings
     if position_ids is None:
-        if seqlen > max_positions - position_offset:
+        if length_limit and seqlen > max_positions - position_offset:
             offset_note = f" - {position_offset} (positions start at {position_offset})" if position_offset else ""
             raise ValueError(
                 f"the sequence length is {seqlen} but this model takes at most "

@@ -57,7 +57,7 @@ def test_attn_implementation_fastbert_matches_eager(model_type):
     assert max_error(out[keep], ref[keep]) <= 1e-5
 
 
-@pytest.mark.parametrize("config_class", ["DebertaV2Config"])
+@pytest.mark.parametrize("config_class", ["DebertaConfig"])  # DeBERTa v1
 def test_patch_of_an_unsupported_model_lists_the_supported_families(config_class):
     config = getattr(transformers, config_class)(vocab_size=64, hidden_size=32, num_hidden_layers=1,
                                                  num_attention_heads=4, intermediate_size=64, pad_token_id=0)

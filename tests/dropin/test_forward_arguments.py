@@ -43,7 +43,8 @@ def _embeds(model, batch):
 EXAMPLES = {
     "input_ids": lambda model, config, batch: None,
     "attention_mask": lambda model, config, batch: None,
-    "token_type_ids": lambda model, config, batch: torch.randint(0, config.type_vocab_size, (BATCH, SEQ)),
+    # (type_vocab_size 0: DeBERTa-v3, whose tokenizer still returns 0/1 token types, which transformers ignores)
+    "token_type_ids": lambda model, config, batch: torch.randint(0, config.type_vocab_size or 2, (BATCH, SEQ)),
     "position_ids": lambda model, config, batch: _positions(config, batch),
     "inputs_embeds": lambda model, config, batch: _embeds(model, batch),
     "output_hidden_states": lambda model, config, batch: [0, -1],

@@ -35,6 +35,12 @@ def family_config(model_type: str, **overrides) -> transformers.PretrainedConfig
     elif model_type == "mpnet":  # all-mpnet-base-v2: fairseq positions from pad id 1, 32 relative buckets
         config = transformers.MPNetConfig(**_SIZE, max_position_embeddings=34, layer_norm_eps=1e-5, pad_token_id=1,
                                           bos_token_id=0, eos_token_id=2)
+    elif model_type == "deberta-v2":  # deberta-v3-base: log buckets (8 here, 256 there), shared key/query, c2p+p2c,
+        # LayerNorm'ed relative embeddings, no absolute positions, no token types
+        config = transformers.DebertaV2Config(
+            **_SIZE, max_position_embeddings=64, relative_attention=True, position_buckets=8, max_relative_positions=-1,
+            pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
+            type_vocab_size=0, layer_norm_eps=1e-7, pooler_dropout=0.0, pad_token_id=0)
     else:
         raise ValueError(model_type)
     for key, value in overrides.items():

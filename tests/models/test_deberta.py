@@ -4,27 +4,28 @@ Random-init small configs shaped like deberta-v3 (log buckets, shared key/query 
 c2p + p2c, LayerNorm'ed relative embeddings, no absolute positions, no token types), fresh random
 batches, sequences longer than position_buckets so that the log buckets and the clamp count.
 """
+import warnings
+from unittest import mock
+
 import pytest
 import torch
 import transformers
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
 
-from fastbert.models import deberta
+import fastbert
+from fastbert.models import deberta, encoder, native
 from fastbert.ops.relative_attention import relative_attention
-from tests.helpers import max_error, padding_mask
+from fastbert.patch import is_patched
+from tests.dropin._common import assert_grads_close, loss_and_grads
+from tests.helpers import assert_close_to_ref, int8_gate, max_error, padding_mask
+from tests.models.family_configs import family_config
+
+TOL = 1e-5
 
 
 def deberta_config(**overrides) -> transformers.DebertaV2Config:
     """deberta-v3-base's shape, small: 8 log buckets over max_relative_positions -1 (-> 64 positions)."""
-    values = dict(
-        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, relative_attention=True, position_buckets=8, max_relative_positions=-1,
-        pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
-        type_vocab_size=0, layer_norm_eps=1e-7, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        pooler_dropout=0.0, num_labels=2, pad_token_id=0,
-    )
-    values.update(overrides)
-    return transformers.DebertaV2Config(**values)
+    return family_config("deberta-v2", **overrides)
 
 
 # ---- the buckets --------------------------------------------------------------------------------------------
@@ -113,3 +114,272 @@ def test_one_layer_gradients_match():
         grads.append([leaf.grad, *(p.grad for p in module.parameters())])
     for mine, theirs in zip(*grads):
         assert max_error(mine, theirs) <= 1e-10
+
+
+# ---- whole models, native and patched -----------------------------------------------------------------------
+
+HEADS = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+         "ForMultipleChoice")
+
+
+def _pair(name, config, patched):
+    torch.manual_seed(0)
+    reference = getattr(transformers, name)(config).eval()
+    fast = (getattr(transformers, name) if patched else getattr(fastbert, name))(config).eval()
+    fast.load_state_dict(reference.state_dict())
+    return reference, (fastbert.patch(fast) if patched else fast)
+
+
+def _batch(config, lengths, seqlen, side="right", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, config.vocab_size, (len(lengths), seqlen), generator=generator)
+    mask = padding_mask(lengths, seqlen, side)
+    batch = dict(input_ids=ids.masked_fill(mask == 0, config.pad_token_id), attention_mask=mask)
+    if config.type_vocab_size > 0:
+        batch["token_type_ids"] = torch.randint(0, config.type_vocab_size, ids.shape, generator=generator)
+    return batch
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings():
+    native._warned_reasons.clear()  # each plain-path reason warns once per process: once per test here
+
+
+def _run(model, batch, **kwargs):
+    """model(**batch) without grad; a fastbert model must run the relative-attention op (the fast path)."""
+    fast = any(isinstance(module, native.FastEncoder) for module in model.modules())
+    with torch.no_grad(), warnings.catch_warnings(), mock.patch.object(
+            encoder, "relative_attention", wraps=encoder.relative_attention) as spy:
+        warnings.simplefilter("error")  # the fast path must not fall back here
+        output = model(**batch, **kwargs)
+    assert spy.called == fast, "the fast path did not run" if fast else "transformers' model ran fastbert's op"
+    return output
+
+
+# Lengths far apart, the longest (40) above 2 * position_buckets (16), so the log buckets and the clamp count.
+LENGTHS = [40, 3, 17, 1, 29]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("patched", [False, True], ids=["native", "patch"])
+def test_base_model_matches_transformers(side, patched):
+    config = deberta_config()
+    reference, fast = _pair("DebertaV2Model", config, patched)
+    batch = _batch(config, LENGTHS, 40, side, seed=len(side) + patched)
+    keep = batch["attention_mask"].bool()
+    out, ref = _run(fast, batch, output_hidden_states=True), _run(reference, batch, output_hidden_states=True)
+    assert len(out.hidden_states) == len(ref.hidden_states) == config.num_hidden_layers + 1
+    for mine, theirs in zip((*out.hidden_states, out.last_hidden_state), (*ref.hidden_states, ref.last_hidden_state)):
+        assert max_error(mine[keep], theirs[keep]) <= TOL
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # no padding at all: the dense layout
+    dict(position_buckets=-1, max_relative_positions=12),  # no log buckets: distances clamped at 12
+    dict(position_biased_input=True, type_vocab_size=2, embedding_size=16),  # v2-style embeddings, embed_proj
+    dict(max_relative_positions=20, position_buckets=4),
+    dict(hidden_act="gelu_new"),
+], ids=["dense", "no-buckets", "absolute-positions", "small-buckets", "gelu-new"])
+def test_config_variants_match_transformers(overrides):
+    config = deberta_config(**overrides)
+    reference, fast = _pair("DebertaV2Model", config, patched=False)
+    lengths = [33, 33] if not overrides else LENGTHS
+    batch = _batch(config, lengths, 33 if not overrides else 40, seed=5)
+    keep = batch["attention_mask"].bool()
+    assert max_error(_run(fast, batch).last_hidden_state[keep], _run(reference, batch).last_hidden_state[keep]) <= TOL
+
+
+def test_longer_than_max_position_embeddings_runs_as_in_transformers():
+    """Without absolute positions DeBERTa-v3 has no length limit (relative buckets clamp); nor has fastbert."""
+    config = deberta_config(max_position_embeddings=24)
+    reference, fast = _pair("DebertaV2Model", config, patched=False)
+    batch = _batch(config, [70, 31], 70, seed=6)
+    keep = batch["attention_mask"].bool()
+    assert max_error(_run(fast, batch).last_hidden_state[keep], _run(reference, batch).last_hidden_state[keep]) <= TOL
+
+
+def test_token_type_ids_without_token_types_are_ignored_as_in_transformers():
+    """DeBERTa-v3's tokenizer returns token_type_ids (1 on a pair's second text) although type_vocab_size is 0."""
+    config = deberta_config()
+    reference, fast = _pair("DebertaV2ForSequenceClassification", config, patched=True)
+    batch = _batch(config, [9, 6], 9, seed=7)
+    batch["token_type_ids"] = torch.ones_like(batch["input_ids"])
+    assert max_error(_run(fast, batch).logits, _run(reference, batch).logits) <= TOL
+
+
+def _head_batch(config, suffix, side, seed):
+    batch = _batch(config, [24, 6, 3, 24, 1, 13], 24, side, seed)
+    if suffix == "ForMultipleChoice":
+        return {key: value.view(2, 3, 24) for key, value in batch.items()}
+    return batch
+
+
+@pytest.mark.parametrize("suffix", HEADS)
+@pytest.mark.parametrize("patched", [False, True], ids=["native", "patch"])
+def test_every_head_matches_transformers(suffix, patched):
+    config = deberta_config()
+    reference, fast = _pair("DebertaV2" + suffix, config, patched)
+    batch = _head_batch(config, suffix, "right", seed=11)
+    keep = batch["attention_mask"].view(-1, 24).bool()
+    out, ref = _run(fast, batch), _run(reference, batch)
+    compared = 0
+    for name, theirs in ref.items():
+        if torch.is_tensor(theirs) and theirs.dim() > 0:
+            per_token = theirs.dim() >= 2 and theirs.shape[:2] == keep.shape
+            mine = out[name]
+            assert max_error(mine[keep] if per_token else mine, theirs[keep] if per_token else theirs) <= TOL, name
+            compared += 1
+    assert compared
+
+
+@pytest.mark.parametrize("suffix", ["ForSequenceClassification", "ForMultipleChoice"])
+@pytest.mark.parametrize("patched", [False, True], ids=["native", "patch"])
+def test_context_pooler_reads_the_first_real_token_under_left_padding(suffix, patched):
+    """ContextPooler reads [:, 0]: transformers reads a padding row under left padding, fastbert [CLS], so
+    fastbert's left-padded logits are transformers' right-padded ones (relative positions: shift-free)."""
+    config = deberta_config()
+    reference, fast = _pair("DebertaV2" + suffix, config, patched)
+    right = _head_batch(config, suffix, "right", seed=13)
+    flat = {key: value.view(-1, 24) for key, value in right.items()}
+    lengths = flat["attention_mask"].sum(-1).tolist()
+    left = {key: torch.stack([row.roll(24 - n) for row, n in zip(value, lengths)]).view(right[key].shape)
+            for key, value in flat.items()}
+    assert max_error(_run(fast, left).logits, _run(reference, right).logits) <= TOL
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_step_every_gradient_matches(checkpointing):
+    config = deberta_config()
+    reference, fast = _pair("DebertaV2ForMaskedLM", config, patched=False)
+    for model in (reference, fast):
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+    batch = _batch(config, LENGTHS, 40, seed=17)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with mock.patch.object(encoder, "relative_attention", wraps=encoder.relative_attention) as spy:
+        loss, grads = loss_and_grads(fast, batch)
+    assert spy.call_count == config.num_hidden_layers * (2 if checkpointing else 1)  # recomputed in backward
+    ref_loss, ref_grads = loss_and_grads(reference, batch)
+    assert max_error(loss, ref_loss) <= TOL
+    assert len(ref_grads) == len(list(reference.parameters()))
+    assert ref_grads["deberta.encoder.rel_embeddings.weight"].abs().sum() > 0
+    assert_grads_close(grads, ref_grads)
+
+
+def test_inputs_embeds_and_return_dict_false_match_transformers():
+    config = deberta_config()
+    reference, fast = _pair("DebertaV2Model", config, patched=False)
+    batch = _batch(config, [19, 7], 19, seed=19)
+    embeds = reference.get_input_embeddings()(batch.pop("input_ids"))
+    keep = batch["attention_mask"].bool()
+    out = _run(fast, dict(batch, inputs_embeds=embeds), return_dict=False)
+    ref = _run(reference, dict(batch, inputs_embeds=embeds), return_dict=False)
+    assert isinstance(out, tuple) and len(out) == len(ref)
+    assert max_error(out[0][keep], ref[0][keep]) <= TOL
+
+
+# ---- what the fast path does not cover: transformers' forward, with one warning naming why -------------------
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    (dict(conv_kernel_size=3), "convolution layer"),
+    (dict(share_att_key=False), "share_att_key=False"),
+    (dict(relative_attention=False), "relative"),
+    (dict(pos_att_type=["c2p"]), "pos_att_type"),
+], ids=["conv", "separate-pos-projections", "no-relative-attention", "c2p-only"])
+def test_configs_outside_the_fast_path_run_transformers_forward(overrides, reason):
+    config = deberta_config(**overrides)
+    reference, fast = _pair("DebertaV2Model", config, patched=True)
+    batch = _batch(config, [12, 5], 12, seed=23)
+    with torch.no_grad(), pytest.warns(UserWarning, match=reason):
+        out = fast(**batch).last_hidden_state
+    with torch.no_grad():
+        assert torch.equal(out, reference(**batch).last_hidden_state)
+
+
+def test_4d_mask_and_mask_with_holes_run_transformers_forward():
+    config = deberta_config()
+    reference, fast = _pair("DebertaV2Model", config, patched=False)
+    batch = _batch(config, [12, 5], 12, seed=29)
+    holes = dict(batch, attention_mask=batch["attention_mask"].clone())
+    holes["attention_mask"][0, 4] = 0
+    four_d = dict(batch, attention_mask=batch["attention_mask"].bool()[:, None, None, :])
+    for inputs, reason in ((four_d, "4-D attention_mask"), (holes, "holes")):
+        with torch.no_grad(), pytest.warns(UserWarning, match=reason):
+            out = fast(**inputs).last_hidden_state
+        with torch.no_grad():
+            assert torch.equal(out, reference(**inputs).last_hidden_state)
+
+
+def test_output_attentions_and_swapped_modules_run_transformers_forward():
+    config = deberta_config()
+    reference, fast = _pair("DebertaV2Model", config, patched=False)
+    batch = _batch(config, [12, 5], 12, seed=31)
+    with torch.no_grad(), pytest.warns(UserWarning, match="output_attentions"):
+        assert len(fast(**batch, output_attentions=True).attentions) == config.num_hidden_layers
+
+    class Scaled(torch.nn.LayerNorm):
+        pass
+
+    norm = fast.encoder.layer[1].output.LayerNorm
+    fast.encoder.layer[1].output.LayerNorm = Scaled(norm.normalized_shape, eps=norm.eps)
+    reference.encoder.layer[1].output.LayerNorm = Scaled(norm.normalized_shape, eps=norm.eps)
+    with torch.no_grad(), pytest.warns(UserWarning, match="encoder.layer.1.output.LayerNorm"):
+        out = fast(**batch).last_hidden_state
+    with torch.no_grad():
+        assert torch.equal(out, reference(**batch).last_hidden_state)
+
+
+# ---- classes, patch, loading --------------------------------------------------------------------------------
+
+
+def test_patch_unpatch_auto_and_save_load(tmp_path):
+    config = deberta_config()
+    model = transformers.DebertaV2ForSequenceClassification(config).eval()
+    fastbert.patch(model)
+    assert is_patched(model) and type(model.deberta).__module__ == "fastbert.models.native"
+    fastbert.unpatch(model)
+    assert type(model.deberta) is hf.DebertaV2Model and not is_patched(model)
+    model.save_pretrained(tmp_path)
+    loaded = fastbert.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert type(loaded) is fastbert.DebertaV2ForSequenceClassification
+    assert type(fastbert.AutoModel.from_config(config)) is fastbert.DebertaV2Model
+    batch = _batch(config, [10, 4], 10, seed=37)
+    assert max_error(_run(loaded, batch).logits, _run(model, batch).logits) <= TOL
+
+
+# ---- reduced precision ---------------------------------------------------------------------------------------
+
+
+def test_bf16_runs_within_the_dtype_rule():
+    """bf16 fastbert vs float64 transformers: no further than transformers' own bf16 forward, by the rule."""
+    config = deberta_config()
+    reference, fast = _pair("DebertaV2Model", config, patched=False)
+    batch = _batch(config, LENGTHS, 40, seed=41)
+    keep = batch["attention_mask"].bool()
+    ref64 = _run(reference.double(), batch).last_hidden_state[keep]
+    same = _run(reference.to(torch.bfloat16), batch).last_hidden_state[keep]
+    out = _run(fast.to(torch.bfloat16), batch).last_hidden_state[keep]
+    assert out.dtype == torch.bfloat16
+    assert_close_to_ref(out, same, ref64, name="bf16 last_hidden_state")
+
+
+def test_quantize_keeps_its_gate_and_the_fast_path_runs_the_int8_modules():
+    """fastbert.quantize on a patched DeBERTa: the report meets its gate, and the fast forward (which calls
+    the Int8Linear query/key modules for the relative terms too) equals transformers' forward on them."""
+    from fastbert.quantize import quantize
+
+    config = deberta_config()
+    torch.manual_seed(43)
+    model = fastbert.patch(transformers.DebertaV2Model(config).eval())
+    calibration = [_batch(config, [24, 9, 17, 2], 24, seed=seed) for seed in range(4)]
+    report = quantize(model, calibration=calibration)
+    minimum_mean, minimum = int8_gate()
+    assert report.mean_cosine >= minimum_mean and report.min_cosine >= minimum
+    assert report.quantized, "the gate kept every Linear: nothing int8 ran"
+    batch = _batch(config, LENGTHS, 40, seed=47)
+    keep = batch["attention_mask"].bool()
+    out = _run(model, batch).last_hidden_state[keep]
+    fastbert.unpatch(model)
+    assert max_error(out, _run(model, batch).last_hidden_state[keep]) <= TOL
