@@ -28,6 +28,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "albert-base": ("AlbertConfig", dict(embedding_size=128, hidden_size=768, num_attention_heads=12,
                                          intermediate_size=3072, hidden_act="gelu_new")),
     "modernbert-base": ("ModernBertConfig", {}),  # ModernBertConfig() is answerdotai/ModernBERT-base's shape
+    # sentence-transformers/all-mpnet-base-v2 (microsoft/mpnet-base): 32 relative buckets, fairseq positions
+    "mpnet-base": ("MPNetConfig", dict(max_position_embeddings=514, layer_norm_eps=1e-5)),
     # microsoft/deberta-v3-base: relative positions only (log buckets), shared key/query projections
     "deberta-v3-base": ("DebertaV2Config", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                                 intermediate_size=3072, vocab_size=128100, max_position_embeddings=512,

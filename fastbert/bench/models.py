@@ -21,7 +21,7 @@ BASELINES = ("hf-eager", "hf-sdpa", "hf-compile", "onnxruntime", "openvino")
 FASTBERT = "fastbert"
 SEED = 0
 # transformers model_type of every family fastbert.patch() runs on the fast path.
-FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "modernbert")
+FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "modernbert", "mpnet")
 
 
 class ModelSetupError(RuntimeError):
@@ -51,8 +51,17 @@ def _auto_class(mode: str):
 
 def _copy_config(config, attn_implementation: str):
     copy = type(config).from_dict(config.to_dict())
-    copy._attn_implementation = attn_implementation
+    copy._attn_implementation = _available_attention(config, attn_implementation)
     return copy
+
+
+def _available_attention(config, wanted: str) -> str:
+    """`wanted`, or "eager" where transformers' class has no SDPA attention (MPNet): eager is then its only
+    attention, so hf-sdpa (the reference) times it."""
+    model_class = transformers.AutoModel._model_mapping.get(type(config), None)
+    if wanted == "sdpa" and model_class is not None and not model_class._supports_sdpa:
+        return "eager"
+    return wanted
 
 
 def build_reference(config, model_dir: str | None, mode: str) -> torch.nn.Module:
@@ -60,7 +69,8 @@ def build_reference(config, model_dir: str | None, mode: str) -> torch.nn.Module
     if model_dir is None:
         torch.manual_seed(SEED)
         return _auto_class(mode).from_config(_copy_config(config, "sdpa"))
-    return _auto_class(mode).from_pretrained(model_dir, local_files_only=True, attn_implementation="sdpa")
+    return _auto_class(mode).from_pretrained(model_dir, local_files_only=True,
+                                             attn_implementation=_available_attention(config, "sdpa"))
 
 
 def _hf_copy(reference: torch.nn.Module, attn_implementation: str) -> torch.nn.Module:

@@ -72,7 +72,17 @@ def test_unknown_arch_and_model_type_are_clear_errors(tmp_path, capsys):
     assert "model_type is 'gpt2'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("arch", ["roberta-base", "distilbert-base"])
+def test_mpnet_runs_against_transformers_eager_attention(tmp_path):
+    """transformers' MPNet has no SDPA attention: the reference (hf-sdpa) is its eager one, cross-checked."""
+    json_path = tmp_path / "out.json"
+    assert bench("--model", tiny_dir(tmp_path, "mpnet-base"), "--json", str(json_path)) == 0
+    results = json.loads(json_path.read_text())["configurations"][0]["results"]
+    assert set(results) == {"hf-sdpa", "fastbert"} and results["fastbert"]["max_abs_diff"] < 1e-4
+    assert models.build_baseline("hf-sdpa", transformers.MPNetModel(transformers.MPNetConfig(
+        **TINY, hidden_size=32, num_attention_heads=2, intermediate_size=64))).config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("arch", ["roberta-base", "distilbert-base", "mpnet-base"])
 def test_family_workloads_fit_the_model(arch):
     from fastbert.presets import preset_config
 
