@@ -125,10 +125,14 @@ def _is_classifier(config) -> bool:
 
 
 def _model_length_limit(config, tokenizer) -> int:
-    """Positions the model has (RoBERTa-style families start at padding_idx + 1), capped by the tokenizer's."""
+    """Positions the model has (fairseq-style families, RoBERTa and MPNet, start at padding_idx + 1), capped by
+    the tokenizer's."""
+    from fastbert.models.families import FAMILIES
+
     positions = getattr(config, "max_position_embeddings", None) or 512
-    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
-        positions -= (config.pad_token_id or 0) + 1
+    family = next((f for f in FAMILIES if f.model_type == config.model_type), None)
+    if family is not None:
+        positions -= family.first_position(config)
     tokenizer_limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:
         positions = min(positions, tokenizer_limit)

@@ -154,3 +154,32 @@ def test_bf16_serves_close_to_fp32(embed_dir):
     assert 0 < (low - exact).abs().max() <= 0.01, (low - exact).abs().max()
     cosine = torch.nn.functional.cosine_similarity(low, exact)
     assert cosine.min() >= BF16_MIN_COSINE, cosine
+
+
+def test_serves_an_mpnet_sentence_transformers_directory(tmp_path):
+    """An all-mpnet-base-v2-shaped directory (MPNet, its tokenizer, mean pooling, Normalize): native class, the
+    length limit of fairseq positions, and /embed equal to transformers' MPNetModel with the same pooling."""
+    import transformers
+
+    from tests.serve.conftest import TEXTS
+
+    words = ["<s>", "<pad>", "</s>", "<unk>", "[UNK]", "<mask>",
+             *sorted({w.strip(".,:;").lower() for text in TEXTS for w in text.split()} - {""})]
+    tokenizer = transformers.MPNetTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    config = transformers.MPNetConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=66)
+    torch.manual_seed(4)
+    reference = transformers.MPNetModel(config).eval()
+    reference.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    write_sentence_transformers_files(tmp_path)
+    loaded = load_model(ServeOptions(str(tmp_path)))
+    assert isinstance(loaded.model, fastbert.MPNetModel) and loaded.max_input_length == 64  # 66 - (pad id 1 + 1)
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = reference(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1)
+    with serve(str(tmp_path)) as client:
+        values = torch.tensor(client.post("/embed", json={"inputs": TEXTS}).json())
+    assert (values - expected).abs().max() <= 1e-5
