@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = command("bench", "time fastbert against HuggingFace (default: bert-base config, random weights)")
     bench.add_argument("--model", metavar="DIR", help="a local HuggingFace model directory of a supported family "
-                       "(BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT, ALBERT, ModernBERT, MPNet)")
+                       "(BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT, ALBERT, ModernBERT, MPNet, "
+                       "DeBERTa-v2/v3)")
     bench.add_argument("--arch", metavar="NAME",
                        help="a built-in config with seeded random weights: bert-base, roberta-base, distilbert-base, "
                             "electra-base, albert-base, ... (fastbert/presets.py; default without --model: bert-base)")

@@ -21,7 +21,8 @@ BASELINES = ("hf-eager", "hf-sdpa", "hf-compile", "onnxruntime", "openvino")
 FASTBERT = "fastbert"
 SEED = 0
 # transformers model_type of every family fastbert.patch() runs on the fast path.
-FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "modernbert", "mpnet")
+FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "modernbert", "mpnet",
+            "deberta-v2")
 
 
 class ModelSetupError(RuntimeError):

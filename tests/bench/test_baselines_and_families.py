@@ -82,6 +82,14 @@ def test_mpnet_runs_against_transformers_eager_attention(tmp_path):
         **TINY, hidden_size=32, num_attention_heads=2, intermediate_size=64))).config._attn_implementation == "eager"
 
 
+def test_deberta_v3_runs_cross_checked_against_transformers(tmp_path):
+    """--model on a deberta-v3-shaped directory: fastbert (relative attention) against transformers' DeBERTa."""
+    json_path = tmp_path / "out.json"
+    assert bench("--model", tiny_dir(tmp_path, "deberta-v3-base", position_buckets=8), "--json", str(json_path)) == 0
+    results = json.loads(json_path.read_text())["configurations"][0]["results"]
+    assert set(results) == {"hf-sdpa", "fastbert"} and results["fastbert"]["max_abs_diff"] < 1e-4
+
+
 @pytest.mark.parametrize("arch", ["roberta-base", "distilbert-base", "mpnet-base"])
 def test_family_workloads_fit_the_model(arch):
     from fastbert.presets import preset_config
