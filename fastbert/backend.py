@@ -55,6 +55,7 @@ AUTO_PREFERENCE = {
         "window_attention": ("triton", "torch"),
         # unmeasured on a GPU so far; the Triton kernel never builds a (seq x seq) tensor
         "relative_attention": ("triton", "torch"),
+        "qkv_attention": ("triton", "torch"),
     },
     "cpu": {
         "bias_gelu": ("cpp", "torch"),
@@ -64,6 +65,8 @@ AUTO_PREFERENCE = {
         "varlen_attention": MachineChoice("varlen_attention_order"),
         "linear": ("onednn", "torch"),
         "relative_attention": ("torch",),
+        # the cpp kernel on the fused QKV buffer, up to the machine record's length (fastbert/ops/qkv_attention.py)
+        "qkv_attention": ("cpp", "torch"),
     },
 }
 

@@ -7,7 +7,8 @@ optional `supports` check that looks at one call's `Signature` (device type, dty
 autograd, interpreter) and returns None or the reason it cannot take that call.
 
 Everything else is derived from the registrations:
-  - `Registry.resolve(requested, signature)`: which implementation runs a call (memoized);
+  - `Registry.resolve(requested, signature)`: which implementation runs a call (memoized), and
+    `fastbert.ops._dispatch.bind`: the same choice, prepared once for calls on fixed parameters;
   - `Registry.availability(backend, devices, interpreting)`: whether a backend can run anything on
     this machine, else why not, for `available_backends()` and `fastbert info`.
 Only the "auto" preference order (`AUTO_PREFERENCE` in fastbert/backend.py) is kept by hand.
@@ -55,6 +56,11 @@ class Implementation:
     dtypes: frozenset[torch.dtype] | None  # input dtypes it takes; None: any
     probe: Probe  # machine-level: is the code there, is the device there
     supports: Check | None = None  # per-call limits (width, head_dim, autograd, ...)
+    # "module:attribute" of bind(run, **params) -> callable, for calls that repeat on fixed parameters (an
+    # inference plan's weights): what can be prepared once is prepared there (packed weights, converted
+    # biases, addresses), `run` being the loaded target. None: the op is not bound, only called.
+    binder: str | None = None
+    note: str | None = None  # "module:attribute" of note() -> str: what its binding runs here (`fastbert info`)
 
     def problem(self, signature: Signature) -> str | None:
         """None if this implementation can run the call described by `signature`, else why not."""

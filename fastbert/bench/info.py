@@ -1,8 +1,6 @@
 """`fastbert info`: what fastbert finds on this machine, and a quick fastbert-vs-HuggingFace check."""
 from __future__ import annotations
 
-import math
-
 import torch
 import transformers
 
@@ -37,6 +35,16 @@ def _names(values, name) -> str:
     return ", ".join(sorted(name(value) for value in values))
 
 
+def _note(implementation) -> str | None:
+    """What an implementation's binding runs on this machine, where it composes kernels (registry note)."""
+    if implementation.note is None:
+        return None
+    import importlib
+
+    module_name, attribute = implementation.note.split(":")
+    return getattr(importlib.import_module(module_name), attribute)()
+
+
 def _op_lines() -> list[str]:
     """Per op, from the capability registry: each backend's devices and dtypes, and the auto order."""
     from fastbert.backend import REGISTRY
@@ -49,36 +57,11 @@ def _op_lines() -> list[str]:
             devices = _names(implementation.devices, str) if implementation.devices else "any device"
             dtypes = _names(implementation.dtypes, lambda d: str(d).replace("torch.", "")) if implementation.dtypes \
                 else "any dtype"
-            lines.append(f"    {name}: {devices}; {dtypes}")
+            note = _note(implementation)
+            lines.append(f"    {name}: {devices}; {dtypes}" + (f" ({note})" if note else ""))
         order = "; ".join(f"{device} {' > '.join(REGISTRY.auto_order(op, device))}"
                           for device in sorted(REGISTRY.auto_preference))
         lines.append(f"    auto: {order}")
-    return lines
-
-
-def _plan_lines() -> list[str]:
-    """What CPU inference plans run beside the registry's choices (fastbert/models/plan.py): fastbert's
-    GEMMs for few rows and the short-sequence attention, or why not."""
-    from fastbert import backend
-    from fastbert.ops import few_rows_linear
-    from fastbert.ops.cpu_attention import fused_qkv_max_seqlen
-
-    lines = []
-    for dtype in (torch.bfloat16, torch.float32):
-        problem = few_rows_linear.problem(torch.empty(16, 32, dtype=dtype))
-        name = str(dtype).replace("torch.", "")
-        rows = (f"up to {few_rows_linear.max_rows(dtype, None)} rows ({few_rows_linear.max_rows(dtype, 'gelu')} with a "
-                "GELU epilogue; more rows: the linear op's backend)")
-        lines.append(f"  {name} GEMMs of few rows: "
-                     + (f"fastbert's {few_rows_linear.kernel_name(dtype)} kernel {rows}" if problem is None
-                        else f"the linear op's backend ({problem})"))
-    kernel = backend.REGISTRY.get("varlen_attention", "cpp")
-    problem = "not registered" if kernel is None else kernel.problem(
-        backend.signature("varlen_attention", torch.empty(0), head_dim=64))
-    limit = fused_qkv_max_seqlen()
-    lengths = "of every length" if math.isinf(limit) else f"of <= {limit} tokens"
-    lines.append(f"  attention {lengths}: "
-                 + ("the cpp kernel on the fused QKV output" if problem is None else f"as resolved ({problem})"))
     return lines
 
 
@@ -125,8 +108,6 @@ def info_report(compare: bool = True) -> str:
         *_op_lines(),
         "CPU choices (fastbert/machine.py; re-run the named benchmark on a new kind of CPU):",
         *_machine_lines(),
-        "CPU inference plans, besides the ops above:",
-        *_plan_lines(),
     ]
     if compare:
         lines.append(quick_comparison())

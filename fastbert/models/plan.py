@@ -41,8 +41,7 @@ from fastbert import backend
 from fastbert.env import flag
 from fastbert.models.families import Family, module_pooler
 from fastbert.models.support import TreeStamp, check_modules, embeddings_known, gelu_approximation, remembered_check
-from fastbert.ops import _dispatch
-from fastbert.ops.cpu_attention import fused_qkv_attention, fused_qkv_max_seqlen
+from fastbert.ops import _dispatch, qkv_attention  # noqa: F401 (registers the op the plans bind)
 from fastbert.quantize import SCOPE_HOOKS, Int8Linear
 
 _VERSION = operator.attrgetter("_version")
@@ -95,41 +94,10 @@ class Resolver:
     def implementation(self, op: str, width: int = 0, head_dim: int = 0) -> Callable:
         return _dispatch.implementation(op, self.probe, width=width, head_dim=head_dim, grad=False)
 
-    def short_attention(self, head_dim: int) -> Callable | None:
-        """The cpp attention kernel for sequences of at most fused_qkv_max_seqlen() tokens, where it beats SDPA on CPU
-        (docs/perf-notes.md); None unless the selection is "auto" or "cpp" and the kernel takes the call."""
-        if not self.cpu or backend.current_backend() not in ("auto", "cpp"):
-            return None
-        kernel = backend.REGISTRY.get("varlen_attention", "cpp")
-        call = backend.signature("varlen_attention", self.probe, head_dim=head_dim)
-        return None if kernel is None or kernel.problem(call) is not None else fused_qkv_attention
-
     def gemm(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> Callable:
-        """x -> activation(x @ weight.T + bias)."""
-        name = self.name("linear")
-        if name == "onednn":
-            from fastbert.ops import few_rows_linear, onednn_linear, onednn_row_blocks
-
-            attribute, algorithm = onednn_linear.POST_OPS[activation]
-            if bias is not None and bias.dtype != torch.float32:
-                bias = bias.float()  # oneDNN adds an fp32 bias to its fp32 accumulator (as linear_onednn)
-
-            def onednn_gemm() -> Callable:
-                packed = onednn_linear.packed_weight(weight)
-                if weight.dtype == torch.bfloat16:  # row blocks where oneDNN's bf16 GEMM would idle a thread
-                    return functools.partial(onednn_row_blocks.bf16_linear, weight=packed, bias=bias,
-                                             attribute=attribute, algorithm=algorithm)
-                return functools.partial(torch.ops.mkldnn._linear_pointwise.default, W=packed, B=bias,
-                                         attr=attribute, scalars=[], algorithm=algorithm)
-
-            if few_rows_linear.problem(weight) is not None:
-                return onednn_gemm()
-            # fastbert's kernels for few rows; oneDNN's packed copy only once a call has more rows
-            return few_rows_linear.by_rows(weight, bias, activation, BuiltOnFirstCall(onednn_gemm))
-        if name == "torch" and activation is None:
-            return functools.partial(torch._C._nn.linear, weight=weight, bias=bias)
-        run = self.implementation("linear")
-        return lambda x: run(x, weight, bias, activation)
+        """x -> activation(x @ weight.T + bias), bound by the registry's choice (on CPU: fastbert's few-rows
+        kernels, then oneDNN's packed GEMM, by row count: onednn_linear.bind)."""
+        return _dispatch.bind("linear", self.probe, weight=weight, bias=bias, activation=activation)
 
     def gemm_then_norm(self, linear: nn.Module, norm: nn.LayerNorm) -> tuple[Callable, Callable]:
         """(x -> y, (y, residual) -> LayerNorm(y + residual)): the bias in the GEMM when its library
@@ -141,13 +109,8 @@ class Resolver:
         return gemm, self.norm(norm, linear.bias if split else None)
 
     def norm(self, norm: nn.LayerNorm, x_bias: torch.Tensor | None = None) -> Callable:
-        width = norm.weight.shape[0]
-        if self.cpu and self.name("add_layer_norm", width=width) == "cpp":
-            from fastbert.ops.extension import add_layer_norm as kernels
-
-            return kernels.cpu_inference_kernel(norm.weight, norm.bias, norm.eps, x_bias)
-        run, weight, bias, eps = self.implementation("add_layer_norm", width=width), norm.weight, norm.bias, norm.eps
-        return lambda y, residual: run(y, residual, weight, bias, eps, x_bias=x_bias)
+        return _dispatch.bind("add_layer_norm", self.probe, width=norm.weight.shape[0], weight=norm.weight,
+                              bias=norm.bias, eps=norm.eps, x_bias=x_bias)
 
     def gemm_tanh(self, linear: nn.Linear) -> Callable:
         """x -> tanh(x @ W.T + b), a BertPooler: the tanh in oneDNN's epilogue, else after the GEMM."""
@@ -166,32 +129,9 @@ class Resolver:
             return self.gemm(linear.weight, linear.bias, GELU_ACTIVATION[approximate])
         split = self.name("bias_gelu") != "torch"
         gemm = self.gemm(linear.weight, None if split else linear.bias)
-        bias = linear.bias if split else None
-        if self.cpu and self.name("bias_gelu") == "cpp":
-            from fastbert.ops.extension import bias_gelu as kernels
-
-            activation = kernels.cpu_inference_kernel(bias, approximate)
-        else:
-            run = self.implementation("bias_gelu")
-            activation = functools.partial(run, bias=bias, approximate=approximate)
+        activation = _dispatch.bind("bias_gelu", self.probe, bias=linear.bias if split else None,
+                                    approximate=approximate)
         return lambda x: activation(gemm(x))
-
-
-class BuiltOnFirstCall:
-    """x -> build()(x), with build() run on the first call only: a plan whose GEMMs only ever see few rows
-    never makes oneDNN's packed copy of their weights (half the packed memory of a latency deployment).
-    Two threads that build at once each build one (the packed-weight cache makes both the same copy)."""
-
-    __slots__ = ("build", "run")
-
-    def __init__(self, build: Callable[[], Callable]):
-        self.build, self.run = build, None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        run = self.run
-        if run is None:
-            run = self.run = self.build()
-        return run(x)
 
 
 def fused_qkv(query: nn.Linear, key: nn.Linear, value: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,44 +172,6 @@ def _qkv_gemm(resolver: Resolver, query: nn.Module, key: nn.Module, value: nn.Mo
         raise Unplannable("query/key/value mix int8 and float Linears")
     weight, bias = fused_qkv(query, key, value)
     return resolver.gemm(weight, bias), weight.shape[0]
-
-
-# ---- attention on the fused QKV output ----------------------------------------------------------------
-
-def dense_attention(run: Callable | None, short: Callable | None) -> Callable:
-    """(qkv (tokens, 3*heads*head_dim), heads, head_dim, scale, batch, seqlen) -> context (tokens, heads*head_dim).
-    short: the kernel for sequences of at most fused_qkv_max_seqlen() tokens (Resolver.short_attention), or None."""
-    sdpa = torch._C._nn.scaled_dot_product_attention
-    limit = fused_qkv_max_seqlen() if short is not None else -1  # by CPU: the machine record
-    offsets: dict[tuple[int, int], torch.Tensor] = {}  # (batch, seqlen) -> cu_seqlens of equal lengths
-
-    def attend(qkv, heads, head_dim, scale, batch, seqlen):
-        if seqlen <= limit:
-            cu_seqlens = offsets.get((batch, seqlen))
-            if cu_seqlens is None:
-                if len(offsets) > 64:
-                    offsets.clear()
-                cu_seqlens = offsets[batch, seqlen] = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32)
-            return short(qkv, heads, head_dim, scale, cu_seqlens, seqlen)
-        q, k, v = qkv.view(batch, seqlen, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        context = sdpa(q, k, v, scale=scale) if run is None else run(q, k, v, None, softmax_scale=scale)
-        return context.transpose(1, 2).reshape(batch * seqlen, heads * head_dim)
-
-    return attend
-
-
-def varlen_attention(run: Callable, short: Callable | None) -> Callable:
-    """(qkv, heads, head_dim, scale, cu_seqlens, max_seqlen) -> context (tokens, heads*head_dim)."""
-    limit = fused_qkv_max_seqlen() if short is not None else -1
-
-    def attend(qkv, heads, head_dim, scale, cu_seqlens, max_seqlen):
-        if max_seqlen <= limit:
-            return short(qkv, heads, head_dim, scale, cu_seqlens, max_seqlen)
-        tokens = qkv.shape[0]
-        q, k, v = qkv.view(tokens, 3, heads, head_dim).unbind(1)
-        return run(q, k, v, cu_seqlens, max_seqlen, softmax_scale=scale).reshape(tokens, heads * head_dim)
-
-    return attend
 
 
 # ---- building ------------------------------------------------------------------------------------------
@@ -464,11 +366,9 @@ class Plan:
         self.device, self.dtype = _parameters_device_dtype(binder)
         self.layers = tuple(steps[layer] for layer in layers)
         head_dim = self.layers[0].head_dim
-        short = resolver.short_attention(head_dim)
-        self.dense_attention = dense_attention(
-            None if resolver.name("attention", head_dim=head_dim) == "torch"
-            else resolver.implementation("attention", head_dim=head_dim), short)
-        self.varlen_attention = varlen_attention(resolver.implementation("varlen_attention", head_dim=head_dim), short)
+        attention = _dispatch.bind("qkv_attention", resolver.probe, head_dim=head_dim, like=resolver.probe,
+                                   head_size=head_dim)
+        self.dense_attention, self.varlen_attention = attention.dense, attention.packed
 
     def _freeze(self) -> None:
         """Tuples of what `current` compares at each forward."""

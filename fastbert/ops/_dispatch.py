@@ -58,6 +58,19 @@ def _resolve(op: str, x: torch.Tensor, width: int, head_dim: int, grad: bool) ->
     return getattr(_loaded, _import_target(op, backend_name))
 
 
+def bind(op: str, probe: torch.Tensor, *, width: int = 0, head_dim: int = 0, **params) -> Callable:
+    """`op` for inference calls on tensors like `probe` (device, dtype) with `params` fixed: the registry's
+    choice under the current selection, prepared once by that implementation's binder. An inference plan
+    binds every step this way, so the registry is its one chooser."""
+    name = backend.resolved_backend(op, probe, width=width, head_dim=head_dim, grad=False)
+    chosen = backend.REGISTRY.get(op, name)
+    if chosen.binder is None:
+        raise ValueError(f"{op} on the {name} backend has no binder (only per-call use)")
+    module_name, attribute = chosen.binder.split(":")
+    binder = getattr(importlib.import_module(module_name), attribute)
+    return binder(getattr(_loaded, _import_target(op, name)), **params)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half-precision inputs, the input dtype otherwise (fp64 references stay fp64)."""
     return torch.promote_types(dtype, torch.float32)

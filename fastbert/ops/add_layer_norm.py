@@ -45,17 +45,25 @@ def _triton_supports(call: Signature) -> str | None:
     return on_cpu or triton_limits.layer_norm_width_problem(call.width)
 
 
+def bind(run, weight, bias, eps: float, x_bias=None):
+    """(x, residual) -> LayerNorm(x + x_bias + residual) on `run` with the norm's parameters fixed."""
+    return lambda x, residual: run(x, residual, weight, bias, eps, x_bias=x_bias)
+
+
+BIND = "fastbert.ops.add_layer_norm:bind"
 REGISTRY.register(Implementation(
     op="add_layer_norm", backend="torch", target="fastbert.ops.add_layer_norm:add_layer_norm_ref",
-    devices=None, dtypes=None, probe=runs_anywhere,
+    devices=None, dtypes=None, probe=runs_anywhere, binder=BIND,
 ))
 REGISTRY.register(Implementation(
     op="add_layer_norm", backend="triton", target="fastbert.kernels.add_layer_norm:add_layer_norm_triton",
     devices=triton_limits.DEVICES, dtypes=triton_limits.DTYPES, probe=triton_probe, supports=_triton_supports,
+    binder=BIND,
 ))
 for _implementation in extension.implementations(
     "add_layer_norm", "fastbert.ops.extension.add_layer_norm:add_layer_norm_extension",
     cuda_supports=extension.layer_norm_width_problem,
+    binders=("fastbert.ops.extension.add_layer_norm:bind_cpu", BIND),
 ):
     REGISTRY.register(_implementation)
 

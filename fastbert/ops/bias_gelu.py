@@ -1,6 +1,8 @@
 """bias_gelu: y = GELU(x + bias), exact erf ("none") or tanh approximation ("tanh")."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -22,16 +24,23 @@ def bias_gelu_ref(x: torch.Tensor, bias: torch.Tensor | None, approximate: str =
     return F.gelu(pre_activation, approximate=approximate).to(x.dtype)
 
 
+def bind(run, bias, approximate: str):
+    """x -> GELU(x + bias) on `run` with the bias fixed."""
+    return functools.partial(run, bias=bias, approximate=approximate)
+
+
+BIND = "fastbert.ops.bias_gelu:bind"
 REGISTRY.register(Implementation(
     op="bias_gelu", backend="torch", target="fastbert.ops.bias_gelu:bias_gelu_ref",
-    devices=None, dtypes=None, probe=runs_anywhere,
+    devices=None, dtypes=None, probe=runs_anywhere, binder=BIND,
 ))
 REGISTRY.register(Implementation(
     op="bias_gelu", backend="triton", target="fastbert.kernels.bias_gelu:bias_gelu_triton",
     devices=triton_limits.DEVICES, dtypes=triton_limits.DTYPES, probe=triton_probe,
-    supports=lambda call: triton_limits.cpu_problem(call.device, call.interpreting),
+    supports=lambda call: triton_limits.cpu_problem(call.device, call.interpreting), binder=BIND,
 ))
-for _implementation in extension.implementations("bias_gelu", "fastbert.ops.extension.bias_gelu:bias_gelu_extension"):
+for _implementation in extension.implementations("bias_gelu", "fastbert.ops.extension.bias_gelu:bias_gelu_extension",
+                                                 binders=("fastbert.ops.extension.bias_gelu:bind_cpu", BIND)):
     REGISTRY.register(_implementation)
 
 

@@ -89,3 +89,37 @@ def fused_qkv_attention(qkv: torch.Tensor, heads: int, head_dim: int, scale: flo
         head_dim, 3 * heads * head_dim, max_seqlen, scale, _dtype_code(qkv.dtype), torch.get_num_threads(),
     )
     return out
+
+
+def bind(run, like: torch.Tensor, head_size: int):
+    """The "cpp" binder of qkv_attention (fastbert/ops/qkv_attention.py): the kernel on the QKV buffer for
+    sequences of at most fused_qkv_max_seqlen() tokens (dense batches get cu_seqlens of equal lengths, kept per
+    shape), the registry's attention ops for longer ones."""
+    from fastbert.ops import qkv_attention
+
+    longer, limit = qkv_attention.bind(None, like, head_size), fused_qkv_max_seqlen()
+    offsets: dict[tuple[int, int], torch.Tensor] = {}  # (batch, seqlen) -> cu_seqlens of equal lengths
+
+    def dense(qkv, heads, head_dim, scale, batch, seqlen):
+        if seqlen > limit:
+            return longer.dense(qkv, heads, head_dim, scale, batch, seqlen)
+        cu_seqlens = offsets.get((batch, seqlen))
+        if cu_seqlens is None:
+            if len(offsets) > 64:
+                offsets.clear()
+            cu_seqlens = offsets[batch, seqlen] = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32)
+        return run(qkv, heads, head_dim, scale, cu_seqlens, seqlen)
+
+    def packed(qkv, heads, head_dim, scale, cu_seqlens, max_seqlen):
+        if max_seqlen > limit:
+            return longer.packed(qkv, heads, head_dim, scale, cu_seqlens, max_seqlen)
+        return run(qkv, heads, head_dim, scale, cu_seqlens, max_seqlen)
+
+    return qkv_attention.Bound(dense, packed)
+
+
+def binding_note() -> str:
+    """What `bind` runs on this machine (`fastbert info`)."""
+    limit = fused_qkv_max_seqlen()
+    lengths = "every length" if limit == float("inf") else f"at most {limit} tokens"
+    return f"the kernel on the fused QKV buffer for sequences of {lengths}, longer ones as \"torch\" binds them"

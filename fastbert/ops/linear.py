@@ -7,6 +7,8 @@ add_layer_norm) go through this op, so the registry picks their implementation: 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -34,14 +36,22 @@ def _refuse_autograd(signature: Signature) -> str | None:
     return "the packed oneDNN GEMM has no backward (autograd is recording)" if signature.grad else None
 
 
+def bind(run, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None):
+    """x -> activation(x @ weight.T + bias) on `run` (the torch reference: torch's own linear, no Python frame)."""
+    if run is linear_ref and activation is None:
+        return functools.partial(torch._C._nn.linear, weight=weight, bias=bias)
+    return lambda x: run(x, weight, bias, activation)
+
+
 REGISTRY.register(Implementation(
     op="linear", backend="torch", target="fastbert.ops.linear:linear_ref", devices=None, dtypes=None,
-    probe=runs_anywhere,
+    probe=runs_anywhere, binder="fastbert.ops.linear:bind",
 ))
 REGISTRY.register(Implementation(
     op="linear", backend="onednn", target="fastbert.ops.onednn_linear:linear_onednn",
     devices=frozenset({"cpu"}), dtypes=onednn_linear.DTYPES,
-    probe=onednn_linear.problem, supports=_refuse_autograd,
+    probe=onednn_linear.problem, supports=_refuse_autograd, binder="fastbert.ops.onednn_linear:bind",
+    note="fastbert.ops.onednn_linear:binding_note",
 ))
 
 

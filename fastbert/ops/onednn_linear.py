@@ -22,6 +22,8 @@ the torch reference, which applies autocast itself, so autocast is never silentl
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -115,6 +117,60 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
 def _reference(x, weight, bias, activation):
     y = F.linear(x, weight, bias)
     return y if activation is None else F.gelu(y, approximate=POST_OPS[activation][1])
+
+
+class BuiltOnFirstCall:
+    """x -> build()(x), with build() run on the first call only: a plan whose GEMMs only ever see few rows
+    never makes oneDNN's packed copy of their weights (half the packed memory of a latency deployment).
+    Two threads that build at once each build one (the packed-weight cache makes both the same copy)."""
+
+    __slots__ = ("build", "run")
+
+    def __init__(self, build):
+        self.build, self.run = build, None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        run = self.run
+        if run is None:
+            run = self.run = self.build()
+        return run(x)
+
+
+def bind(run, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None):
+    """The binder (registry.Implementation.binder) of the packed CPU GEMM, for inference plans: x ->
+    activation(x @ weight.T + bias) in the weight's dtype. Calls of at most few_rows_linear.max_rows rows run
+    fastbert's few-rows kernels where this CPU has one; larger calls oneDNN's packed GEMM (bf16 on row blocks
+    where the machine record says), whose packed copy is made only when a call first has that many rows."""
+    attribute, algorithm = POST_OPS[activation]
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()  # oneDNN adds an fp32 bias to its fp32 accumulator (as linear_onednn)
+
+    def onednn_gemm():
+        packed = packed_weight(weight)
+        if weight.dtype == torch.bfloat16:
+            return functools.partial(onednn_row_blocks.bf16_linear, weight=packed, bias=bias, attribute=attribute,
+                                     algorithm=algorithm)
+        return functools.partial(torch.ops.mkldnn._linear_pointwise.default, W=packed, B=bias, attr=attribute,
+                                 scalars=[], algorithm=algorithm)
+
+    if few_rows_linear.problem(weight) is not None:
+        return onednn_gemm()
+    return few_rows_linear.by_rows(weight, bias, activation, BuiltOnFirstCall(onednn_gemm))
+
+
+def binding_note() -> str:
+    """What `bind` runs on this machine, per dtype (`fastbert info`)."""
+    parts = []
+    for dtype in (torch.bfloat16, torch.float32):
+        problem = few_rows_linear.problem(torch.empty(16, 32, dtype=dtype))
+        name = str(dtype).replace("torch.", "")
+        if problem is None:
+            kernel, most = few_rows_linear.kernel_name(dtype), few_rows_linear.max_rows(dtype, None)
+            parts.append(f"{name} on fastbert's {kernel} kernel up to {most} rows "
+                         f"({few_rows_linear.max_rows(dtype, 'gelu')} with GELU)")
+        else:
+            parts.append(f"{name} few-rows kernel off: {problem}")
+    return "bound: " + "; ".join(parts) + "; other calls on oneDNN's packed GEMM"
 
 
 def linear_onednn(

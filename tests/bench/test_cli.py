@@ -44,22 +44,25 @@ def test_info_prints_backends(capsys, monkeypatch):
     assert "quick check" in out and "max abs diff" in out
 
 
-def test_info_says_what_cpu_plans_run_beside_the_registry(capsys, monkeypatch):
+def test_info_says_what_the_bound_cpu_kernels_run(capsys, monkeypatch):
+    """One table: the few-rows GEMMs and the attention on the fused QKV output appear as what the linear and
+    qkv_attention entries bind on this machine, not as a second table."""
     from fastbert.ops import few_rows_linear
+    from fastbert.ops.cpu_attention import fused_qkv_max_seqlen
 
     monkeypatch.setattr("fastbert.bench.info.QUICK_CONFIG", TINY)
     assert main(["info", "--no-compare"]) == 0
     out = capsys.readouterr().out
-    from fastbert.ops.cpu_attention import fused_qkv_max_seqlen
-
+    assert "CPU inference plans" not in out
     limit = fused_qkv_max_seqlen()
-    lengths = "of every length" if limit == float("inf") else f"of <= {limit} tokens"
-    assert "CPU inference plans" in out and f"attention {lengths}" in out
+    lengths = "every length" if limit == float("inf") else f"at most {limit} tokens"
+    assert f"the kernel on the fused QKV buffer for sequences of {lengths}" in out
+    line = next(line for line in out.splitlines() if line.startswith("    onednn: cpu;"))
     for dtype in (torch.bfloat16, torch.float32):
-        line = next(line for line in out.splitlines() if f"{str(dtype)[6:]} GEMMs of few rows" in line)
         name = few_rows_linear.kernel_name(dtype)
-        assert (f"fastbert's {name} kernel up to {few_rows_linear.max_rows(dtype, None)} rows" in line
-                if name else "the linear op's backend (" in line)
+        dtype_name = str(dtype)[6:]
+        assert (f"{dtype_name} on fastbert's {name} kernel up to {few_rows_linear.max_rows(dtype, None)} rows" in line
+                if name else f"{dtype_name} few-rows kernel off: " in line)
     from fastbert.ops import onednn_linear
 
     try:

@@ -17,15 +17,24 @@ from torch import nn
 import fastbert
 from fastbert.models import plan
 from fastbert.models.families import FAMILIES, family_of_model_type
+from fastbert.ops import cpu_attention
 from tests.helpers import max_error, random_batch, small_config
 from tests.models.family_configs import MODEL_TYPES, family_batch, family_config
 
 
 @pytest.fixture(autouse=True)
 def fused_qkv_attention_up_to_short_seqlen(monkeypatch):
-    from fastbert.ops.cpu_attention import SHORT_SEQLEN
+    monkeypatch.setattr(cpu_attention, "fused_qkv_max_seqlen", lambda: cpu_attention.SHORT_SEQLEN)
 
-    monkeypatch.setattr(plan, "fused_qkv_max_seqlen", lambda: SHORT_SEQLEN)
+
+def count_kernel_calls(monkeypatch, calls: list) -> None:
+    """Appends max_seqlen to `calls` each time a plan runs fastbert._C's kernel on the fused QKV output (the
+    implementation the registry loaded for qkv_attention on "cpp", which plans bind)."""
+    from fastbert.ops import _dispatch
+    from fastbert.ops.cpu_attention import fused_qkv_attention
+
+    monkeypatch.setattr(_dispatch._loaded, "qkv_attention__cpp",
+                        lambda *a: calls.append(a[-1]) or fused_qkv_attention(*a), raising=False)
 
 
 @pytest.fixture
@@ -112,7 +121,7 @@ def test_families_with_relative_positions_run_no_plan(plan_runs, model_type):
 def test_every_family_runs_a_plan_equal_to_the_general_forward(plan_runs, model_type, monkeypatch):
     torch.manual_seed(0)
     config = family_config(model_type)  # at most 32 positions: the short attention kernel is turned off here
-    monkeypatch.setattr(plan, "fused_qkv_max_seqlen", lambda: 16)
+    monkeypatch.setattr(cpu_attention, "fused_qkv_max_seqlen", lambda: 16)
     family = next(f for f in FAMILIES if f.model_type == model_type)
     model = fastbert.patch(family.base(config).eval())
     batch = family_batch(config, [24, 3, 20], 24, generator=torch.Generator().manual_seed(1))
@@ -349,11 +358,12 @@ def test_fused_qkv_attention_length_follows_the_cpu(pretend_machine):
     """Up to SHORT_SEQLEN tokens on a CPU with AMX (SDPA is faster above), every length elsewhere (measured)."""
     import math
 
-    from fastbert.ops.cpu_attention import SHORT_SEQLEN, fused_qkv_max_seqlen
+    from fastbert import machine
+    from fastbert.ops.cpu_attention import SHORT_SEQLEN
 
     for features, expected in ((["avx512f", "amx_bf16"], SHORT_SEQLEN), (["avx512f", "avx512_bf16"], math.inf)):
         pretend_machine(features)
-        assert fused_qkv_max_seqlen() == expected
+        assert machine.choice("fused_qkv_max_seqlen") == expected  # (the module's function is pinned above)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -362,12 +372,12 @@ def test_long_sequences_attend_on_the_fused_kernel_where_the_cpu_says_so(plan_ru
     fused_qkv_attention, and agree with the general forward (SDPA / the registry's varlen kernel)."""
     import math
 
-    from fastbert.ops.cpu_attention import SHORT_SEQLEN, fused_qkv_attention
+    from fastbert.ops.cpu_attention import SHORT_SEQLEN
 
     skip_without_the_extension()
-    monkeypatch.setattr(plan, "fused_qkv_max_seqlen", lambda: math.inf)
+    monkeypatch.setattr(cpu_attention, "fused_qkv_max_seqlen", lambda: math.inf)
     calls = []
-    monkeypatch.setattr(plan, "fused_qkv_attention", lambda *a: calls.append(a[-1]) or fused_qkv_attention(*a))
+    count_kernel_calls(monkeypatch, calls)
     for lengths in ((SHORT_SEQLEN + 9, SHORT_SEQLEN + 9), (SHORT_SEQLEN + 9, 7, 1)):
         model, batch = model_and_batch(lengths, seqlen=SHORT_SEQLEN + 9)
         model = model.to(dtype)
@@ -383,13 +393,13 @@ def test_long_sequences_attend_on_the_fused_kernel_where_the_cpu_says_so(plan_ru
 @pytest.mark.parametrize("others", [(), (6, 1)], ids=["dense", "padded"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_short_sequences_attend_on_the_plans_kernel(plan_runs, monkeypatch, others, dtype):
-    from fastbert.ops.cpu_attention import SHORT_SEQLEN, fused_qkv_attention
+    from fastbert.ops.cpu_attention import SHORT_SEQLEN
 
     skip_without_the_extension()
     lengths = (SHORT_SEQLEN, *others) if others else (SHORT_SEQLEN, SHORT_SEQLEN)
 
     calls = []
-    monkeypatch.setattr(plan, "fused_qkv_attention", lambda *a: calls.append(a[-1]) or fused_qkv_attention(*a))
+    count_kernel_calls(monkeypatch, calls)
     model, batch = model_and_batch(lengths, seqlen=SHORT_SEQLEN)
     model = model.to(dtype)
     fast = infer(model, batch)

@@ -21,13 +21,15 @@ CPU_DTYPES = frozenset({torch.float32, torch.bfloat16})
 CUDA_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 
-def implementations(op: str, target: str, cuda_supports: Callable | None = None) -> tuple[Implementation, ...]:
-    """The "cpp" (CPU kernels) and "cuda" (CUDA kernels) implementations of `op`, both at `target`."""
+def implementations(op: str, target: str, cuda_supports: Callable | None = None,
+                    binders: tuple[str | None, str | None] = (None, None)) -> tuple[Implementation, ...]:
+    """The "cpp" (CPU kernels) and "cuda" (CUDA kernels) implementations of `op`, both at `target`;
+    binders: (cpp's, cuda's) "module:attribute" (registry.Implementation.binder)."""
     return (
         Implementation(op=op, backend="cpp", target=target, devices=frozenset({"cpu"}), dtypes=CPU_DTYPES,
-                       probe=cpp_probe),
+                       probe=cpp_probe, binder=binders[0]),
         Implementation(op=op, backend="cuda", target=target, devices=frozenset({"cuda"}), dtypes=CUDA_DTYPES,
-                       probe=cuda_probe, supports=cuda_supports),
+                       probe=cuda_probe, supports=cuda_supports, binder=binders[1]),
     )
 
 

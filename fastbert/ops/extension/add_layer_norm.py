@@ -166,9 +166,10 @@ def add_layer_norm_extension(x: Tensor, residual: Optional[Tensor], weight: Tens
     return y
 
 
-def cpu_inference_kernel(weight: Tensor, bias: Optional[Tensor], eps: float, x_bias: Optional[Tensor] = None):
-    """(x, residual) -> LayerNorm(x + x_bias + residual) on fixed parameters, for an inference plan
-    (fastbert/models/plan.py) on CPU: the parameters are converted and their addresses read once, here.
+def bind_cpu(run, weight: Tensor, bias: Optional[Tensor], eps: float, x_bias: Optional[Tensor] = None):
+    """The "cpp" binder (registry.Implementation.binder): (x, residual) -> LayerNorm(x + x_bias + residual) on
+    fixed parameters, for an inference plan (fastbert/models/plan.py) on CPU: the parameters are converted and
+    their addresses read once, here; the kernel is called without `run`'s per-call checks.
 
     The caller guarantees what `add_layer_norm_extension` would check per call: x and residual are
     2-D (rows, width of weight), contiguous, of one dtype the kernel takes, no autograd, no dropout;

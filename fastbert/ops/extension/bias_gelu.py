@@ -104,8 +104,9 @@ def bias_gelu_extension(x: Tensor, bias: Optional[Tensor], approximate: str = "n
     return forward(x.contiguous(), bias, approximate)
 
 
-def cpu_inference_kernel(bias: Optional[Tensor], approximate: str):
-    """x -> GELU(x + bias) on a fixed bias, for an inference plan (fastbert/models/plan.py) on CPU.
+def bind_cpu(run, bias: Optional[Tensor], approximate: str):
+    """The "cpp" binder (registry.Implementation.binder): x -> GELU(x + bias) on a fixed bias, for an inference
+    plan (fastbert/models/plan.py) on CPU, without `run`'s per-call checks.
 
     The caller guarantees what `bias_gelu_extension` would check per call: x is 2-D (rows, width of
     bias), contiguous, of a dtype the kernel takes, no autograd; rows > 0."""
