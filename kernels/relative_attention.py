@@ -39,13 +39,15 @@ from fastbert.kernels.host import seed_value, triton_interpreting
 from fastbert.kernels.limits import attention_head_dim_problem
 
 # BLOCK_D -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward, the dq and the dk/dv kernel.
-# Smaller than plain attention's tiles: the gathered terms hold (BLOCK_M, BLOCK_N) offsets and buckets
-# in registers. Checked for spills on sm_80 / sm_90 by tests/aot/test_aot_attention.py.
+# Smaller tiles or more warps than plain attention's: the gathered terms hold (BLOCK_M, BLOCK_N)
+# buckets and pointers in registers. The largest tiles tried that compile without spills on sm_80 and
+# sm_90 (fp16/bf16, both terms and dropout; tests/aot/test_aot_attention.py). Not fp32: its
+# tl.dot(input_precision="ieee") backward spills at any tile (as plain attention's does).
 _CONFIGS = {
-    16: ((64, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)),
-    32: ((64, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)),
-    64: ((64, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)),
-    128: ((64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
+    16: ((64, 32, 4, 2), (64, 32, 8, 2), (64, 32, 8, 2)),
+    32: ((64, 32, 4, 2), (64, 32, 8, 2), (64, 32, 8, 2)),
+    64: ((64, 32, 4, 2), (64, 32, 8, 2), (64, 32, 8, 2)),
+    128: ((64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
 }
 _INTERPRETER_CONFIG = ((16, 16, 1, 1),) * 3
 
@@ -64,18 +66,19 @@ def _pair_offsets(IDX, rows, cols, length, seqlen):
     """(pair ok, bucket) of each (row, col) pair: inside the sequence, IDX[row - col + seqlen - 1]."""
     ok = (rows[:, None] < length) & (cols[None, :] < length)
     bucket = tl.load(IDX + (rows[:, None] - cols[None, :] + seqlen - 1), mask=ok, other=0)
-    return ok, bucket.to(tl.int64)
+    return ok, bucket
 
 
 @triton.jit
 def _rel_ptrs(REL, start, h, tokens, bucket, stride_t, stride_h, stride_b, ROW_IS_TOKEN: tl.constexpr):
-    """Pointers to REL[start + token, h, bucket] per pair; tokens are the pairs' rows or their cols."""
-    base = REL + start.to(tl.int64) * stride_t + h.to(tl.int64) * stride_h
-    if ROW_IS_TOKEN:
-        token_off = tokens[:, None].to(tl.int64) * stride_t
+    """Pointers to REL[start + token, h, bucket] per pair; tokens are the pairs' rows or their cols.
+    int64 per token, int32 within a row (the launcher keeps bucket offsets below 2**31)."""
+    token_ptrs = REL + (start + tokens).to(tl.int64) * stride_t + h.to(tl.int64) * stride_h
+    if ROW_IS_TOKEN:  # if/else, not an early return: compiled Triton would go on past it
+        ptrs = token_ptrs[:, None] + bucket * stride_b
     else:
-        token_off = tokens[None, :].to(tl.int64) * stride_t
-    return base + token_off + bucket * stride_b
+        ptrs = token_ptrs[None, :] + bucket * stride_b
+    return ptrs
 
 
 @triton.jit
@@ -267,6 +270,14 @@ def _rel_strides(rel: Optional[torch.Tensor]) -> tuple[int, int, int]:
     return tuple(rel.stride()) if rel is not None else (0, 0, 0)
 
 
+def _rel_layout(rel: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """rel as is when its offsets within one (token, head) row fit int32 (the kernels' bucket offsets),
+    else a contiguous copy."""
+    if rel is None or rel.shape[2] * abs(rel.stride(2)) < 2**31:
+        return rel
+    return rel.contiguous()
+
+
 def _flags(q, q_rel, k_rel, dropout_p) -> dict:
     return dict(HEAD_DIM=q.shape[-1], HAS_Q_REL=q_rel is not None, HAS_K_REL=k_rel is not None,
                 HAS_DROPOUT=dropout_p > 0.0, UPCAST_DOT=triton_interpreting() and q.dtype == torch.bfloat16)
@@ -281,6 +292,7 @@ def _common_args(q, q_rel, k_rel, out_like):
 def relative_fwd(q, k, v, cu_seqlens, max_seqlen, index, q_rel, k_rel, softmax_scale, dropout_p, seed):
     """Launch the forward; returns (out like q, lse (heads, total) fp32)."""
     q, k, v = _same_layout(q, k, v)
+    q_rel, k_rel = _rel_layout(q_rel), _rel_layout(k_rel)
     total, heads = q.shape[0], q.shape[1]
     batch = cu_seqlens.numel() - 1
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -312,6 +324,7 @@ def relative_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, index, q_rel, 
     """Launch the backward; returns (dq, dk, dv, dq_rel, dk_rel): q's shape, then fp32 (total, heads,
     buckets) or None."""
     q, k, v = _same_layout(q, k, v)
+    q_rel, k_rel = _rel_layout(q_rel), _rel_layout(k_rel)
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     out, dout = (t.contiguous() for t in (out, dout))  # read with dq's strides
     dq_rel, dk_rel = _rel_grad_buffer(q, q_rel), _rel_grad_buffer(q, k_rel)
@@ -429,10 +442,11 @@ _AOT_TYPES = {
 
 
 def _aot_cases() -> list[tuple]:
-    """Each kernel with the launchers' config, both relative terms (DeBERTa, the heaviest) with dropout,
-    fp16 / bf16 / fp32 at head_dim 64 and 128; plus MPNet's inference variant (q_rel only, no dropout)."""
+    """Each kernel with the launchers' config: both relative terms (DeBERTa, the heaviest) with dropout
+    in fp16 and bf16 at head_dim 64 and 128, plus MPNet's inference variant (q_rel only, no dropout).
+    fp16/bf16 as for plain attention; fp32 spills (see _CONFIGS)."""
     kernels = (("fwd", _rel_fwd_kernel), ("bwd_dq", _rel_bwd_dq_kernel), ("bwd_dkdv", _rel_bwd_dkdv_kernel))
-    variants = [(dtype, head_dim, True, True) for dtype in ("fp16", "bf16", "fp32") for head_dim in (64, 128)]
+    variants = [(dtype, head_dim, True, True) for dtype in ("fp16", "bf16") for head_dim in (64, 128)]
     variants.append(("bf16", 64, False, False))
     cases = []
     for dtype, head_dim, has_k_rel, has_dropout in variants:
