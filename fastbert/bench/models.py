@@ -52,11 +52,11 @@ def _auto_class(mode: str):
 
 def _copy_config(config, attn_implementation: str):
     copy = type(config).from_dict(config.to_dict())
-    copy._attn_implementation = _available_attention(config, attn_implementation)
+    copy._attn_implementation = available_attention(config, attn_implementation)
     return copy
 
 
-def _available_attention(config, wanted: str) -> str:
+def available_attention(config, wanted: str) -> str:
     """`wanted`, or "eager" where transformers' class has no SDPA attention (MPNet): eager is then its only
     attention, so hf-sdpa (the reference) times it."""
     model_class = transformers.AutoModel._model_mapping.get(type(config), None)
@@ -71,7 +71,7 @@ def build_reference(config, model_dir: str | None, mode: str) -> torch.nn.Module
         torch.manual_seed(SEED)
         return _auto_class(mode).from_config(_copy_config(config, "sdpa"))
     return _auto_class(mode).from_pretrained(model_dir, local_files_only=True,
-                                             attn_implementation=_available_attention(config, "sdpa"))
+                                             attn_implementation=available_attention(config, "sdpa"))
 
 
 def _hf_copy(reference: torch.nn.Module, attn_implementation: str) -> torch.nn.Module:
