@@ -23,7 +23,8 @@ CAPABILITIES = (80, 90)
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # The modules that define AOT_CASES.
 KERNEL_MODULES = ("fastbert.kernels.bias_gelu", "fastbert.kernels.add_layer_norm", "fastbert.kernels.attention",
-                  "fastbert.kernels.geglu", "fastbert.kernels.rotary", "fastbert.kernels.window_attention")
+                  "fastbert.kernels.geglu", "fastbert.kernels.rotary", "fastbert.kernels.window_attention",
+                  "fastbert.kernels.relative_attention")
 
 _REGISTERS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
