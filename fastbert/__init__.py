@@ -11,6 +11,7 @@ from fastbert.models.auto import (
 )
 from fastbert.models.catalog import CLASSES as _NATIVE_CLASSES
 from fastbert.models.loading import CorruptCheckpointError, MissingWeightsError
+from fastbert.models.packed import PackedOutput, encode_packed
 from fastbert.patch import UnsupportedModelError, patch, unpatch
 from fastbert.quantize import load_quantized, quantize, save_quantized  # fastbert.quantize is the function
 
@@ -32,10 +33,12 @@ __all__ = [
     "BackendUnavailableError",
     "CorruptCheckpointError",
     "MissingWeightsError",
+    "PackedOutput",
     "UnsupportedModelError",
     "__version__",
     "available_backends",
     "current_backend",
+    "encode_packed",
     "load_quantized",
     "ops",
     "patch",

@@ -47,6 +47,13 @@ class TokenLayout:
     # (family.relative, what its prepare returned) for a family with relative-position terms, else None
     # (fastbert.models.relative): set once per forward, read by every layer's self-attention.
     relative: tuple | None = None
+    # The inputs came packed (encode_packed): one (1, tokens) row, so batch and seqlen are that row's shape
+    # and pack/unpack are views, while attention and first_tokens read the sequences from cu_seqlens.
+    packed_inputs: bool = False
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, max_seqlen: int, tokens: int) -> "TokenLayout":
+        return cls(1, tokens, None, cu_seqlens, max_seqlen, packed_inputs=True)
 
     @classmethod
     def from_mask(cls, keep: torch.Tensor | None, batch: int, seqlen: int) -> "TokenLayout":
@@ -60,7 +67,7 @@ class TokenLayout:
 
     @property
     def dense(self) -> bool:
-        return self.indices is None
+        return self.indices is None and not self.packed_inputs
 
     def offsets(self, device: torch.device) -> torch.Tensor:
         """cu_seqlens, also for a dense batch (batch sequences of seqlen tokens)."""
@@ -70,13 +77,13 @@ class TokenLayout:
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """(batch, seq, ...) -> (tokens, ...)."""
-        if self.dense:
+        if self.indices is None:
             return padded.reshape(self.batch * self.seqlen, *padded.shape[2:])
         return gather_rows(padded, self.indices)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """(tokens, ...) -> (batch, seq, ...), zeros at padding."""
-        if self.dense:
+        if self.indices is None:
             return packed.view(self.batch, self.seqlen, *packed.shape[1:])
         return pad_input(packed, self.indices, self.batch, self.seqlen)
 
@@ -371,16 +378,17 @@ class EncoderResult:
 
 
 def encode(model: nn.Module, family: Family, inputs: dict, keep: torch.Tensor | None, options: dict,
-           views: dict | None = None) -> EncoderResult:
+           views: dict | None = None, layout: TokenLayout | None = None) -> EncoderResult:
     """Embeddings, projection and every layer call of a transformers base model on the fast path.
 
     keep: (batch, seq) bool key-padding mask (True = real token) or None for no padding.
     options: output_hidden_states (bool) and first_token_at_column_0 (bool): for heads that read
     [:, 0] of the padded output themselves, column 0 of a left-padded sequence holds its first real
-    token instead of zeros.
+    token instead of zeros. layout: given for packed inputs (TokenLayout.from_cu_seqlens), else read from keep.
     """
-    reference = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
-    layout = TokenLayout.from_mask(keep, *reference.shape[:2])
+    if layout is None:
+        reference = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+        layout = TokenLayout.from_mask(keep, *reference.shape[:2])
     layout.views = views or {}
     # Training or inference: decided here, per forward, from this forward's module mode and grad mode.
     layout.training = model.training

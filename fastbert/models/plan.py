@@ -407,7 +407,7 @@ class Plan:
         ids = inputs.get("input_ids")
         return (
             self.layers is not None and ids is not None and ids.device == self.device
-            and layout.seqlen > 0 and (layout.dense or layout.indices.shape[0] > 0)
+            and layout.seqlen > 0 and (layout.indices is None or layout.indices.shape[0] > 0)
             and not torch.is_autocast_enabled(self.device.type)
             and not any(map(_TRAINING, self.modules))
             and self.only_skippable_hooks
