@@ -20,11 +20,15 @@ transformers' multiply by the mask is 1 on real tokens.
 from __future__ import annotations
 
 import functools
+import operator
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
+
+from fastbert import backend
 
 # ---- positions: the bucket of each distance, computed by transformers' own function ----------------------
 
@@ -46,43 +50,106 @@ def _bucket_table(max_seqlen: int, position_buckets: int, max_position: int, def
 
 @dataclass
 class RelativeState:
-    """What every layer of one forward shares: the normalized relative embeddings and the distance buckets."""
+    """What every layer of one forward shares: the distance buckets, and how to get the normalized relative
+    embeddings: once, on first use, in inference (a forward whose layers all find their tables cached
+    never needs them); per layer when the forward records gradients, so that a checkpointed layer recomputes
+    them itself (reentrant checkpointing backpropagates each layer on its own: a graph shared by the layers
+    would be freed by the first)."""
 
-    rel_embeddings: torch.Tensor  # (2 * span, hidden): encoder.get_rel_embedding(), LayerNorm applied
+    encoder: nn.Module
     buckets: torch.Tensor  # (2 * max_seqlen - 1,) long on the model's device: bucket(i - j) at i - j + L - 1
     low: int  # smallest and largest bucket in `buckets`, so a layer projects only the rows it can reach
     high: int
+    per_layer: bool = False
+
+    def rel_embeddings(self) -> torch.Tensor:
+        """(2 * span, hidden): transformers' get_rel_embedding (the encoder's LayerNorm as a module call)."""
+        return self.encoder.get_rel_embedding() if self.per_layer else self._once
+
+    @functools.cached_property
+    def _once(self) -> torch.Tensor:
+        return self.encoder.get_rel_embedding()
 
 
-def prepare(model: nn.Module, max_seqlen: int) -> RelativeState:
-    """Once per forward: transformers' get_rel_embedding (the encoder's LayerNorm, as a module call) and
-    the buckets of every distance a sequence of max_seqlen tokens has."""
+def prepare(model: nn.Module, max_seqlen: int, training: bool = False) -> RelativeState:
+    """Once per forward: the buckets of every distance a sequence of max_seqlen tokens has."""
     encoder = model.encoder
     table, low, high = _bucket_table(
         int(max_seqlen), encoder.position_buckets, encoder.max_relative_positions, torch.get_default_dtype())
-    rel_embeddings = encoder.get_rel_embedding()
-    return RelativeState(rel_embeddings, table.to(rel_embeddings.device), low, high)
+    device = encoder.rel_embeddings.weight.device
+    return RelativeState(encoder, table.to(device), low, high, per_layer=training or torch.is_grad_enabled())
+
+
+def _projected(modules: dict, state: RelativeState, rows: slice, heads: int, head_dim: int, scale: float):
+    """scale * (pos_key, pos_query) of the bucket rows `rows`, each (heads, head_dim, rows): the layer's key /
+    query modules (called as modules: LoRA or a quantized wrapper on them counts) on rel_embeddings after
+    the attention's pos_dropout, as in transformers."""
+    relative = modules["attention"].pos_dropout(state.rel_embeddings())[rows]
+    return tuple((modules[name](relative) * scale).view(-1, heads, head_dim).permute(1, 2, 0)
+                 for name in ("key", "query"))
+
+
+# Inference: pos_key / pos_query of every bucket row depend on weights only, so each attention module's
+# are computed once and kept until a parameter they read changes (identity, version counter, storage).
+# Outside the modules (deepcopy, pickle and torch.save never carry them); weak keys.
+_TABLES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_VERSION = operator.attrgetter("_version")
+
+
+def _plain(module) -> bool:
+    return type(module) in (nn.Linear, nn.LayerNorm) and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def _table_sources(modules: dict, encoder: nn.Module) -> tuple | None:
+    """The parameters the projected tables read, when they are all there is to them (plain modules, no
+    dropout, no autograd); else None: project per forward."""
+    from fastbert.models.plan import global_hooks  # (plan imports the family table, which imports this module)
+
+    attention = modules["attention"]
+    if backend.records_autograd() or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if attention.pos_dropout.training and attention.pos_dropout.p > 0:
+        return None
+    norm = encoder.LayerNorm if "layer_norm" in encoder.norm_rel_ebd else None
+    plain = (modules["key"], modules["query"]) + (() if norm is None else (norm,))
+    if not all(map(_plain, plain)) or global_hooks():
+        return None
+    return tuple(p for module in plain for p in (module.weight, module.bias)) + (encoder.rel_embeddings.weight,)
+
+
+def _position_tables(modules: dict, state: RelativeState, span: int, heads: int, head_dim: int, scale: float):
+    """(pos_key, pos_query) * scale of every bucket row, (heads, head_dim, 2 * span) each, cached for inference."""
+    every_row = slice(0, 2 * span)
+    sources = _table_sources(modules, state.encoder)
+    if sources is None:
+        return None
+    stamp = (*map(_VERSION, sources), *map(torch.Tensor.data_ptr, sources), scale, span,
+             getattr(state.encoder, "LayerNorm", None) is not None and state.encoder.LayerNorm.eps)
+    cached = _TABLES.get(modules["attention"])
+    if cached is not None and cached[1] == stamp and all(map(operator.is_, cached[0], sources)):
+        return cached[2]
+    tables = tuple(t.contiguous() for t in _projected(modules, state, every_row, heads, head_dim, scale))
+    _TABLES[modules["attention"]] = (sources, stamp, tables)  # one assignment: thread-safe
+    return tables
 
 
 def _per_bucket(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """(tokens, heads, head_dim) . (rows, heads, head_dim) -> (tokens, heads, rows), one GEMM per head."""
-    return torch.matmul(x.transpose(0, 1), table.permute(1, 2, 0)).transpose(0, 1)
+    """(tokens, heads, head_dim) . (heads, head_dim, rows) -> (tokens, heads, rows), one GEMM per head."""
+    return torch.matmul(x.transpose(0, 1), table).transpose(0, 1)
 
 
 def relative_terms(modules: dict, state: RelativeState, q: torch.Tensor, k: torch.Tensor, scale: float):
-    """One layer's (index, q_rel, k_rel) for fastbert.ops.relative_attention.
+    """One layer's (index, q_rel, k_rel) for fastbert.ops.relative_attention. q, k: (tokens, heads, head_dim).
 
-    q, k: (tokens, heads, head_dim). pos_key / pos_query come from the layer's key / query modules
-    (called as modules, so LoRA or a quantized wrapper on them counts), on the rows of rel_embeddings
-    that c() reaches, after the attention's pos_dropout as in transformers. Scaling the small
-    (rows, heads, head_dim) tables is scaling both terms."""
-    attention = modules["attention"]
-    span = attention.pos_ebd_size
+    Only the bucket rows c() reaches are used (first..last). Scaling the small tables is scaling both terms."""
+    span = modules["attention"].pos_ebd_size
     first, last = (min(max(b + span, 0), 2 * span - 1) for b in (state.low, state.high))
-    rows = attention.pos_dropout(state.rel_embeddings)[first:last + 1]
     heads, head_dim = q.shape[1], q.shape[2]
-    pos_key = modules["key"](rows).view(-1, heads, head_dim) * scale
-    pos_query = modules["query"](rows).view(-1, heads, head_dim) * scale
+    tables = _position_tables(modules, state, span, heads, head_dim, scale)
+    if tables is None:
+        pos_key, pos_query = _projected(modules, state, slice(first, last + 1), heads, head_dim, scale)
+    else:
+        pos_key, pos_query = (t[:, :, first:last + 1] for t in tables)
     index = (state.buckets + span).clamp(0, 2 * span - 1) - first
     return index, _per_bucket(q, pos_key), _per_bucket(k, pos_query)
 
@@ -117,7 +184,7 @@ class DebertaRelative:
 
     @staticmethod
     def prepare(model: nn.Module, layout) -> RelativeState:
-        return prepare(model, layout.max_seqlen)
+        return prepare(model, layout.max_seqlen, layout.training)
 
     @staticmethod
     def terms(modules: dict, shared: RelativeState, q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple:

@@ -4,6 +4,7 @@ Random-init small configs shaped like deberta-v3 (log buckets, shared key/query 
 c2p + p2c, LayerNorm'ed relative embeddings, no absolute positions, no token types), fresh random
 batches, sequences longer than position_buckets so that the log buckets and the clamp count.
 """
+import types
 import warnings
 from unittest import mock
 
@@ -47,14 +48,22 @@ def test_bucket_of_each_distance_is_transformers(buckets, max_position, length):
 # ---- one layer's attention ----------------------------------------------------------------------------------
 
 
-def _hf_attention(module, config, hidden, mask, rel_embeddings):
-    encoder = hf.DebertaV2Encoder(config)
+def _encoder(config, dtype):
+    """A DebertaV2Encoder whose relative embeddings and their LayerNorm are random (not LayerNorm's fixed point)."""
+    encoder = hf.DebertaV2Encoder(config).to(dtype)
+    with torch.no_grad():
+        for parameter in (encoder.rel_embeddings.weight, encoder.LayerNorm.weight, encoder.LayerNorm.bias):
+            parameter.normal_()
+    return encoder
+
+
+def _hf_attention(module, encoder, hidden, mask):
     relative_pos = encoder.get_rel_pos(hidden)
     return module(hidden, encoder.get_attention_mask(mask), relative_pos=relative_pos,
-                  rel_embeddings=rel_embeddings)[0]
+                  rel_embeddings=encoder.get_rel_embedding())[0][mask.bool()]
 
 
-def _fast_attention(module, config, hidden, mask, rel_embeddings):
+def _fast_attention(module, encoder, hidden, mask):
     keep = mask.bool()
     lengths = keep.sum(-1)
     cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).int()
@@ -62,7 +71,7 @@ def _fast_attention(module, config, hidden, mask, rel_embeddings):
     heads, head_dim = module.num_attention_heads, module.attention_head_size
     projections = (module.query_proj, module.key_proj, module.value_proj)
     q, k, v = (proj(packed).view(-1, heads, head_dim) for proj in projections)
-    state = deberta.RelativeState(rel_embeddings, *_table(int(lengths.max()), config))
+    state = deberta.prepare(types.SimpleNamespace(encoder=encoder), int(lengths.max()))
     scale = deberta.attention_scale(head_dim, hidden.dtype)
     modules = dict(attention=module, query=module.query_proj, key=module.key_proj)
     index, q_rel, k_rel = deberta.relative_terms(modules, state, q, k, scale)
@@ -71,47 +80,37 @@ def _fast_attention(module, config, hidden, mask, rel_embeddings):
     return context.reshape(packed.shape[0], -1)
 
 
-def _table(max_seqlen, config):
-    max_position = config.max_relative_positions
-    max_position = max_position if max_position > 0 else config.max_position_embeddings
-    return deberta._bucket_table(max_seqlen, config.position_buckets, max_position, torch.get_default_dtype())
-
-
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("buckets", [8, -1])
 def test_one_layer_matches_disentangled_self_attention(side, dtype, tol, buckets):
     config = deberta_config(position_buckets=buckets, max_relative_positions=24 if buckets < 0 else -1)
-    torch.manual_seed(1)
     module = hf.DisentangledSelfAttention(config).to(dtype).eval()
+    encoder = _encoder(config, dtype)
     lengths, seqlen = [40, 3, 17, 1], 40  # longer than 2 * position_buckets: log buckets and clamp both reached
     mask = padding_mask(lengths, seqlen, side)
     hidden = torch.randn(len(lengths), seqlen, config.hidden_size, dtype=dtype)
-    rel_embeddings = hf.DebertaV2Encoder(config).to(dtype).get_rel_embedding().detach()
-    rel_embeddings = rel_embeddings + torch.randn_like(rel_embeddings)  # not the LayerNorm's fixed point
     with torch.no_grad():
-        expected = _hf_attention(module, config, hidden, mask, rel_embeddings)[mask.bool()]
-        out = _fast_attention(module, config, hidden, mask, rel_embeddings)
+        expected = _hf_attention(module, encoder, hidden, mask)
+        out = _fast_attention(module, encoder, hidden, mask)
     assert max_error(out, expected) <= tol
 
 
 def test_one_layer_gradients_match():
-    """Every parameter of the attention and the relative embeddings, through the c2p and p2c GEMMs."""
+    """Every parameter of the attention, the relative embeddings and their LayerNorm, through c2p and p2c."""
     config = deberta_config()
-    torch.manual_seed(2)
     module = hf.DisentangledSelfAttention(config).double()
+    encoder = _encoder(config, torch.float64)
     lengths, seqlen = [30, 11], 30
     mask = padding_mask(lengths, seqlen, "right")
     hidden = torch.randn(2, seqlen, config.hidden_size, dtype=torch.float64)
-    rel = torch.randn(2 * config.position_buckets, config.hidden_size, dtype=torch.float64)
     grads = []
     for run in (_hf_attention, _fast_attention):
         module.zero_grad()
-        leaf = rel.clone().requires_grad_()
-        out = run(module, config, hidden, mask, leaf)
-        out = out[mask.bool()] if out.dim() == 3 else out
-        out.pow(2).sum().backward()
-        grads.append([leaf.grad, *(p.grad for p in module.parameters())])
+        encoder.zero_grad()
+        run(module, encoder, hidden, mask).pow(2).sum().backward()
+        grads.append([p.grad for p in (*module.parameters(), *encoder.parameters()) if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) == len(list(module.parameters())) + 3
     for mine, theirs in zip(*grads):
         assert max_error(mine, theirs) <= 1e-10
 
@@ -247,14 +246,17 @@ def test_context_pooler_reads_the_first_real_token_under_left_padding(suffix, pa
     assert max_error(_run(fast, left).logits, _run(reference, right).logits) <= TOL
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
 def test_training_step_every_gradient_matches(checkpointing):
     config = deberta_config()
     reference, fast = _pair("DebertaV2ForMaskedLM", config, patched=False)
+    # transformers' DeBERTa fails under reentrant checkpointing (the first layer's backward frees the graph
+    # of the rel_embeddings every layer shares): fastbert's is compared with its step without checkpointing.
+    for model in (reference, fast) if checkpointing != "reentrant" else (fast,):
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
     for model in (reference, fast):
         model.train()
-        if checkpointing:
-            model.activation_checkpointing_enable()
     batch = _batch(config, LENGTHS, 40, seed=17)
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     with mock.patch.object(encoder, "relative_attention", wraps=encoder.relative_attention) as spy:
@@ -383,3 +385,47 @@ def test_quantize_keeps_its_gate_and_the_fast_path_runs_the_int8_modules():
     out = _run(model, batch).last_hidden_state[keep]
     fastbert.unpatch(model)
     assert max_error(out, _run(model, batch).last_hidden_state[keep]) <= TOL
+
+
+def test_cached_position_tables_follow_every_parameter_they_read():
+    """Inference keeps each layer's projected pos_key/pos_query; an in-place update of key_proj, query_proj,
+    rel_embeddings or their LayerNorm, or a replaced parameter, is seen on the next forward."""
+    config = deberta_config()
+    reference, fast = _pair("DebertaV2Model", config, patched=True)
+    batch = _batch(config, LENGTHS, 40, seed=53)
+    keep = batch["attention_mask"].bool()
+    updates = [
+        lambda m: m.encoder.layer[0].attention.self.key_proj.weight.add_(0.1),
+        lambda m: m.encoder.layer[1].attention.self.query_proj.bias.add_(0.1),
+        lambda m: m.encoder.rel_embeddings.weight.mul_(2.0),
+        lambda m: m.encoder.LayerNorm.weight.add_(0.5),
+        lambda m: setattr(m.encoder.LayerNorm, "bias", torch.nn.Parameter(m.encoder.LayerNorm.bias + 0.3)),
+    ]
+    for update in [None, *updates]:
+        if update is not None:
+            with torch.no_grad():
+                update(fast)
+                update(reference)
+        out, ref = _run(fast, batch).last_hidden_state, _run(reference, batch).last_hidden_state
+        assert max_error(out[keep], ref[keep]) <= TOL
+
+
+def test_linear_wrappers_on_key_and_query_run_for_the_position_terms_too():
+    """A LoRA-like wrapper on key_proj/query_proj is called on the relative embeddings as transformers calls it."""
+
+    class Shifted(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 0.25
+
+    config = deberta_config()
+    reference, fast = _pair("DebertaV2Model", config, patched=False)
+    for model in (reference, fast):
+        for layer in model.encoder.layer:
+            for name in ("key_proj", "query_proj"):
+                old = getattr(layer.attention.self, name)
+                wrapped = Shifted(old.in_features, old.out_features)
+                wrapped.load_state_dict(old.state_dict())
+                setattr(layer.attention.self, name, wrapped)
+    batch = _batch(config, LENGTHS, 40, seed=59)
+    keep = batch["attention_mask"].bool()
+    assert max_error(_run(fast, batch).last_hidden_state[keep], _run(reference, batch).last_hidden_state[keep]) <= TOL
