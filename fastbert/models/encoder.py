@@ -22,7 +22,7 @@ from fastbert import backend
 from fastbert.models import plan, support
 from fastbert.models.families import Family, LayerPieces
 from fastbert.models.support import embeddings_known, gelu_approximation
-from fastbert.ops import add_layer_norm, attention, bias_gelu, varlen_attention
+from fastbert.ops import add_layer_norm, attention, bias_gelu, qkv_attention, varlen_attention
 from fastbert.ops.linear import GELU_ACTIVATION, fuses_epilogue
 from fastbert.ops.linear import linear as linear_op
 from fastbert.ops.padding import counts_from_mask, gather_rows, packing_from_counts, pad_input
@@ -164,12 +164,21 @@ def _plain_linear_with_bias(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.bias is not None
 
 
-def project_qkv(owner: nn.Module, query: nn.Module, key: nn.Module, value: nn.Module, hidden: torch.Tensor):
-    """GEMM 1: query, key, value projections of (tokens, hidden), each (tokens, heads * head_dim)."""
+def fused_qkv_output(owner: nn.Module, query: nn.Module, key: nn.Module, value: nn.Module,
+                     hidden: torch.Tensor) -> torch.Tensor | None:
+    """GEMM 1 as one GEMM: (tokens, 3 * heads * head_dim), when query/key/value are plain Linears; else None."""
     if _plain_linear_with_bias(query) and _plain_linear_with_bias(key) and _plain_linear_with_bias(value):
         weight, bias = _fused_qkv_parameters(owner, query, key, value)
-        return linear_op(hidden, weight, bias).chunk(3, dim=-1)
-    return query(hidden), key(hidden), value(hidden)
+        return linear_op(hidden, weight, bias)
+    return None
+
+
+def _attends_on_fused_output(qkv: torch.Tensor | None, dropout_p: float, layout: "TokenLayout") -> bool:
+    """Inference reads q, k, v straight from the fused GEMM's output through the same bound qkv_attention as the
+    inference plan (so both run one kernel at every length); training, dropout, relative terms and tracing
+    by torch.compile (the binding is Python state) take the attention ops."""
+    return (qkv is not None and dropout_p == 0.0 and layout.relative is None and not layout.training
+            and not backend.records_autograd(qkv) and not torch.compiler.is_compiling())
 
 
 def ffn_in_activation(dense: nn.Module, activation: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -211,7 +220,14 @@ def self_attention_forward(modules: dict, heads_attribute: str, hidden: torch.Te
     heads, head_dim = getattr(owner, heads_attribute), owner.attention_head_size
     scale = getattr(owner, "scaling", head_dim**-0.5)
     dropout_p = _dropout_p(modules["attention_dropout"])
-    q, k, v = project_qkv(owner, modules["query"], modules["key"], modules["value"], hidden)
+    qkv = fused_qkv_output(owner, modules["query"], modules["key"], modules["value"], hidden)
+    if _attends_on_fused_output(qkv, dropout_p, layout):
+        bound = qkv_attention.bound_for(qkv, head_dim)
+        if layout.dense:
+            return bound.dense(qkv, heads, head_dim, scale, layout.batch, layout.seqlen)
+        return bound.packed(qkv, heads, head_dim, scale, layout.cu_seqlens, layout.max_seqlen)
+    projections = modules["query"], modules["key"], modules["value"]
+    q, k, v = qkv.chunk(3, dim=-1) if qkv is not None else (module(hidden) for module in projections)
     tokens = hidden.shape[0]
     if layout.relative is not None:
         return _relative_attention(modules, (q, k, v), heads, head_dim, scale, dropout_p, layout)

@@ -41,7 +41,7 @@ from fastbert import backend
 from fastbert.env import flag
 from fastbert.models.families import Family, module_pooler
 from fastbert.models.support import TreeStamp, check_modules, embeddings_known, gelu_approximation, remembered_check
-from fastbert.ops import _dispatch, qkv_attention  # noqa: F401 (registers the op the plans bind)
+from fastbert.ops import _dispatch, qkv_attention
 from fastbert.quantize import SCOPE_HOOKS, Int8Linear
 
 _VERSION = operator.attrgetter("_version")
@@ -366,8 +366,7 @@ class Plan:
         self.device, self.dtype = _parameters_device_dtype(binder)
         self.layers = tuple(steps[layer] for layer in layers)
         head_dim = self.layers[0].head_dim
-        attention = _dispatch.bind("qkv_attention", resolver.probe, head_dim=head_dim, like=resolver.probe,
-                                   head_size=head_dim)
+        attention = qkv_attention.bound_for(resolver.probe, head_dim)
         self.dense_attention, self.varlen_attention = attention.dense, attention.packed
 
     def _freeze(self) -> None:

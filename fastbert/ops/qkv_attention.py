@@ -69,6 +69,24 @@ def bind(run, like: torch.Tensor, head_size: int) -> Bound:
     return Bound(_dense(dense), _packed(implementation("varlen_attention", like, head_dim=head_size)))
 
 
+_bound: dict[tuple, Bound] = {}
+
+
+def bound_for(like: torch.Tensor, head_dim: int) -> Bound:
+    """The registry's qkv_attention bound for tensors like `like` (device, dtype), memoized per selection and
+    registry generation: inference plans bind it once, and the general forward's inference calls run the same
+    Bound, so both run the same kernels at every length."""
+    key = (backend.REGISTRY.generation, backend.current_backend(), like.device.type, like.dtype, head_dim)
+    found = _bound.get(key)
+    if found is None:
+        from fastbert.ops import _dispatch
+
+        probe = like.new_empty(0)
+        found = _bound[key] = _dispatch.bind("qkv_attention", probe, head_dim=head_dim, like=probe,
+                                             head_size=head_dim)
+    return found
+
+
 def _refuse_autograd(call: Signature) -> str | None:
     return "attention on the fused QKV output is inference-only (autograd is recording)" if call.grad else None
 

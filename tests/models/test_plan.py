@@ -2,10 +2,10 @@
 
 Each test compares the plan's output with the general forward's (plans off: every op resolved per
 call) on the same model and inputs; in fp32 on CPU both run the same kernels, so they must agree
-bitwise (the pooler: to 1e-6, the plan runs it as a packed GEMM with the tanh in its epilogue). The
-batches are longer than SHORT_SEQLEN: shorter sequences attend on the plan's own kernel (tested apart; the
-fixture below fixes the plan's limit at SHORT_SEQLEN, as on a CPU with AMX, so these tests do not depend on the
-CPU: elsewhere plans run that kernel at every length, test_fused_qkv_attention_length_follows_the_cpu).
+bitwise (the pooler: to 1e-6, the plan runs it as a packed GEMM with the tanh in its epilogue), at every
+length: both attend through the one bound qkv_attention (the fixture below fixes its length limit at
+SHORT_SEQLEN, as on a CPU with AMX, so these tests do not depend on the CPU: elsewhere the kernel on the fused
+QKV output runs at every length, test_fused_qkv_attention_length_follows_the_cpu).
 "Ran the plan" is observed by counting Plan.run calls.
 """
 from __future__ import annotations
@@ -25,6 +25,14 @@ from tests.models.family_configs import MODEL_TYPES, family_batch, family_config
 @pytest.fixture(autouse=True)
 def fused_qkv_attention_up_to_short_seqlen(monkeypatch):
     monkeypatch.setattr(cpu_attention, "fused_qkv_max_seqlen", lambda: cpu_attention.SHORT_SEQLEN)
+    fresh_qkv_bindings(monkeypatch)
+
+
+def fresh_qkv_bindings(monkeypatch) -> None:
+    """Forget the bound qkv_attention (memoized per selection: its length limit and kernel are bound)."""
+    from fastbert.ops import qkv_attention
+
+    monkeypatch.setattr(qkv_attention, "_bound", {})
 
 
 def count_kernel_calls(monkeypatch, calls: list) -> None:
@@ -35,6 +43,7 @@ def count_kernel_calls(monkeypatch, calls: list) -> None:
 
     monkeypatch.setattr(_dispatch._loaded, "qkv_attention__cpp",
                         lambda *a: calls.append(a[-1]) or fused_qkv_attention(*a), raising=False)
+    fresh_qkv_bindings(monkeypatch)
 
 
 @pytest.fixture
@@ -122,6 +131,7 @@ def test_every_family_runs_a_plan_equal_to_the_general_forward(plan_runs, model_
     torch.manual_seed(0)
     config = family_config(model_type)  # at most 32 positions: the short attention kernel is turned off here
     monkeypatch.setattr(cpu_attention, "fused_qkv_max_seqlen", lambda: 16)
+    fresh_qkv_bindings(monkeypatch)
     family = next(f for f in FAMILIES if f.model_type == model_type)
     model = fastbert.patch(family.base(config).eval())
     batch = family_batch(config, [24, 3, 20], 24, generator=torch.Generator().manual_seed(1))
@@ -376,6 +386,7 @@ def test_long_sequences_attend_on_the_fused_kernel_where_the_cpu_says_so(plan_ru
 
     skip_without_the_extension()
     monkeypatch.setattr(cpu_attention, "fused_qkv_max_seqlen", lambda: math.inf)
+    fresh_qkv_bindings(monkeypatch)
     calls = []
     count_kernel_calls(monkeypatch, calls)
     for lengths in ((SHORT_SEQLEN + 9, SHORT_SEQLEN + 9), (SHORT_SEQLEN + 9, 7, 1)):
@@ -383,11 +394,11 @@ def test_long_sequences_attend_on_the_fused_kernel_where_the_cpu_says_so(plan_ru
         model = model.to(dtype)
         calls.clear()
         fast = infer(model, batch)
-        reference = general(model, batch)
         assert calls == [SHORT_SEQLEN + 9] * len(model.encoder.layer)
-        keep = batch["attention_mask"].bool()
-        tolerance = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: a step of the output's rounding
-        assert max_error(fast.last_hidden_state[keep], reference.last_hidden_state[keep]) < tolerance
+        calls.clear()
+        reference = general(model, batch)  # the general forward's inference runs the same bound kernel
+        assert calls == [SHORT_SEQLEN + 9] * len(model.encoder.layer)
+        assert torch.equal(fast.last_hidden_state, reference.last_hidden_state)
 
 
 @pytest.mark.parametrize("others", [(), (6, 1)], ids=["dense", "padded"])
@@ -403,10 +414,12 @@ def test_short_sequences_attend_on_the_plans_kernel(plan_runs, monkeypatch, othe
     model, batch = model_and_batch(lengths, seqlen=SHORT_SEQLEN)
     model = model.to(dtype)
     fast = infer(model, batch)
-    reference = general(model, batch)
     assert calls == [SHORT_SEQLEN] * len(model.encoder.layer)
-    tolerance = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: a step of the output's rounding
-    assert max_error(fast.last_hidden_state, reference.last_hidden_state) < tolerance
+    calls.clear()
+    reference = general(model, batch)  # the same bound kernel: bitwise at every length
+    assert calls == [SHORT_SEQLEN] * len(model.encoder.layer)
+    assert torch.equal(fast.last_hidden_state, reference.last_hidden_state)
+    calls.clear()
     batch = random_batch(small_config(), 1, SHORT_SEQLEN + 1, lengths=[SHORT_SEQLEN + 1])
     calls.clear()
     infer(model, batch)
