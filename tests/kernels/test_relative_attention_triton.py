@@ -90,3 +90,29 @@ def test_dropout_drops_probabilities_and_backward_matches_its_mask(device):
     out.backward(torch.ones_like(out))
     # sum over keys of d out / d v (any one feature) == sum over queries of the kept mass == out's sum
     assert abs(v.grad[:, 0, 0].sum().item() - out[:, 0, 0].sum().item()) < 1e-3
+
+
+def test_opcheck_and_compile_without_graph_breaks(device):
+    """The custom ops' fake and autograd registrations (opcheck), and torch.compile through forward and
+    backward in one graph, MPNet's stride-0 q_rel included."""
+    from fastbert.kernels.relative_attention import relative_attention_triton
+
+    torch.manual_seed(0)
+    cu, index = _cu_seqlens([5, 7], device), _index(7, device)
+    q, k, v = (torch.randn(12, 2, 16, device=device, requires_grad=True) for _ in range(3))
+    q_rel, k_rel = (torch.randn(12, 2, BUCKETS, device=device, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(torch.ops.fastbert.triton_relative_attention_fwd.default,
+                          (q, k, v, cu, 7, index.int(), q_rel, k_rel, 0.25, 0.0, None))
+
+    table = torch.randn(BUCKETS, 2, device=device, requires_grad=True)
+
+    def step(q, k, v, table, k_rel):
+        out = relative_attention_triton(q, k, v, cu, 7, index, q_rel=_with_table(None, table, 12), k_rel=k_rel)
+        return (out * out).sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    leaves = [q, k, v, table, k_rel]
+    grads = torch.autograd.grad(compiled(*leaves), leaves)
+    expected = torch.autograd.grad(step(*leaves), leaves)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
