@@ -23,7 +23,7 @@ from fastbert.models import plan, support
 from fastbert.models.families import Family, LayerPieces
 from fastbert.models.support import embeddings_known, gelu_approximation
 from fastbert.ops import add_layer_norm, attention, bias_gelu, qkv_attention, varlen_attention
-from fastbert.ops.linear import GELU_ACTIVATION, fuses_epilogue
+from fastbert.ops.linear import GELU_ACTIVATION, fuses_epilogue, splits_bias
 from fastbert.ops.linear import linear as linear_op
 from fastbert.ops.padding import counts_from_mask, gather_rows, packing_from_counts, pad_input
 from fastbert.ops.relative_attention import relative_attention
@@ -112,9 +112,11 @@ def linear_for_fusion(linear: nn.Module, x: torch.Tensor, fused_op: str):
     that applies the bias in its epilogue (oneDNN, fp32 CPU inference), the bias stays there too.
     """
     width = linear.out_features if type(linear) is nn.Linear else 0
-    if width and fuses_epilogue(x, linear.weight, linear.bias):  # the GEMM library adds the bias itself
+    if not width:
+        return linear(x), None
+    if fuses_epilogue(x, linear.weight, linear.bias):  # a GEMM library (not the torch reference): bias in it
         return linear_op(x, linear.weight, linear.bias), None
-    if width and linear.bias is not None and backend.resolved_backend(fused_op, x, width=width) != "torch":
+    if linear.bias is not None and splits_bias("torch", backend.resolved_backend(fused_op, x, width=width)):
         return F.linear(x, linear.weight), linear.bias
     return linear(x), None
 

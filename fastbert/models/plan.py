@@ -42,6 +42,7 @@ from fastbert.env import flag
 from fastbert.models.families import Family, module_pooler
 from fastbert.models.support import TreeStamp, check_modules, embeddings_known, gelu_approximation, remembered_check
 from fastbert.ops import _dispatch, qkv_attention
+from fastbert.ops.linear import splits_bias
 from fastbert.quantize import SCOPE_HOOKS, Int8Linear
 
 _VERSION = operator.attrgetter("_version")
@@ -104,7 +105,7 @@ class Resolver:
         adds it itself (oneDNN, int8) or when the norm is the torch reference, else in the fused norm."""
         if _is_int8(linear):
             return _int8_module_gemm(linear), self.norm(norm)
-        split = self.name("linear") != "onednn" and self.name("add_layer_norm", width=norm.weight.shape[0]) != "torch"
+        split = splits_bias(self.name("linear"), self.name("add_layer_norm", width=norm.weight.shape[0]))
         gemm = self.gemm(linear.weight, None if split else linear.bias)
         return gemm, self.norm(norm, linear.bias if split else None)
 
@@ -127,7 +128,7 @@ class Resolver:
             return _int8_module_gemm(linear, GELU_ACTIVATION[approximate])
         if self.name("linear") == "onednn":
             return self.gemm(linear.weight, linear.bias, GELU_ACTIVATION[approximate])
-        split = self.name("bias_gelu") != "torch"
+        split = splits_bias(self.name("linear"), self.name("bias_gelu"))
         gemm = self.gemm(linear.weight, None if split else linear.bias)
         activation = _dispatch.bind("bias_gelu", self.probe, bias=linear.bias if split else None,
                                     approximate=approximate)

@@ -74,6 +74,14 @@ def linear_implementation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return implementation("linear", x, grad=_records_autograd(x, weight, bias))
 
 
+def splits_bias(linear_backend: str, fused_backend: str) -> bool:
+    """Whether a dense layer's bias goes to the fused op after its GEMM (add_layer_norm's x_bias, bias_gelu's
+    bias) rather than into the GEMM. The one rule both forwards follow: a GEMM library that adds the bias in its
+    epilogue keeps it (any linear backend but the torch reference), and so does torch's addmm when the fused op
+    is the torch reference itself (free there); otherwise the fused kernel adds it in the pass it makes anyway."""
+    return linear_backend == "torch" and fused_backend != "torch"
+
+
 def fuses_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """True when linear runs these tensors on a GEMM library that applies bias and GELU itself (oneDNN),
     so callers should hand it the bias and activation rather than split them into a fused op after it."""
