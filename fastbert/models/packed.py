@@ -50,6 +50,21 @@ def encode_packed(model: nn.Module, input_ids: torch.Tensor, cu_seqlens: torch.T
     """
     base, family = _base_and_family(model)
     views = _checked_views(base, family)
+    _check_arguments(input_ids, cu_seqlens, token_type_ids, pooling)
+    unread = family.unread(base) if family.unread is not None else frozenset()
+    max_seqlen = check_cu_seqlens(cu_seqlens, input_ids.shape[0], _length_limit(base, family, unread))
+    inputs = _encoder_inputs(base, family, unread, input_ids, cu_seqlens, token_type_ids)
+    if should_validate(base.config, validate):
+        validate_inputs(base.config, base.get_input_embeddings().weight.device, inputs["input_ids"], None,
+                        inputs["token_type_ids"], inputs["position_ids"], length_limit=False)
+    if input_ids.shape[0] == 0:
+        return _empty(base, cu_seqlens, pooling)
+    layout = TokenLayout.from_cu_seqlens(cu_seqlens, max_seqlen, input_ids.shape[0])
+    hidden = encode(base, family, inputs, None, {}, views, layout=layout).last_hidden_state[0]
+    return PackedOutput(hidden, None if pooling is None else pool_packed(hidden, cu_seqlens, pooling))
+
+
+def _check_arguments(input_ids, cu_seqlens, token_type_ids, pooling) -> None:
     if pooling is not None and pooling not in POOLING_MODES:
         raise ValueError(f"pooling={pooling!r}: expected one of {', '.join(POOLING_MODES)} or None")
     _check_tensor("input_ids", input_ids, torch.long)
@@ -61,23 +76,27 @@ def encode_packed(model: nn.Module, input_ids: torch.Tensor, cu_seqlens: torch.T
         if token_type_ids.shape != input_ids.shape:
             raise ValueError(f"token_type_ids must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(token_type_ids.shape)}")
-    unread = family.unread(base) if family.unread is not None else frozenset()
-    max_seqlen = check_cu_seqlens(cu_seqlens, input_ids.shape[0], _length_limit(base, family, unread))
+
+
+def _encoder_inputs(base: nn.Module, family: Family, unread: frozenset, input_ids: torch.Tensor,
+                    cu_seqlens: torch.Tensor, token_type_ids: torch.Tensor | None) -> dict:
+    """encode's inputs as one (1, tokens) row each, positions numbered per sequence."""
     if token_type_ids is not None and not family.token_types:
         raise ValueError(f"token_type_ids: {family.name} has no token types")
     if "token_type_ids" in unread:  # DeBERTa-v3 (type_vocab_size 0) ignores them, as in transformers
         token_type_ids = None
     positions = None if "position_ids" in unread else packed_positions(family, base.embeddings, input_ids, cu_seqlens)
-    inputs = {"input_ids": input_ids[None], "inputs_embeds": None, "position_ids": _row(positions),
-              "token_type_ids": _row(token_type_ids)}
-    if should_validate(base.config, validate):
-        validate_inputs(base.config, base.get_input_embeddings().weight.device, inputs["input_ids"], None,
-                        inputs["token_type_ids"], inputs["position_ids"], length_limit=False)
-    if input_ids.shape[0] == 0:
-        return _empty(base, cu_seqlens, pooling)
-    layout = TokenLayout.from_cu_seqlens(cu_seqlens, max_seqlen, input_ids.shape[0])
-    hidden = encode(base, family, inputs, None, {}, views, layout=layout).last_hidden_state[0]
-    return PackedOutput(hidden, None if pooling is None else pool_packed(hidden, cu_seqlens, pooling))
+    return {"input_ids": input_ids[None], "inputs_embeds": None, "position_ids": _row(positions),
+            "token_type_ids": _row(token_type_ids)}
+
+
+def packed_problem(model: nn.Module) -> str | None:
+    """Why encode_packed refuses `model` (the message it raises), or None when it runs it."""
+    try:
+        _checked_views(*_base_and_family(model))
+    except (TypeError, ValueError) as why:  # UnsupportedModelError is a ValueError
+        return str(why)
+    return None
 
 
 def pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> torch.Tensor:

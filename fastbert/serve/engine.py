@@ -1,19 +1,23 @@
 """Tokenization and the forward: what the batcher and the endpoints call.
 
-The fast encoder takes a (batch, seq) batch with a mask and removes padding once before the
-embeddings (fastbert.models.encoder), so a batch built right-padded and sorted by length costs no
-padding compute: the only padded tensors are the integer inputs and the output buffer the pooling reads.
+An embedding model whose pooling is mean and/or cls runs fastbert.encode_packed on the batch's sequences
+back to back (cu_seqlens from their lengths): no padded tensor at all, no mask to read. Classifiers (their
+heads read the padded output), the other pooling modes and models encode_packed does not run (ModernBERT)
+take the padded path: a right-padded batch the encoder unpads once before the embeddings.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from fastbert.models.packed import POOLING_MODES as PACKED_POOLING
+from fastbert.models.packed import encode_packed, packed_problem, pool_packed
 from fastbert.serve.loading import LoadedModel, load_tokenizer
 from fastbert.serve.pooling import pool
 from fastbert.serve.precision import choose_dtype
@@ -51,6 +55,7 @@ class Engine:
         self._template = load_tokenizer(loaded.tokenizer_dir)
         self.pad_id = self._template.pad_token_id if self._template.pad_token_id is not None else 0
         self.uses_token_types = "token_type_ids" in self._template.model_input_names
+        self.packed = runs_packed(loaded)
 
     @property
     def max_input_length(self) -> int:
@@ -116,8 +121,19 @@ class Engine:
             tensors["token_type_ids"] = token_types
         return tensors
 
+    def packed_tensors(self, batch: list[Encoded]) -> dict:
+        """The sequences' input_ids back to back, their cu_seqlens (and token_type_ids), for encode_packed."""
+        tensors = {"input_ids": torch.tensor([token for item in batch for token in item.input_ids]),
+                   "cu_seqlens": torch.tensor([0, *itertools.accumulate(map(len, batch))], dtype=torch.int32)}
+        if self.uses_token_types and getattr(self.loaded.model.config, "type_vocab_size", 0) > 0:
+            types = [t for item in batch for t in (item.token_type_ids or [0] * len(item))]
+            tensors["token_type_ids"] = torch.tensor(types)
+        return tensors
+
     def forward(self, batch: list[Encoded]) -> torch.Tensor:
         """(len(batch), dim) float32: the pooled embedding (embedding models) or the logits (classifiers)."""
+        if self.packed:
+            return self.packed_forward(batch)
         tensors = self.batch_tensors(batch)
         with torch.inference_mode():
             output = self.loaded.model(**tensors)
@@ -125,6 +141,23 @@ class Engine:
                 return output.logits.float()
             mask = tensors["attention_mask"].bool()
             return pool(output.last_hidden_state.float(), mask, self.loaded.pooling)
+
+    def packed_forward(self, batch: list[Encoded]) -> torch.Tensor:
+        """forward's answer from encode_packed: the first pooling mode pooled there, any further one (cls and
+        mean, concatenated as sentence-transformers does) from the same hidden states."""
+        tensors, (first, *others) = self.packed_tensors(batch), self.loaded.pooling
+        with torch.inference_mode():
+            output = encode_packed(self.loaded.model, **tensors, pooling=first)
+            pooled = [output.pooled, *(pool_packed(output.last_hidden_state, tensors["cu_seqlens"], mode)
+                                       for mode in others)]
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=-1)
+
+
+def runs_packed(loaded: LoadedModel) -> bool:
+    """Whether the forward runs encode_packed: an embedding model pooled by mean and/or cls, of a family and
+    modules encode_packed runs (its own check: it refuses the rest, so they keep the padded path)."""
+    return (loaded.kind == "embedding" and set(loaded.pooling) <= set(PACKED_POOLING)
+            and packed_problem(loaded.model) is None)
 
 
 def settle_dtype(loaded: LoadedModel, requested: str) -> LoadedModel:
