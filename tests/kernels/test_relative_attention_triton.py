@@ -62,11 +62,12 @@ def test_relative_attention_matches_fp64_reference(device, dtype, lengths, terms
 
 def test_qkv_views_odd_head_dim_and_many_buckets(device):
     """q, k, v as views of one packed (tokens, 3, heads, head_dim) buffer, head_dim 24 (padded tile),
-    512 buckets (DeBERTa-v3), max_seqlen above the longest sequence, an explicit scale."""
+    512 buckets (DeBERTa-v3) in DeBERTa's layout (per-head GEMM output transposed: (heads, tokens,
+    buckets) memory), max_seqlen above the longest sequence, an explicit scale."""
     lengths = [20, 9]
     cu, index = _cu_seqlens(lengths, device), _index(24, device, buckets=512)
     q, k, v = torch.randn(29, 3, 3, 24, device=device).unbind(1)
-    q_rel, k_rel = (torch.randn(29, 3, 512, device=device) for _ in range(2))
+    q_rel, k_rel = (torch.randn(3, 29, 512, device=device).transpose(0, 1) for _ in range(2))
     with fastbert.use_backend("triton"):
         fast = relative_attention(q, k, v, cu, 24, index, q_rel=q_rel, k_rel=k_rel, softmax_scale=0.3)
     expected = relative_attention_ref(*(t.double() for t in (q, k, v)), cu, 24, index, q_rel=q_rel.double(),

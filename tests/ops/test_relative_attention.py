@@ -118,10 +118,12 @@ def test_torch_backend_is_the_auto_choice_on_cpu():
 
 
 def test_deberta_sized_buckets_and_default_scale():
-    """512 buckets (DeBERTa-v3: 2 * 256) and softmax_scale None (1 / sqrt(head_dim)), fp64 end to end."""
+    """512 buckets (DeBERTa-v3: 2 * 256) in DeBERTa's layout (its per-head GEMM output transposed:
+    (heads, tokens, buckets) memory) and softmax_scale None (1 / sqrt(head_dim)), fp64 end to end."""
     lengths = [30, 7]
     cu = _cu_seqlens(lengths)
     q, k, v, q_rel, k_rel, _ = (t.double() for t in _inputs(lengths, buckets=512))
+    q_rel, k_rel = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (q_rel, k_rel))
     index = _index(30, buckets=512)
     with fastbert.use_backend("torch"):
         out = relative_attention(q, k, v, cu, 30, index, q_rel=q_rel, k_rel=k_rel)
