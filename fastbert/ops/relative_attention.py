@@ -71,9 +71,10 @@ def _sequence_terms(buckets, table, one_q_rel, one_k_rel, math_dtype):
     """(heads, n, n) relative terms of one sequence: the shared table's slice plus the gathered rows."""
     n = buckets.shape[0]
     rel = [None if t is None else t.to(math_dtype) for t in (one_q_rel, one_k_rel)]
-    terms = relative_scores(*rel, buckets[:n, :n])
+    terms = relative_scores(*rel, buckets)
     if table is not None:
-        terms = terms + table[:, :n, :n]
+        shared = table if table.shape[-1] == n else table[:, :n, :n]  # a slice costs a zero fill in backward
+        terms = terms + shared if torch.is_tensor(terms) else shared
     return terms
 
 
@@ -100,8 +101,11 @@ def _relative_attention_split(q, k, v, cu_seqlens, max_seqlen, index, *, q_rel=N
     buckets = pair_buckets(index, max(lengths), int(max_seqlen))
     table = None
     if q_rel is not None and q_rel.stride(0) == 0:  # one row for every token: look the table up once
-        table, q_rel = q_rel[0].to(math_dtype)[:, buckets], None
-    pieces = [None if t is None else t[bounds[0]:bounds[-1]].split(lengths) for t in (q, k, v, q_rel, k_rel)]
+        rows = q_rel[0].to(math_dtype)  # (heads, buckets); index_select's backward beats indexing's 4x
+        table, q_rel = rows.index_select(1, buckets.flatten()).view(-1, *buckets.shape), None
+    covered = slice(bounds[0], bounds[-1])
+    whole = (bounds[0], bounds[-1]) == (0, q.shape[0])  # no slice: its backward would fill a zero tensor
+    pieces = [None if t is None else (t if whole else t[covered]).split(lengths) for t in (q, k, v, q_rel, k_rel)]
     outputs = []
     for number, length in enumerate(lengths):
         one_q, one_k, one_v, one_q_rel, one_k_rel = (None if p is None else p[number] for p in pieces)
