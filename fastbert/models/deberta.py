@@ -11,7 +11,8 @@ attention's pos_ebd_size, pos_key / pos_query the layer's own key_proj / query_p
 encoder's (LayerNorm'ed) rel_embeddings. That is fastbert.ops.relative_attention with
 index[d] = c(d), q_rel = scale * q . pos_key and k_rel = scale * k . pos_query, gathered per pair;
 no (seq x seq) tensor is built. Only the buckets a batch can reach (distances up to max_seqlen - 1)
-are projected: at 128 tokens that is 255 of v3's 512 rows.
+enter the GEMMs with q and k: at 128 tokens 255 of v3's 512 rows. Inference projects every row once per
+layer and keeps the tables until a parameter they read changes (_TABLES).
 
 The embeddings run on the real tokens only (word embeddings, position embeddings when
 position_biased_input, token types when type_vocab_size > 0, embed_proj, LayerNorm, dropout);
@@ -97,7 +98,8 @@ _VERSION = operator.attrgetter("_version")
 
 
 def _plain(module) -> bool:
-    return type(module) in (nn.Linear, nn.LayerNorm) and not (module._forward_hooks or module._forward_pre_hooks)
+    return (type(module) in (nn.Linear, nn.LayerNorm) and module.weight is not None and module.bias is not None
+            and not (module._forward_hooks or module._forward_pre_hooks))
 
 
 def _table_sources(modules: dict, encoder: nn.Module) -> tuple | None:
@@ -106,7 +108,10 @@ def _table_sources(modules: dict, encoder: nn.Module) -> tuple | None:
     from fastbert.models.plan import global_hooks  # (plan imports the family table, which imports this module)
 
     attention = modules["attention"]
+    weight = encoder.rel_embeddings.weight
     if backend.records_autograd() or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if torch.is_autocast_enabled(weight.device.type):  # tables in autocast's dtype: not for other forwards
         return None
     if attention.pos_dropout.training and attention.pos_dropout.p > 0:
         return None
@@ -114,7 +119,7 @@ def _table_sources(modules: dict, encoder: nn.Module) -> tuple | None:
     plain = (modules["key"], modules["query"]) + (() if norm is None else (norm,))
     if not all(map(_plain, plain)) or global_hooks():
         return None
-    return tuple(p for module in plain for p in (module.weight, module.bias)) + (encoder.rel_embeddings.weight,)
+    return tuple(p for module in plain for p in (module.weight, module.bias)) + (weight,)
 
 
 def _position_tables(modules: dict, state: RelativeState, span: int, heads: int, head_dim: int, scale: float):
