@@ -208,3 +208,20 @@ def test_models_it_does_not_run_are_refused():
     model.encoder.layer[0].intermediate.intermediate_act_fn = torch.nn.Softplus()  # not a module it knows
     with pytest.raises(ValueError, match=r"encode_packed: the module .*intermediate_act_fn.* is not on the fast path"):
         fastbert.encode_packed(model, torch.ones(3, dtype=torch.long), torch.tensor([0, 3], dtype=torch.int32))
+
+
+def test_with_autograd_the_general_forward_runs_and_gradients_match_the_padded_path():
+    config = family_config("bert")
+    _, model = hf_and_fast("BertModel", config)
+    batch = family_batch(config, fresh_lengths(16, 4), 16)
+    packed = packed_inputs(batch)
+    out = fastbert.encode_packed(model, packed["input_ids"], packed["cu_seqlens"],
+                                 token_type_ids=packed["token_type_ids"], pooling="mean")
+    out.pooled.square().sum().backward()
+    encoder = [p for name, p in model.named_parameters() if not name.startswith("pooler.")]  # not run packed
+    packed_grads = [p.grad.clone() for p in encoder]
+    model.zero_grad()
+    hidden, mask = model(**batch).last_hidden_state, batch["attention_mask"].unsqueeze(-1).float()
+    ((hidden * mask).sum(1) / mask.sum(1)).square().sum().backward()
+    assert torch.equal(out.last_hidden_state.detach(), hidden[batch["attention_mask"].bool()].detach())
+    assert max(max_error(a, p.grad) for a, p in zip(packed_grads, encoder)) < 1e-5
