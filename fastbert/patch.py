@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from fastbert.models import modernbert
+from fastbert.models import modernbert  # noqa: F401 (registers ModernBERT's layer kind)
 from fastbert.models.encoder import clear_fused_qkv_cache
-from fastbert.models.families import base_classes, family_of_base, supported_names
-from fastbert.models.native import FastEncoder, reads_first_column, use_fast_forward, use_plain_forward
+from fastbert.models.families import supported_names
+from fastbert.models.native import native_of, plain_of, reads_first_column, use_fast_forward, use_plain_forward
 
 _MARK = "_fastbert_patched"
 
@@ -29,9 +29,11 @@ class UnsupportedModelError(ValueError):
 
 
 def _base_models(model: nn.Module) -> list[nn.Module]:
+    """The supported base models inside `model`: exactly a transformers base model class of some layer kind
+    (native.KINDS), or already fastbert's (native, or patched before)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    return [m for m in model.modules() if isinstance(m, base_classes())]
+    return [m for m in model.modules() if native_of(type(m)) is not None or plain_of(type(m)) is not None]
 
 
 def _bases_read_by_first_column(model: nn.Module) -> set[int]:
@@ -48,14 +50,14 @@ def patch(model: nn.Module) -> nn.Module:
     know, which make the model run transformers' forward with one warning.
     """
     found = _base_models(model)
-    if not modernbert.patch_models(model) and not found:
+    if not found:
         raise UnsupportedModelError(
             f"fastbert.patch: {type(model).__name__} contains no model of a family fastbert supports. "
             f"Supported: {supported_names()}"
         )
     first_column = _bases_read_by_first_column(model)
     for module in found:
-        if family_of_base(type(module)) is not None:
+        if native_of(type(module)) is not None:  # transformers' class: swap (fastbert's are left as they are)
             use_fast_forward(module, first_token_at_column_0=id(module) in first_column)
             module.__dict__[_MARK] = True
     return model
@@ -63,15 +65,13 @@ def patch(model: nn.Module) -> nn.Module:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo patch(): the modules it swapped get transformers' classes back; returns `model`."""
-    for module in _base_models(model):
-        if isinstance(module, FastEncoder) and module.__dict__.pop(_MARK, False):
+    for module in model.modules():
+        if module.__dict__.pop(_MARK, False):
             use_plain_forward(module)
             clear_fused_qkv_cache(module)
-    modernbert.unpatch_models(model)
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
     """True if patch() swapped at least one base model inside `model` (and unpatch has not undone it)."""
-    return modernbert.is_patched(model) or any(
-        isinstance(m, FastEncoder) and m.__dict__.get(_MARK, False) for m in model.modules())
+    return any(m.__dict__.get(_MARK, False) for m in model.modules())

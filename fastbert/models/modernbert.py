@@ -27,6 +27,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.modernbert import modeling_modernbert as hf
 
 from fastbert import backend
+from fastbert.models import native
 from fastbert.models.arguments import (
     INPUT,
     RULES,
@@ -37,7 +38,7 @@ from fastbert.models.arguments import (
 )
 from fastbert.models.encoder import TokenLayout
 from fastbert.models.loading import StrictLoading
-from fastbert.models.native import _register_output_capture, key_padding_mask, warn_plain_path, with_signature
+from fastbert.models.native import FIRST_TOKEN_MARK, key_padding_mask, warn_plain_path, with_signature
 from fastbert.models.support import gelu_approximation
 from fastbert.models.validation import should_validate, validate_inputs
 from fastbert.ops.attention import varlen_attention
@@ -51,9 +52,6 @@ _TABLES = RotaryTables()
 # Elementwise activations: run as modules on packed tokens, which is exact.
 _ELEMENTWISE = frozenset(e[0] if isinstance(e, tuple) else e for e in activations.ACT2CLS.values()) | {
     nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh}
-# Set on a base model whose head reads [:, 0] of the padded output itself (cls pooling).
-FIRST_TOKEN_MARK = "_fastbert_first_token_at_column_0"
-PATCH_MARK = "_fastbert_patched"
 
 
 @dataclass
@@ -317,66 +315,19 @@ def reads_first_column(head: nn.Module) -> bool:
     return isinstance(head, hf.ModernBertForSequenceClassification) and head.config.classifier_pooling == "cls"
 
 
-def use_fast_forward(model: nn.Module, first_token_at_column_0: bool = False) -> None:
-    """Give a transformers ModernBertModel instance fastbert's forward (same objects, same weights)."""
-    model.__class__ = ModernBertModel
-    _swap_layers(model, to_fast=True)
-    _register_output_capture(model)
-    if first_token_at_column_0:
-        model.__dict__[FIRST_TOKEN_MARK] = True
-
-
-def use_plain_forward(model: nn.Module) -> None:
-    _swap_layers(model, to_fast=False)
-    model.__class__ = hf.ModernBertModel
-    model.__dict__.pop(FIRST_TOKEN_MARK, None)
-
-
-def _native_head(hf_head: type) -> type:
-    def __init__(self, config, *args, **kwargs):
-        hf_head.__init__(self, config, *args, **kwargs)
-        use_fast_forward(self.model, first_token_at_column_0=reads_first_column(self))
-
-    doc = f"transformers.{hf_head.__name__} whose encoder runs fastbert's packed forward."
-    return type(hf_head.__name__, (StrictLoading, hf_head), {"__init__": __init__, "__doc__": doc,
-                                                             "__module__": __name__})
-
+# ModernBERT's part in the one class swap (native.LayerKind): patch(), unpatch() and the native heads use it.
+native.KINDS.append(native.LayerKind(
+    "ModernBERT", native=lambda cls: ModernBertModel if cls is hf.ModernBertModel else None,
+    plain=lambda cls: hf.ModernBertModel if issubclass(cls, ModernBertModel) else None,
+    swap_layers=lambda model, to_fast: _swap_layers(model, to_fast), reads_first_column=reads_first_column,
+))
 
 HEADS = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
          "ForMultipleChoice")
-ModernBertForMaskedLM = _native_head(hf.ModernBertForMaskedLM)
-ModernBertForSequenceClassification = _native_head(hf.ModernBertForSequenceClassification)
-ModernBertForTokenClassification = _native_head(hf.ModernBertForTokenClassification)
-ModernBertForQuestionAnswering = _native_head(hf.ModernBertForQuestionAnswering)
-ModernBertForMultipleChoice = _native_head(hf.ModernBertForMultipleChoice)
-
-CLASSES: dict[str, type] = {cls.__name__: cls for cls in (
-    ModernBertModel, ModernBertForMaskedLM, ModernBertForSequenceClassification, ModernBertForTokenClassification,
-    ModernBertForQuestionAnswering, ModernBertForMultipleChoice)}
-
-
-# ---- fastbert.patch --------------------------------------------------------------------------------------
-
-
-def patch_models(model: nn.Module) -> int:
-    """Give every module of exactly transformers' ModernBertModel class inside `model` the fast forward;
-    returns how many (fastbert.patch calls this)."""
-    first_column = {id(m.model) for m in model.modules() if reads_first_column(m)}
-    found = [m for m in model.modules() if type(m) is hf.ModernBertModel]
-    for module in found:
-        use_fast_forward(module, first_token_at_column_0=id(module) in first_column)
-        module.__dict__[PATCH_MARK] = True
-    return len(found)
-
-
-def unpatch_models(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, ModernBertModel) and module.__dict__.pop(PATCH_MARK, False):
-            use_plain_forward(module)
-
-
-def is_patched(model: nn.Module) -> bool:
-    return any(isinstance(m, ModernBertModel) and m.__dict__.get(PATCH_MARK, False) for m in model.modules())
+CLASSES: dict[str, type] = {"ModernBertModel": ModernBertModel}
+CLASSES.update({f"ModernBert{suffix}": native.native_head_class(getattr(hf, f"ModernBert{suffix}"))
+                for suffix in HEADS})
+globals().update(CLASSES)
 
 
 def native_class(suffix: str) -> type:

@@ -16,6 +16,8 @@ import functools
 import inspect
 import sys
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -243,10 +245,49 @@ def native_base_class(family: Family) -> type:
     return _NATIVE_BASES[family.base]
 
 
+@dataclass(frozen=True)
+class LayerKind:
+    """One layer type's part in the class swap that patch() and the native heads make: the BERT family table,
+    and ModernBERT (fastbert/models/modernbert.py registers its own). One swap, mark and unpatch for both."""
+
+    name: str
+    native: Callable[[type], type | None]  # an exact transformers base class -> fastbert's; None: not this kind
+    plain: Callable[[type], type | None]  # fastbert's base class -> transformers'; None: not this kind
+    swap_layers: Callable[[nn.Module, bool], None]  # (base model, to_fast)
+    reads_first_column: Callable[[nn.Module], bool]  # a head that reads [:, 0] of the padded output itself
+
+
+def _table_native(cls: type) -> type | None:
+    family = family_of_base(cls)
+    return None if family is None else native_base_class(family)
+
+
+def _table_first_column(head: nn.Module) -> bool:
+    return any(isinstance(head, family.hf_class(suffix)) for family in FAMILIES for suffix in family.first_token_heads)
+
+
+KINDS: list[LayerKind] = [LayerKind(
+    "the BERT family table", native=_table_native,
+    plain=lambda cls: cls._fastbert_family.base if issubclass(cls, FastEncoder) else None,
+    swap_layers=lambda model, to_fast: swap_layer_classes(model, to_fast), reads_first_column=_table_first_column,
+)]
+
+
+def native_of(cls: type) -> type | None:
+    """fastbert's class for an exact transformers base model class of any layer kind; None if none takes it."""
+    return next((native for kind in KINDS if (native := kind.native(cls)) is not None), None)
+
+
+def plain_of(cls: type) -> type | None:
+    """transformers' class for fastbert's base model class of any layer kind; None for any other class."""
+    return next((plain for kind in KINDS if (plain := kind.plain(cls)) is not None), None)
+
+
 def use_fast_forward(module: nn.Module, first_token_at_column_0: bool = False) -> None:
     """Give a transformers base model instance fastbert's forward (same objects, same weights)."""
-    module.__class__ = native_base_class(family_of_base(type(module)))
-    swap_layer_classes(module, to_fast=True)
+    kind = next(kind for kind in KINDS if kind.native(type(module)) is not None)
+    module.__class__ = kind.native(type(module))
+    kind.swap_layers(module, True)
     _register_output_capture(module)
     if first_token_at_column_0:
         module.__dict__[FIRST_TOKEN_MARK] = True
@@ -254,14 +295,15 @@ def use_fast_forward(module: nn.Module, first_token_at_column_0: bool = False) -
 
 def use_plain_forward(module: nn.Module) -> None:
     """Undo use_fast_forward: transformers' classes again."""
-    swap_layer_classes(module, to_fast=False)
-    module.__class__ = module._fastbert_family.base
+    kind = next(kind for kind in KINDS if kind.plain(type(module)) is not None)
+    kind.swap_layers(module, False)
+    module.__class__ = kind.plain(type(module))
     module.__dict__.pop(FIRST_TOKEN_MARK, None)
 
 
 def reads_first_column(head: nn.Module) -> bool:
     """True for a head that reads [:, 0] of its base model's padded output itself."""
-    return any(isinstance(head, family.hf_class(suffix)) for family in FAMILIES for suffix in family.first_token_heads)
+    return any(kind.reads_first_column(head) for kind in KINDS)
 
 
 def native_head_class(hf_head: type, extra_bases: tuple[type, ...] = ()) -> type:
@@ -272,7 +314,7 @@ def native_head_class(hf_head: type, extra_bases: tuple[type, ...] = ()) -> type
     def __init__(self, config, *args, **kwargs):
         super(cls, self).__init__(config, *args, **kwargs)
         base = getattr(self, self.base_model_prefix)
-        if family_of_base(type(base)) is not None:
+        if native_of(type(base)) is not None:
             use_fast_forward(base, first_token_at_column_0=reads_first_column(self))
 
     doc = f"transformers.{hf_head.__name__} whose encoder runs fastbert's fused, padding-free forward."
