@@ -1,7 +1,7 @@
 """Whether oneDNN's packed bf16 GEMM runs faster on 256-row blocks than whole, per shape, on this CPU.
 
-The measurement behind the machine record's `bf16_row_blocks` row (fastbert/machine.py) and the row range in
-fastbert/ops/onednn_row_blocks.py. Prints, per (rows, K, N), the median time of the whole GEMM and of the
+The measurement behind the machine record's `bf16_row_blocks` row (fastbert/cpu/machine.py) and the row range in
+fastbert/cpu/onednn_row_blocks.py. Prints, per (rows, K, N), the median time of the whole GEMM and of the
 blocked one (after a warm-up of each), and their ratio; blocks pay where the ratio is well under 1. Re-run it
 on a new kind of CPU before trusting the table there.
 
@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from fastbert.cpu_info import cpu_name
-from fastbert.machine import choice
-from fastbert.ops import onednn_linear, onednn_row_blocks
+from fastbert.cpu import onednn_linear, onednn_row_blocks
+from fastbert.cpu.info import cpu_name
+from fastbert.cpu.machine import choice
 
 SHAPES = [(rows, k, n) for rows in (512, 1024, 2048) for k, n in ((384, 384), (384, 1536), (1536, 384),
                                                                   (768, 768), (768, 3072), (3072, 768))]

@@ -434,7 +434,7 @@ def run_alone(args, record: dict) -> None:
 
 
 def _provenance(args, bodies: list[list[str]]) -> dict:
-    from fastbert.cpu_info import cpu_features, cpu_name
+    from fastbert.cpu.info import cpu_features, cpu_name
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()

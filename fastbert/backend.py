@@ -26,8 +26,8 @@ import threading
 
 import torch
 
+from fastbert.cpu.machine import MachineChoice
 from fastbert.kernels.host import triton_interpreting
-from fastbert.machine import MachineChoice
 from fastbert.registry import BackendUnavailableError, Registry, Signature
 
 __all__ = [
@@ -61,7 +61,7 @@ AUTO_PREFERENCE = {
         "bias_gelu": ("cpp", "torch"),
         "add_layer_norm": ("cpp", "torch"),
         "attention": ("torch",),
-        # the one CPU-dependent entry: read from the machine record on first use (fastbert/machine.py)
+        # the one CPU-dependent entry: read from the machine record on first use (fastbert/cpu/machine.py)
         "varlen_attention": MachineChoice("varlen_attention_order"),
         "linear": ("onednn", "torch"),
         "relative_attention": ("torch",),

@@ -1,7 +1,7 @@
 """int8 inference with an accuracy gate: `fastbert.quantize(model, calibration=...)`.
 
 Every candidate nn.Linear (those inside the encoder's layers) is replaced by an `Int8Linear` (weights
-int8 per output channel, activations int8 per token, fastbert/ops/int8_linear.py). Then the quantized
+int8 per output channel, activations int8 per token, fastbert/cpu/int8_linear.py). Then the quantized
 model is measured against the unquantized one on the caller's calibration data: the cosine between
 their pooled outputs (mean over real tokens of last_hidden_state; a head's logits otherwise), per
 example. While the gate fails (mean cosine < min_cosine_mean or any example < min_cosine), the
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastbert.ops import int8_linear as ops
+from fastbert.cpu import int8_linear as ops
 
 __all__ = ["Int8Linear", "QuantizationReport", "load_quantized", "quantize", "save_quantized"]
 

@@ -13,9 +13,9 @@ def seed_from_test_name(request):
 
 @pytest.fixture
 def pretend_machine(monkeypatch):
-    """pretend_machine(features, kernels=None): the machine record (fastbert/machine.py) says this CPU lists
+    """pretend_machine(features, kernels=None): the machine record (fastbert/cpu/machine.py) says this CPU lists
     `features` and fastbert._C's checks answer `kernels` (None: no extension); choices are re-read."""
-    from fastbert import machine
+    from fastbert.cpu import machine
 
     def pretend(features, kernels=None):
         record = machine.Machine("pretended CPU", frozenset(features), kernels, "test")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fastbert.cpu_info import cpu_features, cpu_name
+from fastbert.cpu.info import cpu_features, cpu_name
 
 
 def _version(module_name: str) -> str:

@@ -67,7 +67,7 @@ def _op_lines() -> list[str]:
 
 def _machine_lines() -> list[str]:
     """The machine record and each CPU-dependent choice made from it, with the benchmark that decided it."""
-    from fastbert.machine import CHOICES, choice, machine
+    from fastbert.cpu.machine import CHOICES, choice, machine
 
     record = machine()
     lines = [f"  {record.name}: {' '.join(sorted(record.features)) or 'no listed features'} (from {record.source})"]
@@ -106,7 +106,7 @@ def info_report(compare: bool = True) -> str:
         f"extension fastbert._C: {environment.extension_status()}",
         "ops (backend: devices; dtypes, per-call limits aside):",
         *_op_lines(),
-        "CPU choices (fastbert/machine.py; re-run the named benchmark on a new kind of CPU):",
+        "CPU choices (fastbert/cpu/machine.py; re-run the named benchmark on a new kind of CPU):",
         *_machine_lines(),
     ]
     if compare:

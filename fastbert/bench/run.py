@@ -11,8 +11,8 @@ from fastbert.bench import environment
 from fastbert.bench.models import BASELINES, FASTBERT, build_implementations, load_config
 from fastbert.bench.timing import interleaved_times, paired_speedup, peak_memory, summarize
 from fastbert.bench.workloads import forward_bytes, forward_flops, make_workload
+from fastbert.cpu import onednn_linear
 from fastbert.models import plan
-from fastbert.ops import onednn_linear
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Cross-check tolerance on real tokens, relative to the reference's scale max(1, max |ref|).

@@ -147,7 +147,7 @@ def _is_int8(module: nn.Module) -> bool:
 def _int8_gemm(weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor,
                packed_weight: torch.Tensor | None, activation: str | None = None) -> Callable:
     """x -> activation(x @ W.T + b) on an int8 weight (fastbert.quantize); packed_weight None runs the reference."""
-    from fastbert.ops import int8_linear
+    from fastbert.cpu import int8_linear
 
     return functools.partial(int8_linear.int8_linear, weight_int8=weight_int8, weight_scale=weight_scale,
                              bias=bias, activation=activation, packed_weight=packed_weight)
@@ -164,7 +164,7 @@ def _qkv_gemm(resolver: Resolver, query: nn.Module, key: nn.Module, value: nn.Mo
     same columns as the three GEMMs (and one quantization instead of three)."""
     modules = (query, key, value)
     if all(map(_is_int8, modules)):
-        from fastbert.ops.int8_linear import packed_or_none
+        from fastbert.cpu.int8_linear import packed_or_none
 
         weight = torch.cat([m.weight_int8 for m in modules])
         scale, bias = torch.cat([m.weight_scale for m in modules]), torch.cat([m.bias for m in modules])

@@ -143,7 +143,7 @@ def _refuse_autograd(call: Signature) -> str | None:
 # fastbert._C's kernel: fp32 and bf16 inference. It claims no autograd (a recording call resolves to the
 # next backend under "auto", and is refused with that reason under an explicit use_backend("cpp")).
 REGISTRY.register(Implementation(
-    op="varlen_attention", backend="cpp", target="fastbert.ops.cpu_attention:varlen_attention_cpp",
+    op="varlen_attention", backend="cpp", target="fastbert.cpu.attention:varlen_attention_cpp",
     devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32, torch.bfloat16}), probe=cpp_probe,
     supports=_refuse_autograd,
 ))

@@ -3,7 +3,7 @@
 The encoder's GEMMs (fused QKV projection, FFN-in with its GELU, the output projections feeding
 add_layer_norm) go through this op, so the registry picks their implementation: the torch reference
 (F.linear, MKL on CPU) or, for fp32 CPU inference, oneDNN on pre-packed weights
-(fastbert/ops/onednn_linear.py), which refuses calls that autograd records.
+(fastbert/cpu/onednn_linear.py), which refuses calls that autograd records.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fastbert import backend
 from fastbert.backend import REGISTRY, runs_anywhere
-from fastbert.ops import onednn_linear
+from fastbert.cpu import onednn_linear
 from fastbert.ops._dispatch import implementation
 from fastbert.registry import Implementation, Signature
 
@@ -48,10 +48,10 @@ REGISTRY.register(Implementation(
     probe=runs_anywhere, binder="fastbert.ops.linear:bind",
 ))
 REGISTRY.register(Implementation(
-    op="linear", backend="onednn", target="fastbert.ops.onednn_linear:linear_onednn",
+    op="linear", backend="onednn", target="fastbert.cpu.onednn_linear:linear_onednn",
     devices=frozenset({"cpu"}), dtypes=onednn_linear.DTYPES,
-    probe=onednn_linear.problem, supports=_refuse_autograd, binder="fastbert.ops.onednn_linear:bind",
-    note="fastbert.ops.onednn_linear:binding_note",
+    probe=onednn_linear.problem, supports=_refuse_autograd, binder="fastbert.cpu.onednn_linear:bind",
+    note="fastbert.cpu.onednn_linear:binding_note",
 ))
 
 

@@ -7,7 +7,7 @@ the op once per model (`bind`: registry.Implementation.binder) into `Bound(dense
 both returning the context (tokens, heads * head_dim).
 
 "torch" and "triton": views of the three blocks handed to the registry's `attention` (dense; SDPA itself
-under torch) and `varlen_attention` (packed), as resolved for the plan. "cpp" (fastbert/ops/cpu_attention.py):
+under torch) and `varlen_attention` (packed), as resolved for the plan. "cpp" (fastbert/cpu/attention.py):
 fastbert._C's kernel on the QKV buffer itself for sequences of at most machine.choice("fused_qkv_max_seqlen")
 tokens (every length on a CPU without AMX, 32 with AMX, where SDPA's GEMMs run on AMX above that), the others
 as "torch". Inference only: every implementation refuses calls that autograd records.
@@ -107,7 +107,7 @@ REGISTRY.register(Implementation(
     binder=BIND,
 ))
 REGISTRY.register(Implementation(
-    op="qkv_attention", backend="cpp", target="fastbert.ops.cpu_attention:fused_qkv_attention",
+    op="qkv_attention", backend="cpp", target="fastbert.cpu.attention:fused_qkv_attention",
     devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32, torch.bfloat16}), probe=cpp_probe,
-    supports=_refuse_autograd, binder="fastbert.ops.cpu_attention:bind", note="fastbert.ops.cpu_attention:binding_note",
+    supports=_refuse_autograd, binder="fastbert.cpu.attention:bind", note="fastbert.cpu.attention:binding_note",
 ))

@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fastbert.machine import choice
-from fastbert.ops.onednn_linear import bf16_problem
+from fastbert.cpu.machine import choice
+from fastbert.cpu.onednn_linear import bf16_problem
 
 BF16_MIN_COSINE = 0.9999  # mean cosine of bf16 to fp32 outputs on the calibration texts
 

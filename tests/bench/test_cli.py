@@ -47,8 +47,8 @@ def test_info_prints_backends(capsys, monkeypatch):
 def test_info_says_what_the_bound_cpu_kernels_run(capsys, monkeypatch):
     """One table: the few-rows GEMMs and the attention on the fused QKV output appear as what the linear and
     qkv_attention entries bind on this machine, not as a second table."""
-    from fastbert.ops import few_rows_linear
-    from fastbert.ops.cpu_attention import fused_qkv_max_seqlen
+    from fastbert.cpu import few_rows_linear
+    from fastbert.cpu.attention import fused_qkv_max_seqlen
 
     monkeypatch.setattr("fastbert.bench.info.QUICK_CONFIG", TINY)
     assert main(["info", "--no-compare"]) == 0
@@ -63,7 +63,7 @@ def test_info_says_what_the_bound_cpu_kernels_run(capsys, monkeypatch):
         dtype_name = str(dtype)[6:]
         assert (f"{dtype_name} on fastbert's {name} kernel up to {few_rows_linear.max_rows(dtype, None)} rows" in line
                 if name else f"{dtype_name} few-rows kernel off: " in line)
-    from fastbert.ops import onednn_linear
+    from fastbert.cpu import onednn_linear
 
     try:
         onednn_linear.set_packing(False)
@@ -75,8 +75,8 @@ def test_info_says_what_the_bound_cpu_kernels_run(capsys, monkeypatch):
 
 def test_info_and_results_name_the_cpu_features(capsys, monkeypatch, tmp_path):
     """Kernel rankings differ between CPUs (AMX or not), so `info` and every result say which features ran."""
-    from fastbert import cpu_info
     from fastbert.bench import environment
+    from fastbert.cpu import info as cpu_info
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("model name\t: Some CPU\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")

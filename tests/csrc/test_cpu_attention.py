@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(extension.load_problem() is not None, reason=str
 
 
 def cpp_attention(*args, **kwargs):
-    from fastbert.ops.cpu_attention import varlen_attention_cpp
+    from fastbert.cpu.attention import varlen_attention_cpp
 
     return varlen_attention_cpp(*args, **kwargs)
 
@@ -166,7 +166,7 @@ def test_training_runs_under_auto():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_qkv_attention_reads_the_fused_projection(dtype):
-    from fastbert.ops.cpu_attention import fused_qkv_attention
+    from fastbert.cpu.attention import fused_qkv_attention
 
     heads, head_dim, lengths = 3, 32, [16, 5]
     q, k, v, cu = packed_qkv(lengths, heads, head_dim)

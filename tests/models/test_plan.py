@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import fastbert
+from fastbert.cpu import attention as cpu_attention
 from fastbert.models import plan
 from fastbert.models.families import FAMILIES, family_of_model_type
-from fastbert.ops import cpu_attention
 from tests.helpers import max_error, random_batch, small_config
 from tests.models.family_configs import MODEL_TYPES, family_batch, family_config
 
@@ -38,8 +38,8 @@ def fresh_qkv_bindings(monkeypatch) -> None:
 def count_kernel_calls(monkeypatch, calls: list) -> None:
     """Appends max_seqlen to `calls` each time a plan runs fastbert._C's kernel on the fused QKV output (the
     implementation the registry loaded for qkv_attention on "cpp", which plans bind)."""
+    from fastbert.cpu.attention import fused_qkv_attention
     from fastbert.ops import _dispatch
-    from fastbert.ops.cpu_attention import fused_qkv_attention
 
     monkeypatch.setattr(_dispatch._loaded, "qkv_attention__cpp",
                         lambda *a: calls.append(a[-1]) or fused_qkv_attention(*a), raising=False)
@@ -179,7 +179,7 @@ def test_dtype_change_rebuilds(plan_runs):
 
 
 def test_backend_selection_and_packing_rebuild(plan_runs):
-    from fastbert.ops import onednn_linear
+    from fastbert.cpu import onednn_linear
 
     model, batch = model_and_batch()
     infer(model, batch)
@@ -368,8 +368,8 @@ def test_fused_qkv_attention_length_follows_the_cpu(pretend_machine):
     """Up to SHORT_SEQLEN tokens on a CPU with AMX (SDPA is faster above), every length elsewhere (measured)."""
     import math
 
-    from fastbert import machine
-    from fastbert.ops.cpu_attention import SHORT_SEQLEN
+    from fastbert.cpu import machine
+    from fastbert.cpu.attention import SHORT_SEQLEN
 
     for features, expected in ((["avx512f", "amx_bf16"], SHORT_SEQLEN), (["avx512f", "avx512_bf16"], math.inf)):
         pretend_machine(features)
@@ -382,7 +382,7 @@ def test_long_sequences_attend_on_the_fused_kernel_where_the_cpu_says_so(plan_ru
     fused_qkv_attention, and agree with the general forward (SDPA / the registry's varlen kernel)."""
     import math
 
-    from fastbert.ops.cpu_attention import SHORT_SEQLEN
+    from fastbert.cpu.attention import SHORT_SEQLEN
 
     skip_without_the_extension()
     monkeypatch.setattr(cpu_attention, "fused_qkv_max_seqlen", lambda: math.inf)
@@ -404,7 +404,7 @@ def test_long_sequences_attend_on_the_fused_kernel_where_the_cpu_says_so(plan_ru
 @pytest.mark.parametrize("others", [(), (6, 1)], ids=["dense", "padded"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_short_sequences_attend_on_the_plans_kernel(plan_runs, monkeypatch, others, dtype):
-    from fastbert.ops.cpu_attention import SHORT_SEQLEN
+    from fastbert.cpu.attention import SHORT_SEQLEN
 
     skip_without_the_extension()
     lengths = (SHORT_SEQLEN, *others) if others else (SHORT_SEQLEN, SHORT_SEQLEN)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import fastbert
-from fastbert import backend, extension, machine
+from fastbert import backend, extension
+from fastbert.cpu import machine
 from fastbert.registry import BackendUnavailableError, Implementation, Registry, Signature
 
 REPO = Path(__file__).resolve().parents[2]

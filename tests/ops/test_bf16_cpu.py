@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 
-from fastbert.ops import add_layer_norm, onednn_linear
+from fastbert.cpu import onednn_linear
+from fastbert.ops import add_layer_norm
 from tests.helpers import assert_close_to_ref, max_error
 
 linear_op = importlib.import_module("fastbert.ops.linear")

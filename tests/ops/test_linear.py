@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastbert
-from fastbert.ops import onednn_linear
+from fastbert.cpu import onednn_linear
 from fastbert.registry import Signature
 from tests.helpers import assert_close_to_ref, gelu_formula
 

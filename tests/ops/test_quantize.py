@@ -149,7 +149,7 @@ def test_minilm_int8_cosine_on_held_back_texts():
 
 def test_query_key_value_quantize_their_shared_input_once(monkeypatch):
     from fastbert import extension
-    from fastbert.ops import int8_linear
+    from fastbert.cpu import int8_linear
 
     if int8_linear.problem() is not None:
         pytest.skip(int8_linear.problem())

@@ -27,8 +27,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from fastbert.ops import few_rows_linear, onednn_row_blocks, weight_cache
-from fastbert.ops.weight_cache import PackedWeights, packing_enabled
+from fastbert.cpu import few_rows_linear, onednn_row_blocks, weight_cache
+from fastbert.cpu.weight_cache import PackedWeights, packing_enabled
 
 # activation name -> (oneDNN post-op attribute, its algorithm)
 # ("tanh": the plan's BertPooler; the linear op itself takes None and the two GELUs)

@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fastbert.cpu_info import cpu_features, cpu_name
+from fastbert.cpu.info import cpu_features, cpu_name
 
 # fastbert._C's own checks (CPUID, and for AMX the OS tile grant), by kernel
 EXTENSION_CHECKS = {
@@ -30,7 +30,7 @@ EXTENSION_CHECKS = {
 @dataclass(frozen=True)
 class Machine:
     name: str  # the CPU model name
-    features: frozenset[str]  # which of cpu_info.CPU_FEATURES /proc/cpuinfo lists
+    features: frozenset[str]  # which of info.CPU_FEATURES /proc/cpuinfo lists
     kernels: dict[str, bool] | None  # EXTENSION_CHECKS' answers; None without fastbert._C
     source: str  # where the facts came from, for `fastbert info`
 
@@ -87,7 +87,7 @@ def machine() -> Machine:
 
 
 def _short_seqlen() -> int:
-    from fastbert.ops.cpu_attention import SHORT_SEQLEN  # the lengths the kernel's 16/32-key score tiles cover
+    from fastbert.cpu.attention import SHORT_SEQLEN  # the lengths the kernel's 16/32-key score tiles cover
 
     return SHORT_SEQLEN
 
@@ -113,10 +113,10 @@ CHOICES = {choice.name: choice for choice in (
     Choice("int8_zero_point", lambda m: 0 if m.amx_int8 else 128,
            "int8 activations reach oneDNN as int8 on granted AMX-INT8, as uint8 + 128 elsewhere (oneDNN's "
            "s8 x s8 on VNNI is its reference loop)",
-           "ONEDNN_VERBOSE=1 fastbert bench --dtype int8 (tests/ops/test_int8_linear.py names the kernel)"),
+           "ONEDNN_VERBOSE=1 fastbert bench --dtype int8 (tests/cpu/test_int8_linear.py names the kernel)"),
     Choice("int8_gemm", lambda m: m.vnni,
            "oneDNN's int8 GEMM only with VNNI or AMX-INT8 (without, u8 x s8 pair sums saturate in 16 bits)",
-           "tests/ops/test_int8_linear.py's probe GEMM against the fp64 reference"),
+           "tests/cpu/test_int8_linear.py's probe GEMM against the fp64 reference"),
     Choice("bf16_row_blocks", lambda m: m.amx_bf16,
            "bf16 GEMMs of >= 512 rows on 256-row blocks with AMX (oneDNN ran some shapes on one thread there)",
            "benchmarks/cpu_row_blocks.py"),

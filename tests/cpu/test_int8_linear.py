@@ -1,4 +1,4 @@
-"""int8 linear (fastbert/ops/int8_linear.py): the per-token quantization kernel, the oneDNN int8 GEMM path
+"""int8 linear (fastbert/cpu/int8_linear.py): the per-token quantization kernel, the oneDNN int8 GEMM path
 against the exact (fp64) integer reference, and the quantization error against the float linear."""
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastbert import extension
-from fastbert.ops import int8_linear as ops
+from fastbert.cpu import int8_linear as ops
 
 needs_fast = pytest.mark.skipif(ops.problem() is not None, reason=str(ops.problem()))
 ACTIVATIONS = [None, "gelu", "gelu_tanh"]
@@ -145,7 +145,7 @@ def test_int8_gemm_is_not_onednns_reference_loop():
 
     script = (
         "import torch\n"
-        "from fastbert.ops import int8_linear as ops\n"
+        "from fastbert.cpu import int8_linear as ops\n"
         "w, s = ops.quantize_weight(torch.randn(64, 96))\n"
         "with torch.no_grad():\n"
         "    ops.int8_linear(torch.randn(8, 96), w, s, torch.zeros(64), packed_weight=ops.prepack(w))\n"

@@ -1,10 +1,11 @@
-"""The machine record (fastbert/machine.py): one read of the CPU, and every CPU-dependent choice as a rule of it."""
+"""The machine record (fastbert/cpu/machine.py): one read of the CPU, and every CPU-dependent choice as a rule of it."""
 import math
 
 import pytest
 
-from fastbert import backend, machine
-from fastbert.ops import cpu_attention, few_rows_linear, int8_linear, onednn_row_blocks
+from fastbert import backend
+from fastbert.cpu import attention as cpu_attention
+from fastbert.cpu import few_rows_linear, int8_linear, machine, onednn_row_blocks
 
 AMX_XEON = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"]
 ZEN4 = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni"]
@@ -87,7 +88,7 @@ def test_few_rows_kernels_follow_the_records_extension_checks(pretend_machine, m
 
 
 def test_the_real_record_matches_proc_cpuinfo():
-    from fastbert.cpu_info import cpu_features
+    from fastbert.cpu.info import cpu_features
 
     record = machine.machine()
     assert record.features == frozenset(cpu_features())

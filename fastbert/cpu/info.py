@@ -1,5 +1,5 @@
 """What this CPU is and which of the features that decide fastbert's CPU kernels it has (Linux: /proc/cpuinfo).
-Read by `fastbert info`, benchmark records and the int8 path (fastbert.ops.int8_linear)."""
+Read by `fastbert info`, benchmark records and the int8 path (fastbert.cpu.int8_linear)."""
 from __future__ import annotations
 
 import functools

@@ -10,13 +10,13 @@ Whether blocks run is a row of the machine record (`machine.CHOICES["bf16_row_bl
 for calls of MIN_ROWS..MAX_ROWS rows on more than one thread, decided by benchmarks/cpu_row_blocks.py; it is
 never timed inside a serving process, where a measurement would read the contention of the moment and keep
 it. Each row of the result is computed from that row alone either way, so the blocked result equals the
-whole one (tests/ops/test_onednn_row_blocks.py checks it bitwise): a wrong table costs speed, never accuracy.
+whole one (tests/cpu/test_onednn_row_blocks.py checks it bitwise): a wrong table costs speed, never accuracy.
 """
 from __future__ import annotations
 
 import torch
 
-from fastbert import machine
+from fastbert.cpu import machine
 
 BLOCK_ROWS = 256
 MIN_ROWS = 2 * BLOCK_ROWS  # below this one block is the whole GEMM

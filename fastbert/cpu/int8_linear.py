@@ -102,7 +102,7 @@ def problem() -> str | None:
 
 def vnni_present() -> bool:
     """An int8 dot-product instruction that accumulates in 32 bits (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
-    from fastbert import machine
+    from fastbert.cpu import machine
 
     return machine.choice("int8_gemm")
 
@@ -191,7 +191,7 @@ def activation_zero_point() -> int:
     """How the int8 activations go to oneDNN: 0 (int8) on a CPU with AMX-INT8, where oneDNN's s8 x s8 GEMM runs
     on AMX; else 128 (uint8 = int8 + 128), the u8 x s8 form of its VNNI GEMMs (given s8 x s8 there, oneDNN runs
     its reference loop)."""
-    from fastbert import machine
+    from fastbert.cpu import machine
 
     return machine.choice("int8_zero_point")
 

@@ -1,4 +1,4 @@
-"""The CPU GEMMs for few rows (fastbert/ops/few_rows_linear.py: bf16 on AMX, csrc/cpu/gemm/amx_bf16.cpp, or on
+"""The CPU GEMMs for few rows (fastbert/cpu/few_rows_linear.py: bf16 on AMX, csrc/cpu/gemm/amx_bf16.cpp, or on
 AVX512-BF16, csrc/cpu/gemm/avx512_bf16.cpp; fp32 on AVX-512, csrc/cpu/gemm/avx512_fp32.cpp) against a float64
 reference, on fresh random inputs: every kernel this CPU runs, every activation, tails of rows and column
 groups, 1-3 threads; and where they run (the plan and oneDNN's packed linear send at most max_rows rows to
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastbert.ops import few_rows_linear, onednn_linear
+from fastbert.cpu import few_rows_linear, onednn_linear
 from tests.helpers import assert_close_to_ref
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -33,7 +33,7 @@ def each_dtype(test):
 
 
 def _runs_here(kernel):
-    from fastbert.machine import machine
+    from fastbert.cpu.machine import machine
 
     module = few_rows_linear._module()
     return module is not None and hasattr(module, kernel.linear) and machine().runs(kernel.check)

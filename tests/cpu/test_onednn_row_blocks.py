@@ -1,11 +1,11 @@
-"""The bf16 packed GEMM on row blocks (fastbert/ops/onednn_row_blocks.py): the same result as the whole GEMM,
+"""The bf16 packed GEMM on row blocks (fastbert/cpu/onednn_row_blocks.py): the same result as the whole GEMM,
 run where the machine record says (AMX), 512..1024 rows, more than one thread."""
 import math
 
 import pytest
 import torch
 
-from fastbert.ops import few_rows_linear, onednn_linear, onednn_row_blocks
+from fastbert.cpu import few_rows_linear, onednn_linear, onednn_row_blocks
 
 _PROBLEM = onednn_linear.mkldnn_problem() or onednn_linear.bf16_problem()  # the blocks run oneDNN's bf16 GEMM
 pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))

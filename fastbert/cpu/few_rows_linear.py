@@ -10,10 +10,10 @@ Where they run: CPU inference (no backward); bf16 on a CPU with AMX-BF16 whose O
 else on one with AVX512-BF16 (both: out_features % 16 == 0, in_features % 32 == 0; one packed layout), fp32
 on a CPU with AVX-512 (out_features % 16 == 0); every BERT-family width qualifies; the extension must be
 built. `problem(weight)` says why not. The inference plan and oneDNN's packed linear
-(fastbert.ops.onednn_linear) call them; nothing else does.
+(fastbert.cpu.onednn_linear) call them; nothing else does.
 
 Packed weights: one copy of each weight they run, in the kernel's layout, made on first use and cached
-like oneDNN's (fastbert.ops.weight_cache; `cache_bytes()`). FASTBERT_PACKED_WEIGHTS=0 (or
+like oneDNN's (fastbert.cpu.weight_cache; `cache_bytes()`). FASTBERT_PACKED_WEIGHTS=0 (or
 onednn_linear.set_packing(False)) turns packing, and so these kernels, off; FASTBERT_FEW_ROWS_GEMM=0
 turns off only these kernels.
 """
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import extension
+from fastbert.cpu.weight_cache import PackedWeights, packing_enabled
 from fastbert.env import flag
-from fastbert.ops.weight_cache import PackedWeights, packing_enabled
 
 MAX_ROWS = 256  # the most rows any kernel here takes (docs/perf-notes.md)
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "tanh")
@@ -72,7 +72,7 @@ def _module():
 def _kernel(dtype: torch.dtype) -> _Kernel | None:
     """The first of dtype's kernels that this CPU runs, or None (also without the extension or its kernels)."""
     if dtype not in _chosen:
-        from fastbert.machine import machine
+        from fastbert.cpu.machine import machine
 
         module, record = _module(), machine()
 

@@ -68,8 +68,8 @@ def fused_qkv_max_seqlen() -> float:
     """The longest sequence the inference plan sends to `fused_qkv_attention` (longer ones go to SDPA): SHORT_SEQLEN
     on a CPU with AMX, where SDPA is faster above it; any length elsewhere, where the kernel was faster at every
     length measured (an AVX-512 AMD EPYC: 0.85-0.95x SDPA's forward time, 16-512 tokens, batch 1 and 8,
-    docs/perf-notes.md). A row of the machine record's choices (fastbert/machine.py)."""
-    from fastbert import machine
+    docs/perf-notes.md). A row of the machine record's choices (fastbert/cpu/machine.py)."""
+    from fastbert.cpu import machine
 
     return machine.choice("fused_qkv_max_seqlen")
 
