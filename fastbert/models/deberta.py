@@ -40,11 +40,10 @@ def _bucket_table(max_seqlen: int, position_buckets: int, max_position: int, def
 
     make_log_bucket_position itself (its float32 log formula, default dtype and all), so every bucket is
     bitwise the one transformers' build_relative_position gives that distance."""
+    max_seqlen = max(max_seqlen, 1)  # (an empty batch: distance 0 only)
     distances = torch.arange(1 - max_seqlen, max_seqlen, dtype=torch.long)
     if position_buckets > 0 and max_position > 0:  # build_relative_position's condition
         distances = hf.make_log_bucket_position(distances, position_buckets, max_position).to(torch.long)
-    if distances.numel() == 0:
-        return distances, 0, 0
     low, high = torch.aminmax(distances)
     return distances, int(low), int(high)
 

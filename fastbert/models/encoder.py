@@ -73,7 +73,8 @@ class TokenLayout:
         """cu_seqlens, also for a dense batch (batch sequences of seqlen tokens)."""
         if not self.dense:
             return self.cu_seqlens
-        return torch.arange(0, (self.batch + 1) * self.seqlen, self.seqlen, dtype=torch.int32, device=device)
+        positions = torch.arange(self.batch + 1, dtype=torch.int32, device=device)
+        return positions * self.seqlen  # (seqlen 0: all zeros; arange's step would be 0)
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """(batch, seq, ...) -> (tokens, ...)."""

@@ -429,3 +429,12 @@ def test_linear_wrappers_on_key_and_query_run_for_the_position_terms_too():
     batch = _batch(config, LENGTHS, 40, seed=59)
     keep = batch["attention_mask"].bool()
     assert max_error(_run(fast, batch).last_hidden_state[keep], _run(reference, batch).last_hidden_state[keep]) <= TOL
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0, 5), (0, 0)])
+def test_empty_batch_or_sequence_returns_empty_output(shape):
+    model = fastbert.DebertaV2Model(deberta_config()).eval()
+    ids = torch.zeros(shape, dtype=torch.long)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+    assert out.last_hidden_state.shape == (*shape, 32) and len(out.hidden_states) == 3
