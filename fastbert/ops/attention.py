@@ -150,11 +150,9 @@ REGISTRY.register(Implementation(
 
 
 def _check_qkv(q, k, v, rank: int, layout: str) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != rank:
-            raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if any(t.dim() != rank for t in (q, k, v)) or not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must be {rank}-D {layout} of one shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
@@ -162,6 +160,20 @@ def _check_qkv(q, k, v, rank: int, layout: str) -> None:
 def _check_dropout(dropout_p: float) -> None:
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def check_packed(q, k, v, cu_seqlens, max_seqlen, dropout_p: float) -> None:
+    """The arguments every attention op on packed tokens takes (varlen, window, relative): clear errors naming
+    the argument, the value and the rule."""
+    _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
+    _check_dropout(dropout_p)
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32 tensor of length batch+1, "
+            f"got dtype {cu_seqlens.dtype} shape {tuple(cu_seqlens.shape)}"
+        )
+    if int(max_seqlen) < 0:
+        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
 
 
 def attention(q, k, v, attention_mask=None, *, softmax_scale=None, dropout_p=0.0):
@@ -181,15 +193,7 @@ def attention(q, k, v, attention_mask=None, *, softmax_scale=None, dropout_p=0.0
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None, dropout_p=0.0):
     """Self-attention on packed tokens. q, k, v: (total_tokens, heads, head_dim); cu_seqlens: int32
     (batch+1,) prefix sums of the lengths; max_seqlen: the longest length. Returns q's shape."""
-    _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
-    _check_dropout(dropout_p)
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(
-            f"cu_seqlens must be a 1-D int32 tensor of length batch+1, "
-            f"got dtype {cu_seqlens.dtype} shape {tuple(cu_seqlens.shape)}"
-        )
-    if int(max_seqlen) < 0:
-        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    check_packed(q, k, v, cu_seqlens, max_seqlen, dropout_p)
     grad = backend.records_autograd(q, k, v)
     run = implementation("varlen_attention", q, head_dim=q.shape[-1], grad=grad)
     return run(q, k, v, cu_seqlens, int(max_seqlen), softmax_scale=softmax_scale, dropout_p=dropout_p)

@@ -25,6 +25,7 @@ from fastbert import backend
 from fastbert.backend import REGISTRY, runs_anywhere, triton_probe
 from fastbert.kernels import limits as triton_limits
 from fastbert.ops._dispatch import compute_dtype, implementation
+from fastbert.ops.attention import check_packed
 from fastbert.registry import Implementation, Signature
 
 
@@ -142,14 +143,7 @@ REGISTRY.register(Implementation(
 
 
 def _check_arguments(q, k, v, cu_seqlens, max_seqlen, index, q_rel, k_rel, dropout_p) -> None:
-    if q.dim() != 3 or not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v must be (total_tokens, heads, head_dim) of one shape, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of length batch+1, "
-                         f"got dtype {cu_seqlens.dtype} shape {tuple(cu_seqlens.shape)}")
+    check_packed(q, k, v, cu_seqlens, max_seqlen, dropout_p)
     span = 2 * int(max_seqlen) - 1
     if index.dim() != 1 or index.numel() < span or index.is_floating_point():
         raise ValueError(f"index must be an integer tensor of length >= 2 * max_seqlen - 1 = {span}, "
@@ -158,8 +152,6 @@ def _check_arguments(q, k, v, cu_seqlens, max_seqlen, index, q_rel, k_rel, dropo
         if rel is not None and (rel.dim() != 3 or rel.shape[:2] != q.shape[:2]):
             raise ValueError(f"{name} must be (total_tokens, heads, buckets) = ({q.shape[0]}, {q.shape[1]}, "
                              f"buckets), got {tuple(rel.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
 def relative_attention(q, k, v, cu_seqlens, max_seqlen, index, *, q_rel=None, k_rel=None,

@@ -18,6 +18,7 @@ from fastbert import backend
 from fastbert.backend import REGISTRY, runs_anywhere, triton_probe
 from fastbert.kernels import limits as triton_limits
 from fastbert.ops._dispatch import compute_dtype, implementation
+from fastbert.ops.attention import check_packed
 from fastbert.ops.tensor_memo import TensorMemo
 from fastbert.registry import Implementation, Signature
 
@@ -157,26 +158,17 @@ REGISTRY.register(Implementation(
 # Until the hand-kept order in fastbert/backend.py names this op: Triton first on CUDA.
 
 
-def _check_arguments(q, k, v, cu_seqlens, window: int, dropout_p: float) -> None:
-    if q.dim() != 3 or not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v must be (total_tokens, heads, head_dim) of one shape, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of length batch+1, "
-                         f"got dtype {cu_seqlens.dtype} shape {tuple(cu_seqlens.shape)}")
+def _check_arguments(q, k, v, cu_seqlens, max_seqlen, window: int, dropout_p: float) -> None:
+    check_packed(q, k, v, cu_seqlens, max_seqlen, dropout_p)
     if int(window) < 0:
         raise ValueError(f"window must be >= 0 (keys at |distance| <= window), got {window}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
 def window_attention(q, k, v, cu_seqlens, max_seqlen, window, *, softmax_scale=None, dropout_p=0.0):
     """Sliding-window self-attention on packed tokens: query i of a sequence attends to the keys j of
     that sequence with |i - j| <= window. q, k, v: (total_tokens, heads, head_dim); cu_seqlens: int32
     (batch+1,); max_seqlen: the longest length. Returns q's shape."""
-    _check_arguments(q, k, v, cu_seqlens, window, dropout_p)
+    _check_arguments(q, k, v, cu_seqlens, max_seqlen, window, dropout_p)
     grad = backend.records_autograd(q, k, v)
     run = implementation("window_attention", q, head_dim=q.shape[-1], grad=grad)
     return run(q, k, v, cu_seqlens, int(max_seqlen), int(window), softmax_scale=softmax_scale, dropout_p=dropout_p)
