@@ -6,7 +6,8 @@ of --batch, as the server's batcher takes them. The inputs are built before timi
   padded  model(input_ids, attention_mask, token_type_ids) on each right-padded batch
   packed  fastbert.encode_packed(model, input_ids, cu_seqlens, token_type_ids=...) on each batch back to back
 One timed pass = every batch once; each round starts one fresh process per mode (order rotated), which warms up
-and times --repeats passes. Reported: per mode the median over rounds of its per-round median tokens/s.
+and times --repeats passes. Reported: per mode the median over rounds of its per-round median tokens/s, and the best
+pass over all rounds (on a shared machine, the pass least slowed by other processes).
 
     python benchmarks/packed_rate.py --rounds 3 --repeats 5 --json benchmarks/results/packed-rate.json
 """
@@ -78,7 +79,8 @@ def child(args) -> dict:
                 step(x)
             if repeat:
                 rates.append(tokens / (time.perf_counter() - start))
-    return {"mode": args.child, "tokens": tokens, "batches": len(work), "median_tokens_per_s": statistics.median(rates)}
+    return {"mode": args.child, "tokens": tokens, "batches": len(work), "median_tokens_per_s": statistics.median(rates),
+            "best_tokens_per_s": max(rates)}
 
 
 def main() -> int:
@@ -108,14 +110,21 @@ def main() -> int:
                 command += ["--model", args.model]
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             runs[mode].append(json.loads(out.strip().splitlines()[-1]))
-            print(f"round {round_index} {mode}: {runs[mode][-1]['median_tokens_per_s']:.0f} tokens/s", flush=True)
+            last = runs[mode][-1]
+            print(f"round {round_index} {mode}: median {last['median_tokens_per_s']:.0f}, best "
+                  f"{last['best_tokens_per_s']:.0f} tokens/s", flush=True)
     record = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "cpu": _cpu(),
               "tokens_per_pass": runs["packed"][0]["tokens"], "batches": runs["packed"][0]["batches"],
               "tokens_per_s": {mode: statistics.median(r["median_tokens_per_s"] for r in mode_runs)
                                for mode, mode_runs in runs.items()},
               "rounds": runs}
+    # the best pass of each mode over all rounds: on a shared machine, the pass least slowed by others
+    record["best_tokens_per_s"] = {mode: max(r["best_tokens_per_s"] for r in mode_runs)
+                                   for mode, mode_runs in runs.items()}
     record["packed/padded"] = record["tokens_per_s"]["packed"] / record["tokens_per_s"]["padded"]
-    print(json.dumps({k: record[k] for k in ("cpu", "tokens_per_s", "packed/padded")}, indent=1))
+    record["best packed/padded"] = record["best_tokens_per_s"]["packed"] / record["best_tokens_per_s"]["padded"]
+    print(json.dumps({k: record[k] for k in ("cpu", "tokens_per_s", "best_tokens_per_s", "packed/padded",
+                                             "best packed/padded")}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1))
     return 0
