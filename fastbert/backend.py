@@ -63,7 +63,7 @@ AUTO_PREFERENCE = {
         "attention": ("torch",),
         # the one CPU-dependent entry: read from the machine record on first use (fastbert/cpu/machine.py)
         "varlen_attention": MachineChoice("varlen_attention_order"),
-        "linear": ("onednn", "torch"),
+        "linear": ("onednn", "torch"),  # benchmarks/cpu_linear_order.py (2 threads, AVX2 EPYC: 0.69x F.linear)
         "relative_attention": ("torch",),
         # the cpp kernel on the fused QKV buffer, up to the machine record's length (fastbert/ops/qkv_attention.py)
         "qkv_attention": ("cpp", "torch"),
