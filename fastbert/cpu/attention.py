@@ -107,7 +107,7 @@ def bind(run, like: torch.Tensor, head_size: int):
         if cu_seqlens is None:
             if len(offsets) > 64:
                 offsets.clear()
-            cu_seqlens = offsets[batch, seqlen] = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32)
+            cu_seqlens = offsets[batch, seqlen] = torch.arange(batch + 1, dtype=torch.int32) * seqlen  # seqlen 0 too
         return run(qkv, heads, head_dim, scale, cu_seqlens, seqlen)
 
     def packed(qkv, heads, head_dim, scale, cu_seqlens, max_seqlen):
