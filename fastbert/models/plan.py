@@ -32,7 +32,7 @@ import functools
 import itertools
 import operator
 import weakref
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 from torch import nn
@@ -40,10 +40,17 @@ from torch import nn
 from fastbert import backend
 from fastbert.env import flag
 from fastbert.models.families import Family, module_pooler
+from fastbert.models.plan_steps import (
+    EmbeddingSteps,
+    LayerSteps,
+    Resolver,
+    Unplannable,
+    is_int8,
+    qkv_gemm,
+)
 from fastbert.models.support import TreeStamp, check_modules, embeddings_known, gelu_approximation, remembered_check
-from fastbert.ops import _dispatch, qkv_attention
-from fastbert.ops.linear import splits_bias
-from fastbert.quantize import SCOPE_HOOKS, Int8Linear
+from fastbert.ops import qkv_attention
+from fastbert.quantize import SCOPE_HOOKS
 
 _VERSION = operator.attrgetter("_version")
 _DATA_PTR = torch.Tensor.data_ptr
@@ -51,128 +58,6 @@ _TRAINING = operator.attrgetter("training")
 _LINEARS = ("query", "key", "value", "attention_dense", "ffn_in", "ffn_out")
 _DROPOUTS = ("attention_dropout", "attention_dense_dropout", "ffn_out_dropout")
 _DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
-
-
-class LayerSteps(NamedTuple):
-    """One layer as bound callables: x -> y for the GEMMs, (y, residual) -> hidden for the norms."""
-
-    qkv: Callable
-    heads: int
-    head_dim: int
-    scale: float
-    attention_dense: Callable
-    attention_norm: Callable
-    ffn_in: Callable  # GEMM and activation
-    ffn_out: Callable
-    ffn_norm: Callable
-
-
-class EmbeddingSteps(NamedTuple):
-    word: torch.Tensor
-    position: torch.Tensor
-    token_type: torch.Tensor | None
-    norm: Callable  # (words, positions) -> hidden
-    norm_first_type: Callable | None  # fp32: the same with token type 0's row added (no token_type_ids given)
-    projection: Callable | None
-
-
-class Unplannable(Exception):
-    """What keeps a model on the general forward; the message says which module or setting."""
-
-
-# ---- kernels, resolved once ---------------------------------------------------------------------------
-
-class Resolver:
-    """Binds each step to the implementation the registry picks for the plan's device and dtype."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.probe = torch.empty(0, device=device, dtype=dtype)
-        self.cpu = device.type == "cpu"
-
-    def name(self, op: str, width: int = 0, head_dim: int = 0) -> str:
-        return backend.resolved_backend(op, self.probe, width=width, head_dim=head_dim, grad=False)
-
-    def implementation(self, op: str, width: int = 0, head_dim: int = 0) -> Callable:
-        return _dispatch.implementation(op, self.probe, width=width, head_dim=head_dim, grad=False)
-
-    def gemm(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> Callable:
-        """x -> activation(x @ weight.T + bias), bound by the registry's choice (on CPU: fastbert's few-rows
-        kernels, then oneDNN's packed GEMM, by row count: onednn_linear.bind)."""
-        return _dispatch.bind("linear", self.probe, weight=weight, bias=bias, activation=activation)
-
-    def gemm_then_norm(self, linear: nn.Module, norm: nn.LayerNorm) -> tuple[Callable, Callable]:
-        """(x -> y, (y, residual) -> LayerNorm(y + residual)): the bias in the GEMM when its library
-        adds it itself (oneDNN, int8) or when the norm is the torch reference, else in the fused norm."""
-        if _is_int8(linear):
-            return _int8_module_gemm(linear), self.norm(norm)
-        split = splits_bias(self.name("linear"), self.name("add_layer_norm", width=norm.weight.shape[0]))
-        gemm = self.gemm(linear.weight, None if split else linear.bias)
-        return gemm, self.norm(norm, linear.bias if split else None)
-
-    def norm(self, norm: nn.LayerNorm, x_bias: torch.Tensor | None = None) -> Callable:
-        return _dispatch.bind("add_layer_norm", self.probe, width=norm.weight.shape[0], weight=norm.weight,
-                              bias=norm.bias, eps=norm.eps, x_bias=x_bias)
-
-    def gemm_tanh(self, linear: nn.Linear) -> Callable:
-        """x -> tanh(x @ W.T + b), a BertPooler: the tanh in oneDNN's epilogue, else after the GEMM."""
-        if self.name("linear") == "onednn":
-            return self.gemm(linear.weight, linear.bias, "tanh")
-        gemm = self.gemm(linear.weight, linear.bias)
-        return lambda x: torch.tanh(gemm(x))
-
-    def gemm_gelu(self, linear: nn.Module, approximate: str) -> Callable:
-        """x -> GELU(x @ W.T + b): in the GEMM's epilogue on oneDNN and int8, else GEMM then bias_gelu."""
-        from fastbert.ops.linear import GELU_ACTIVATION
-
-        if _is_int8(linear):
-            return _int8_module_gemm(linear, GELU_ACTIVATION[approximate])
-        if self.name("linear") == "onednn":
-            return self.gemm(linear.weight, linear.bias, GELU_ACTIVATION[approximate])
-        split = splits_bias(self.name("linear"), self.name("bias_gelu"))
-        gemm = self.gemm(linear.weight, None if split else linear.bias)
-        activation = _dispatch.bind("bias_gelu", self.probe, bias=linear.bias if split else None,
-                                    approximate=approximate)
-        return lambda x: activation(gemm(x))
-
-
-def fused_qkv(query: nn.Linear, key: nn.Linear, value: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        return torch.cat([query.weight, key.weight, value.weight]), torch.cat([query.bias, key.bias, value.bias])
-
-
-def _is_int8(module: nn.Module) -> bool:
-    return type(module) is Int8Linear
-
-
-def _int8_gemm(weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor,
-               packed_weight: torch.Tensor | None, activation: str | None = None) -> Callable:
-    """x -> activation(x @ W.T + b) on an int8 weight (fastbert.quantize); packed_weight None runs the reference."""
-    from fastbert.cpu import int8_linear
-
-    return functools.partial(int8_linear.int8_linear, weight_int8=weight_int8, weight_scale=weight_scale,
-                             bias=bias, activation=activation, packed_weight=packed_weight)
-
-
-def _int8_module_gemm(linear: Int8Linear, activation: str | None = None) -> Callable:
-    """An Int8Linear's GEMM, on the packed weight the module caches (no second packed copy)."""
-    return _int8_gemm(linear.weight_int8, linear.weight_scale, linear.bias, linear.packed_weight(), activation)
-
-
-def _qkv_gemm(resolver: Resolver, query: nn.Module, key: nn.Module, value: nn.Module) -> tuple[Callable, int]:
-    """(x -> the fused query/key/value projection, its output features). Three int8 Linears become one int8
-    GEMM: they quantize the same input with the same per-token scales, so the concatenated weight gives the
-    same columns as the three GEMMs (and one quantization instead of three)."""
-    modules = (query, key, value)
-    if all(map(_is_int8, modules)):
-        from fastbert.cpu.int8_linear import packed_or_none
-
-        weight = torch.cat([m.weight_int8 for m in modules])
-        scale, bias = torch.cat([m.weight_scale for m in modules]), torch.cat([m.bias for m in modules])
-        return _int8_gemm(weight, scale, bias, packed_or_none(weight)), weight.shape[0]
-    if any(map(_is_int8, modules)):
-        raise Unplannable("query/key/value mix int8 and float Linears")
-    weight, bias = fused_qkv(query, key, value)
-    return resolver.gemm(weight, bias), weight.shape[0]
 
 
 # ---- building ------------------------------------------------------------------------------------------
@@ -203,7 +88,7 @@ class Binder:
 
     def linear(self, module: nn.Module, what: str) -> nn.Module:
         """An nn.Linear with a bias, or a fastbert.Int8Linear with one (its int8 weight, scales and bias buffers)."""
-        if _is_int8(module) and module.bias is not None:
+        if is_int8(module) and module.bias is not None:
             for name in ("weight_int8", "weight_scale", "bias"):
                 self.parameter(module, name, "_buffers")
             self.called.append(module)  # the general forward calls it as a module: its hooks send calls there
@@ -233,7 +118,7 @@ def _layer_steps(binder: Binder, resolver: Resolver, pieces: dict, heads_attribu
         raise Unplannable(f"the activation {type(pieces['activation']).__name__} is not a GELU")
     owner = pieces["attention"]
     heads, head_dim = getattr(owner, heads_attribute), owner.attention_head_size
-    qkv, features = _qkv_gemm(resolver, pieces["query"], pieces["key"], pieces["value"])
+    qkv, features = qkv_gemm(resolver, pieces["query"], pieces["key"], pieces["value"])
     if features != 3 * heads * head_dim:
         raise Unplannable(f"query/key/value produce {features // 3} features, not heads * head_dim")
     attention_dense, attention_norm = resolver.gemm_then_norm(pieces["attention_dense"], pieces["attention_norm"])
