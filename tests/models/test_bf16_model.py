@@ -60,17 +60,25 @@ def test_bf16_model_cosine_to_fp32(checkpoint, batch, fp32_pooled):
 
 @pytest.mark.parametrize("selection", ["auto", "cpp"])
 def test_autocast_runs_bf16_and_keeps_cosine(fp32_model, batch, fp32_pooled, monkeypatch, selection):
-    """Under CPU autocast the packed batch's attention gets bf16 inputs, on whichever implementation runs it."""
+    """Under CPU autocast the packed batch's attention gets bf16 inputs, on whichever implementation runs it (the
+    varlen op, or qkv_attention on the fused QKV output, which inference forwards bind)."""
     attention_module = importlib.import_module("fastbert.ops.attention")
+    qkv_module = importlib.import_module("fastbert.ops.qkv_attention")
     seen = []
-    resolve = attention_module.implementation
+    resolve, bound_for = attention_module.implementation, qkv_module.bound_for
 
     def spy(op, x, **kwargs):
         if op == "varlen_attention":
             seen.append(x.dtype)
         return resolve(op, x, **kwargs)
 
+    def spy_bound(like, head_dim):
+        if like.numel():  # a forward's QKV output (a plan being built binds with an empty probe)
+            seen.append(like.dtype)
+        return bound_for(like, head_dim)
+
     monkeypatch.setattr(attention_module, "implementation", spy)
+    monkeypatch.setattr(qkv_module, "bound_for", spy_bound)
     with fastbert.use_backend(selection), torch.autocast("cpu", torch.bfloat16):
         pooled = mean_pooled(fp32_model, batch)
     assert seen and set(seen) == {torch.bfloat16}, f"attention ran on {set(seen)}"
