@@ -12,6 +12,8 @@ length stays dense there and attends on the dense kernel (agreement within 1e-6)
 """
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -41,16 +43,29 @@ def encode_packed(model: nn.Module, input_ids: torch.Tensor, cu_seqlens: torch.T
 
     model: a fastbert model of a BERT-table family (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT,
     ALBERT, MPNet, DeBERTa-v2/v3), native or patched, or a transformers base model of one; a head model
-    runs its base model (the head is not applied). input_ids (tokens,) int64; cu_seqlens (batch + 1,) int32,
+    runs its base model (the head is not applied: classify_packed applies a sequence classifier's).
+    input_ids (tokens,) int64; cu_seqlens (batch + 1,) int32,
     0 first, non-decreasing, input_ids' length last; token_type_ids (tokens,) int64 or None (type 0).
     Positions restart at each sequence, as the family's embeddings number a sequence alone.
     pooling: "mean" (over each sequence's tokens) or "cls" (its first token's hidden state, not the
     model's pooler), accumulated and returned in float32; None for no pooling.
     validate: range checks of ids and token types (the model forward's `validate`); cu_seqlens is always checked.
     """
+    if pooling is not None and pooling not in POOLING_MODES:
+        raise ValueError(f"pooling={pooling!r}: expected one of {', '.join(POOLING_MODES)} or None")
+    base, _, result = _encode_packed(model, input_ids, cu_seqlens, token_type_ids, validate)
+    if result is None:
+        return _empty(base, cu_seqlens, pooling)
+    hidden = result.last_hidden_state[0]
+    return PackedOutput(hidden, None if pooling is None else pool_packed(hidden, cu_seqlens, pooling))
+
+
+def _encode_packed(model: nn.Module, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                   token_type_ids: torch.Tensor | None, validate: bool | None):
+    """(base model, family, encode's EncoderResult on the packed layout, or None when there is no token)."""
     base, family = _base_and_family(model)
     views = _checked_views(base, family)
-    _check_arguments(input_ids, cu_seqlens, token_type_ids, pooling)
+    _check_arguments(input_ids, cu_seqlens, token_type_ids)
     unread = family.unread(base) if family.unread is not None else frozenset()
     max_seqlen = check_cu_seqlens(cu_seqlens, input_ids.shape[0], _length_limit(base, family, unread))
     inputs = _encoder_inputs(base, family, unread, input_ids, cu_seqlens, token_type_ids)
@@ -58,15 +73,129 @@ def encode_packed(model: nn.Module, input_ids: torch.Tensor, cu_seqlens: torch.T
         validate_inputs(base.config, base.get_input_embeddings().weight.device, inputs["input_ids"], None,
                         inputs["token_type_ids"], inputs["position_ids"], length_limit=False)
     if input_ids.shape[0] == 0:
-        return _empty(base, cu_seqlens, pooling)
+        return base, family, None
     layout = TokenLayout.from_cu_seqlens(cu_seqlens, max_seqlen, input_ids.shape[0])
-    hidden = encode(base, family, inputs, None, {}, views, layout=layout).last_hidden_state[0]
-    return PackedOutput(hidden, None if pooling is None else pool_packed(hidden, cu_seqlens, pooling))
+    return base, family, encode(base, family, inputs, None, {}, views, layout=layout)
 
 
-def _check_arguments(input_ids, cu_seqlens, token_type_ids, pooling) -> None:
-    if pooling is not None and pooling not in POOLING_MODES:
-        raise ValueError(f"pooling={pooling!r}: expected one of {', '.join(POOLING_MODES)} or None")
+# ---- sequence classifiers on packed inputs ----------------------------------------------------------------
+
+
+class PackedClassifierOutput(NamedTuple):
+    logits: torch.Tensor  # (batch, num_labels) in the model's dtype, as the head's forward computes them
+    first_tokens: torch.Tensor  # (batch, hidden): each sequence's first token's last hidden state ([CLS], <s>)
+    pooler_output: torch.Tensor | None  # (batch, hidden) the base model's pooler on them, None without one
+
+
+def classify_packed(model: nn.Module, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, *,
+                    token_type_ids: torch.Tensor | None = None,
+                    validate: bool | None = None) -> PackedClassifierOutput:
+    """A sequence classifier's logits for sequences packed back to back (encode_packed's arguments).
+
+    Every head classify_packed knows reads each sequence's first token only ([:, 0] of the padded output,
+    directly or through the base model's pooler), so it runs on (batch, hidden): the encoder's first tokens
+    (and pooler output), then the head's own modules in the order its transformers forward calls them. Known:
+    transformers' ForSequenceClassification of BERT and ALBERT (pooler, dropout, classifier), RoBERTa, XLM-R,
+    CamemBERT, ELECTRA, MPNet (their ClassificationHead on [:, 0]), DistilBERT (pre_classifier, ReLU, dropout,
+    classifier) and DeBERTa-v2/v3 (ContextPooler, dropout, classifier), as fastbert's native classes, patched
+    or plain, whose forward and head module classes are exactly transformers'. Anything else is a ValueError
+    (packed_head_problem says why beforehand): a caller keeps its padded path for it.
+    """
+    head = _known_head(model)
+    if isinstance(head, str):
+        raise ValueError(f"classify_packed: {head}")
+    base, family, result = _encode_packed(model, input_ids, cu_seqlens, token_type_ids, validate)
+    if result is None:  # no token: zeros for the (empty) sequences, as the padded path's first column holds
+        width = base.config.hidden_size
+        first = base.get_input_embeddings().weight.new_zeros(cu_seqlens.shape[0] - 1, width)
+        pooled = family.pool(base, first) if head.pooler else None
+    else:
+        first = result.first_tokens
+        pooled = (result.pooled if result.pooled is not None else family.pool(base, first)) if head.pooler else None
+    return PackedClassifierOutput(head.logits(model, first, pooled), first, pooled)
+
+
+def packed_head_problem(model: nn.Module) -> str | None:
+    """Why classify_packed refuses `model` (the message it raises), or None when it runs it."""
+    head = _known_head(model)
+    if isinstance(head, str):
+        return f"classify_packed: {head}"
+    return packed_problem(model)
+
+
+class _Head(NamedTuple):
+    pooler: bool  # the logits read the base model's pooler output (else the first tokens)
+    logits: Callable  # (head model, first tokens, pooler output) -> logits
+
+
+def _pooler_linear(model, first, pooled):  # BERT, ALBERT: outputs[1] -> dropout -> classifier
+    return model.classifier(model.dropout(pooled))
+
+
+def _first_token_module(model, first, pooled):  # RoBERTa & co: a ClassificationHead reading features[:, 0, :]
+    return model.classifier(first[:, None])
+
+
+def _distilbert(model, first, pooled):  # hidden_state[:, 0] -> pre_classifier -> ReLU -> dropout -> classifier
+    return model.classifier(model.dropout(nn.ReLU()(model.pre_classifier(first))))
+
+
+def _context_pooler(model, first, pooled):  # DeBERTa-v2: ContextPooler reads hidden_states[:, 0]
+    return model.classifier(model.dropout(model.pooler(first[:, None])))
+
+
+def _head_table() -> dict:
+    """transformers' ForSequenceClassification class -> (_Head, {attribute: the exact class it must have})."""
+    from transformers.models.deberta_v2.modeling_deberta_v2 import ContextPooler
+
+    from fastbert.models.families import FAMILIES
+
+    table = {}
+    for family in FAMILIES:
+        hf = family.hf_class("ForSequenceClassification")
+        module = sys.modules[hf.__module__]
+        if family.model_type in ("bert", "albert"):
+            table[hf] = (_Head(True, _pooler_linear), {})
+        elif family.model_type == "distilbert":
+            table[hf] = (_Head(False, _distilbert), {})
+        elif family.model_type == "deberta-v2":
+            table[hf] = (_Head(False, _context_pooler), {"pooler": ContextPooler})
+        else:
+            table[hf] = (_Head(False, _first_token_module),
+                         {"classifier": getattr(module, f"{family.class_prefix}ClassificationHead")})
+    return table
+
+
+_HEADS: dict | None = None
+
+
+def _known_head(model: nn.Module) -> _Head | str:
+    """The head classify_packed computes for `model`, or why it does not know it."""
+    global _HEADS
+    if _HEADS is None:
+        _HEADS = _head_table()
+    if not isinstance(model, nn.Module):
+        return f"model must be a torch.nn.Module, got {type(model).__name__}"
+    hf = next((cls for cls in type(model).__mro__ if cls in _HEADS), None)
+    if hf is None:
+        return f"{type(model).__name__} is not a sequence classifier it knows"
+    if type(model).forward is not hf.forward:
+        return f"{type(model).__name__} has its own forward (not transformers' {hf.__name__}.forward)"
+    head, classes = _HEADS[hf]
+    for name, cls in classes.items():
+        if type(getattr(model, name, None)) is not cls:
+            return (f"{type(model).__name__}.{name} is a {type(getattr(model, name, None)).__name__}, not "
+                    f"transformers' {cls.__name__}")
+    hooked = [name or type(model).__name__ for name, module in model.named_modules()
+              if module._forward_hooks or module._forward_pre_hooks]
+    if hooked:
+        return f"forward hooks on {', '.join(hooked[:3])} (a packed forward would skip some)"
+    if head.pooler and getattr(model.base_model, "pooler", None) is None:
+        return f"{type(model).__name__}'s base model has no pooler"
+    return head
+
+
+def _check_arguments(input_ids, cu_seqlens, token_type_ids) -> None:
     _check_tensor("input_ids", input_ids, torch.long)
     _check_tensor("cu_seqlens", cu_seqlens, torch.int32)
     if cu_seqlens.device != input_ids.device:

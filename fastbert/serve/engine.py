@@ -1,9 +1,11 @@
 """Tokenization and the forward: what the batcher and the endpoints call.
 
 An embedding model whose pooling is mean and/or cls runs fastbert.encode_packed on the batch's sequences
-back to back (cu_seqlens from their lengths): no padded tensor at all, no mask to read. Classifiers (their
-heads read the padded output), the other pooling modes and models encode_packed does not run (ModernBERT)
-take the padded path: a right-padded batch the encoder unpads once before the embeddings.
+back to back (cu_seqlens from their lengths): no padded tensor at all, no mask to read. A sequence classifier
+whose head reads only each sequence's first token (transformers' ForSequenceClassification of the BERT-table
+families: fastbert.models.packed.classify_packed) runs packed too, its head on (batch, hidden). The other
+pooling modes, heads classify_packed does not know and models encode_packed does not run (ModernBERT) take
+the padded path: a right-padded batch the encoder unpads once before the embeddings.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert.models.packed import POOLING_MODES as PACKED_POOLING
-from fastbert.models.packed import encode_packed, packed_problem, pool_packed
+from fastbert.models.packed import classify_packed, encode_packed, packed_head_problem, packed_problem, pool_packed
 from fastbert.serve.loading import LoadedModel, load_tokenizer
 from fastbert.serve.pooling import pool
 from fastbert.serve.precision import choose_dtype
@@ -145,7 +147,11 @@ class Engine:
     def packed_forward(self, batch: list[Encoded]) -> torch.Tensor:
         """forward's answer from encode_packed: the first pooling mode pooled there, any further one (cls and
         mean, concatenated as sentence-transformers does) from the same hidden states."""
-        tensors, (first, *others) = self.packed_tensors(batch), self.loaded.pooling
+        tensors = self.packed_tensors(batch)
+        if self.loaded.kind == "classifier":
+            with torch.inference_mode():
+                return classify_packed(self.loaded.model, **tensors).logits.float()
+        first, *others = self.loaded.pooling
         with torch.inference_mode():
             output = encode_packed(self.loaded.model, **tensors, pooling=first)
             pooled = [output.pooled, *(pool_packed(output.last_hidden_state, tensors["cu_seqlens"], mode)
@@ -154,8 +160,11 @@ class Engine:
 
 
 def runs_packed(loaded: LoadedModel) -> bool:
-    """Whether the forward runs encode_packed: an embedding model pooled by mean and/or cls, of a family and
-    modules encode_packed runs (its own check: it refuses the rest, so they keep the padded path)."""
+    """Whether the forward runs packed: an embedding model pooled by mean and/or cls, of a family and modules
+    encode_packed runs, or a classifier whose head classify_packed knows (their own checks: they refuse the
+    rest, which keeps the padded path)."""
+    if loaded.kind == "classifier":
+        return packed_head_problem(loaded.model) is None
     return (loaded.kind == "embedding" and set(loaded.pooling) <= set(PACKED_POOLING)
             and packed_problem(loaded.model) is None)
 
