@@ -45,6 +45,11 @@ RULES: dict[str, str] = {
 _CONFIG_DEFAULTS = {"output_attentions": False, "is_causal": None, "output_hidden_states": False, "return_dict": True}
 
 
+def input_names(names) -> frozenset:
+    """Those of a forward's parameter names that the fast path reads as inputs (RULES: INPUT)."""
+    return frozenset(name for name in names if RULES.get(name) == INPUT)
+
+
 def call_value(config, arguments: dict, name: str):
     """The value transformers reads: the call's argument if passed (even None), else the config's."""
     return arguments[name] if name in arguments else getattr(config, name, _CONFIG_DEFAULTS[name])

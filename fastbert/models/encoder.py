@@ -10,8 +10,6 @@ the end. A batch without padding stays in its dense (batch, seq) layout and skip
 from __future__ import annotations
 
 import dataclasses
-import operator
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastbert import backend
-from fastbert.models import plan, support
-from fastbert.models.families import Family, LayerPieces
+from fastbert.models import fused_qkv, plan, support
+from fastbert.models.embed import EmbeddingSteps, embed
+from fastbert.models.families import Family
 from fastbert.models.support import embeddings_known, gelu_approximation
 from fastbert.ops import add_layer_norm, attention, bias_gelu, qkv_attention, varlen_attention
 from fastbert.ops.linear import GELU_ACTIVATION, fuses_epilogue, splits_bias
@@ -122,45 +121,12 @@ def linear_for_fusion(linear: nn.Module, x: torch.Tensor, fused_op: str):
     return linear(x), None
 
 
-# Fused QKV weights per attention module. Kept outside the modules, so deepcopy, pickling and
-# torch.save(model) never carry them; weak keys, so a dropped model takes its entry with it.
-_QKV_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
 def clear_fused_qkv_cache(module: nn.Module) -> None:
     """Forget the fused QKV weights of every attention module inside `module`, and its inference plans
     and remembered module checks (patch and unpatch call this)."""
-    for sub in module.modules():
-        _QKV_CACHE.pop(sub, None)
+    fused_qkv.forget(module)
     plan.forget_plans(module)
     support.forget_checks(module)
-
-
-_VERSION = operator.attrgetter("_version")
-
-
-def _fused_qkv_parameters(owner: nn.Module, query: nn.Linear, key: nn.Linear, value: nn.Linear):
-    """One (3*hidden, hidden) weight and bias from the separate query/key/value Linears.
-
-    PEFT targets the projections by name, so the modules stay separate and are fused here, at run
-    time. Without autograd the fused copy is cached until a parameter is replaced or changes
-    (identity, version counter and storage address; the entry holds the parameters, so no address is ever reused).
-    (map and operator over generator expressions: this runs per layer per call, batch 1 included.)
-    """
-    params = (query.weight, query.bias, key.weight, key.bias, value.weight, value.bias)
-    caching = not backend.records_autograd() and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    if caching:
-        # version counters and storage addresses: .to(dtype/device) swaps a parameter's data in place
-        # without moving its version counter.
-        versions = (*map(_VERSION, params), *map(torch.Tensor.data_ptr, params))
-        cached = _QKV_CACHE.get(owner)
-        if cached is not None and cached[1] == versions and all(map(operator.is_, cached[0], params)):
-            return cached[2], cached[3]
-    weight = torch.cat(params[0::2])
-    bias = torch.cat(params[1::2])
-    if caching:
-        _QKV_CACHE[owner] = (params, versions, weight, bias)  # one assignment: thread-safe
-    return weight, bias
 
 
 def _plain_linear_with_bias(module: nn.Module) -> bool:
@@ -171,7 +137,7 @@ def fused_qkv_output(owner: nn.Module, query: nn.Module, key: nn.Module, value: 
                      hidden: torch.Tensor) -> torch.Tensor | None:
     """GEMM 1 as one GEMM: (tokens, 3 * heads * head_dim), when query/key/value are plain Linears; else None."""
     if _plain_linear_with_bias(query) and _plain_linear_with_bias(key) and _plain_linear_with_bias(value):
-        weight, bias = _fused_qkv_parameters(owner, query, key, value)
+        weight, bias = fused_qkv.fused_parameters(owner, query, key, value)
         return linear_op(hidden, weight, bias)
     return None
 
@@ -262,27 +228,47 @@ def _relative_attention(modules: dict, qkv: tuple, heads: int, head_dim: int, sc
     return context.reshape(tokens, heads * head_dim)
 
 
-def layer_forward(layer: nn.Module, hidden: torch.Tensor, layout: TokenLayout, pieces: LayerPieces) -> torch.Tensor:
-    """One post-LayerNorm encoder layer on packed tokens (tokens, hidden), any family.
+def layer_forward(layer: nn.Module, hidden: torch.Tensor, layout: TokenLayout, family: Family) -> torch.Tensor:
+    """One encoder layer on packed tokens (tokens, hidden), any family: its layer program on live steps.
 
     A training forward runs inside backend.training_forward (this thread only), here rather than around
     the layer loop, so that the recomputation of gradient checkpointing, which calls the layer again
     from backward with the same layout, takes the same implementations as the first pass."""
     if layout.training:
         with backend.training_forward():
-            return _layer_forward(layer, hidden, layout, pieces)
-    return _layer_forward(layer, hidden, layout, pieces)
+            return _layer_forward(layer, hidden, layout, family)
+    return _layer_forward(layer, hidden, layout, family)
 
 
-def _layer_forward(layer: nn.Module, hidden: torch.Tensor, layout: TokenLayout, pieces: LayerPieces) -> torch.Tensor:
+class LiveLayer:
+    """The live executor of program.post_norm: each step resolved per call from one layer's modules (training,
+    dropout, hooks, PEFT and quantized wrappers, torch.compile). `call` is the forward's TokenLayout."""
+
+    __slots__ = ("modules", "heads_attribute")
+
+    def __init__(self, modules: dict, heads_attribute: str):
+        self.modules, self.heads_attribute = modules, heads_attribute
+
+    def attention(self, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        return self_attention_forward(self.modules, self.heads_attribute, hidden, layout)
+
+    def attention_out(self, context: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        m = self.modules
+        return dense_add_layer_norm(m["attention_dense"], m["attention_dense_dropout"], m["attention_norm"], context,
+                                    hidden)
+
+    def ffn_in(self, hidden: torch.Tensor) -> torch.Tensor:
+        return ffn_in_activation(self.modules["ffn_in"], self.modules["activation"], hidden)
+
+    def ffn_out(self, inner: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        m = self.modules
+        return dense_add_layer_norm(m["ffn_out"], m["ffn_out_dropout"], m["ffn_norm"], inner, hidden)
+
+
+def _layer_forward(layer: nn.Module, hidden: torch.Tensor, layout: TokenLayout, family: Family) -> torch.Tensor:
+    pieces = family.pieces
     view = layout.views.get(layer)
-    modules = (view or pieces.view(layer)).pieces
-    context = self_attention_forward(modules, pieces.heads_attribute, hidden, layout)
-    hidden = dense_add_layer_norm(
-        modules["attention_dense"], modules["attention_dense_dropout"], modules["attention_norm"], context, hidden
-    )
-    inner = ffn_in_activation(modules["ffn_in"], modules["activation"], hidden)
-    return dense_add_layer_norm(modules["ffn_out"], modules["ffn_out_dropout"], modules["ffn_norm"], inner, hidden)
+    return family.program(LiveLayer((view or pieces.view(layer)).pieces, pieces.heads_attribute), hidden, layout)
 
 
 class FastLayer:
@@ -293,11 +279,11 @@ class FastLayer:
     checkpointing wraps the layer as it wraps its own. Called with a mask, it is transformers' layer.
     """
 
-    _fastbert_pieces: LayerPieces
+    _fastbert_family: Family
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         if isinstance(attention_mask, TokenLayout):
-            return layer_forward(self, hidden_states, attention_mask, self._fastbert_pieces)
+            return layer_forward(self, hidden_states, attention_mask, self._fastbert_family)
         return super().forward(hidden_states, attention_mask, *args, **kwargs)
 
 
@@ -308,7 +294,7 @@ def fast_layer_class(family: Family) -> type:
     """Fast<Layer>: the family's layer class with FastLayer's forward (no new state: a class swap)."""
     if family.layer not in _FAST_LAYER_CLASSES:
         name = f"Fast{family.layer.__name__}"
-        cls = type(name, (FastLayer, family.layer), {"_fastbert_pieces": family.pieces, "__module__": __name__})
+        cls = type(name, (FastLayer, family.layer), {"_fastbert_family": family, "__module__": __name__})
         globals()[name] = cls  # importable by name, so pickle and torch.save find it
         _FAST_LAYER_CLASSES[family.layer] = cls
     return _FAST_LAYER_CLASSES[family.layer]
@@ -318,7 +304,7 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, layout: TokenLayout, fami
     if isinstance(layer, FastLayer):
         return layer(hidden, layout)
     # A layer whose class fastbert did not set (e.g. wrapped by FSDP before patching): no hooks.
-    return layer_forward(layer, hidden, layout, family.pieces)
+    return layer_forward(layer, hidden, layout, family)
 
 
 # ---- embeddings and the whole encoder ----------------------------------------------------------------
@@ -333,48 +319,27 @@ def _own_embeddings(family: Family, embeddings: nn.Module, inputs: dict, layout:
 
 
 def embeddings_forward(family: Family, embeddings: nn.Module, inputs: dict, layout: TokenLayout) -> torch.Tensor:
-    """The family's embeddings on the real tokens only: (tokens, embedding width).
-
-    `inputs` holds input_ids or inputs_embeds, token_type_ids and position_ids, each (batch, seq)
-    (or None). Positions default to what the family's embeddings compute (see families.py).
-    """
+    """The family's embeddings on the real tokens only: (tokens, embedding width), transformers' own modules
+    called as modules (embed.embed)."""
     if family.embed is not None:
         return family.embed(embeddings, inputs, layout)
     if not embeddings_known(family, embeddings):
         return _own_embeddings(family, embeddings, inputs, layout)
-    batch, seqlen = layout.batch, layout.seqlen
-    position_ids = inputs.get("position_ids")
-    if position_ids is None:
-        position_ids = family.positions(embeddings, inputs.get("input_ids"), batch, seqlen)
-    if inputs.get("input_ids") is not None:
-        words = embeddings.word_embeddings(layout.pack(inputs["input_ids"]))
-    else:
-        words = layout.pack(inputs["inputs_embeds"])
-    if family.token_types:
-        token_type_ids = inputs.get("token_type_ids")
-        if token_type_ids is None:
-            token_type_ids = torch.zeros((), dtype=torch.long, device=position_ids.device)
-        words = words + embeddings.token_type_embeddings(layout.pack(token_type_ids.expand(batch, seqlen)))
-    positions = embeddings.position_embeddings(layout.pack(position_ids.expand(batch, seqlen)))
-    norm = embeddings.LayerNorm
-    hidden = add_layer_norm(words, positions, norm.weight, norm.bias, norm.eps)
-    return F.dropout(hidden, p=embeddings.dropout.p, training=embeddings.training)
-
-
-def _projection(family: Family, model: nn.Module) -> nn.Module | None:
-    if family.projection is None:
-        return None
-    try:
-        return operator.attrgetter(family.projection)(model)
-    except AttributeError:  # ELECTRA has embeddings_project only when embedding_size != hidden_size
-        return None
+    norm, dropout = embeddings.LayerNorm, embeddings.dropout
+    steps = EmbeddingSteps(
+        embeddings.word_embeddings, embeddings.position_embeddings,
+        embeddings.token_type_embeddings if family.token_types else None,
+        lambda words, positions: add_layer_norm(words, positions, norm.weight, norm.bias, norm.eps),
+        dropout=lambda hidden: F.dropout(hidden, p=dropout.p, training=embeddings.training),
+    )
+    return embed(steps, family, embeddings, inputs, layout)
 
 
 def _general_forward(model: nn.Module, family: Family, inputs: dict, layout: TokenLayout,
                      all_hidden: list | None) -> torch.Tensor:
     """Embeddings, projection and every layer call, each op resolved per call: (tokens, hidden)."""
     hidden = embeddings_forward(family, model.embeddings, inputs, layout)
-    projection = _projection(family, model)
+    projection = family.projection_module(model)
     if projection is not None:
         hidden = projection(hidden)
     if all_hidden is not None:

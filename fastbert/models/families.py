@@ -29,34 +29,37 @@ from transformers.models.xlm_roberta import modeling_xlm_roberta
 
 from fastbert.models import deberta
 from fastbert.models.pieces import PIECE_NAMES, LayerPieces, LayerView  # noqa: F401 (re-exported)
+from fastbert.models.program import post_norm
 from fastbert.models.relative import MPNET_RELATIVE, RelativePositions
 
 
-def _bert_like_pieces(module: ModuleType, prefix: str) -> LayerPieces:
-    classes = {name: getattr(module, f"{prefix}{name}") for name in ("Attention", "SelfAttention", "SelfOutput")}
-    return LayerPieces(
-        attention="attention.self",
-        heads_attribute="num_attention_heads",
-        query="attention.self.query",
-        key="attention.self.key",
-        value="attention.self.value",
-        attention_dropout="attention.self.dropout",
-        attention_dense="attention.output.dense",
-        attention_dense_dropout="attention.output.dropout",
-        attention_norm="attention.output.LayerNorm",
-        ffn_in="intermediate.dense",
-        activation="intermediate.intermediate_act_fn",
-        ffn_out="output.dense",
-        ffn_out_dropout="output.dropout",
-        ffn_norm="output.LayerNorm",
-        containers=(
-            ("attention", classes["Attention"]),
-            ("attention.self", classes["SelfAttention"]),
-            ("attention.output", classes["SelfOutput"]),
-            ("intermediate", getattr(module, f"{prefix}Intermediate")),
-            ("output", getattr(module, f"{prefix}Output")),
-        ),
-    )
+def _bert_like_pieces(module: ModuleType, prefix: str, classes: dict | None = None, **paths) -> LayerPieces:
+    """BERT's layer layout (attention.self and attention.output, intermediate, output) with transformers' class
+    names prefix + "Attention", ...; `paths` replace piece paths, `classes` container classes by path (None: the
+    family has no such container)."""
+    classes = classes or {}
+    names = {"attention": "Attention", "attention.self": "SelfAttention", "attention.output": "SelfOutput",
+             "intermediate": "Intermediate", "output": "Output"}
+    containers = {path: classes[path] if path in classes else getattr(module, prefix + name)
+                  for path, name in names.items()} | classes
+    return LayerPieces(**{
+        "attention": "attention.self",
+        "heads_attribute": "num_attention_heads",
+        "query": "attention.self.query",
+        "key": "attention.self.key",
+        "value": "attention.self.value",
+        "attention_dropout": "attention.self.dropout",
+        "attention_dense": "attention.output.dense",
+        "attention_dense_dropout": "attention.output.dropout",
+        "attention_norm": "attention.output.LayerNorm",
+        "ffn_in": "intermediate.dense",
+        "activation": "intermediate.intermediate_act_fn",
+        "ffn_out": "output.dense",
+        "ffn_out_dropout": "output.dropout",
+        "ffn_norm": "output.LayerNorm",
+        **paths,
+        "containers": tuple((path, cls) for path, cls in containers.items() if cls is not None),
+    })
 
 
 DISTILBERT_PIECES = LayerPieces(
@@ -96,51 +99,18 @@ ALBERT_PIECES = LayerPieces(
 )
 
 
-MPNET_PIECES = LayerPieces(
-    attention="attention.attn",
-    heads_attribute="num_attention_heads",
-    query="attention.attn.q",
-    key="attention.attn.k",
-    value="attention.attn.v",
+MPNET_PIECES = _bert_like_pieces(
+    modeling_mpnet, "MPNet", classes={"attention.self": None, "attention.output": None,
+                                      "attention.attn": modeling_mpnet.MPNetSelfAttention},
+    attention="attention.attn", query="attention.attn.q", key="attention.attn.k", value="attention.attn.v",
     attention_dropout="attention.attn.dropout",
     attention_dense="attention.attn.o",  # MPNet's output projection sits in its self-attention module
-    attention_dense_dropout="attention.dropout",
-    attention_norm="attention.LayerNorm",
-    ffn_in="intermediate.dense",
-    activation="intermediate.intermediate_act_fn",
-    ffn_out="output.dense",
-    ffn_out_dropout="output.dropout",
-    ffn_norm="output.LayerNorm",
-    containers=(
-        ("attention", modeling_mpnet.MPNetAttention),
-        ("attention.attn", modeling_mpnet.MPNetSelfAttention),
-        ("intermediate", modeling_mpnet.MPNetIntermediate),
-        ("output", modeling_mpnet.MPNetOutput),
-    ),
+    attention_dense_dropout="attention.dropout", attention_norm="attention.LayerNorm",
 )
 
-DEBERTA_PIECES = LayerPieces(
-    attention="attention.self",
-    heads_attribute="num_attention_heads",
-    query="attention.self.query_proj",
-    key="attention.self.key_proj",
-    value="attention.self.value_proj",
-    attention_dropout="attention.self.dropout",
-    attention_dense="attention.output.dense",
-    attention_dense_dropout="attention.output.dropout",
-    attention_norm="attention.output.LayerNorm",
-    ffn_in="intermediate.dense",
-    activation="intermediate.intermediate_act_fn",
-    ffn_out="output.dense",
-    ffn_out_dropout="output.dropout",
-    ffn_norm="output.LayerNorm",
-    containers=(
-        ("attention", modeling_deberta_v2.DebertaV2Attention),
-        ("attention.self", modeling_deberta_v2.DisentangledSelfAttention),
-        ("attention.output", modeling_deberta_v2.DebertaV2SelfOutput),
-        ("intermediate", modeling_deberta_v2.DebertaV2Intermediate),
-        ("output", modeling_deberta_v2.DebertaV2Output),
-    ),
+DEBERTA_PIECES = _bert_like_pieces(
+    modeling_deberta_v2, "DebertaV2", classes={"attention.self": modeling_deberta_v2.DisentangledSelfAttention},
+    query="attention.self.query_proj", key="attention.self.key_proj", value="attention.self.value_proj",
 )
 
 # ---- positions: (embeddings, input_ids or None, batch, seqlen) -> (1 or batch, seqlen) position ids ----
@@ -235,6 +205,9 @@ class Family:
     # (base model) -> names of inputs its embeddings ignore (DeBERTa-v3: token_type_ids, position_ids):
     # neither validated nor read, as in transformers
     unread: Callable | None = None
+    # the layer program (fastbert.models.program): the order of a layer's steps, run by the live forward
+    # (encoder.LiveLayer) and, for post_norm, by the inference plan's bound steps
+    program: Callable = post_norm
 
     def hf_class(self, suffix: str) -> type:
         return getattr(_MODULES[self.model_type], self.class_prefix + suffix)
@@ -242,6 +215,17 @@ class Family:
     def first_position(self, config) -> int:
         """The position id of the first token: padding_idx + 1 for fairseq positions, else 0."""
         return config.pad_token_id + 1 if self.positions is padding_offset_positions else 0
+
+    def projection_module(self, model: nn.Module, attribute: Callable = None) -> nn.Module | None:
+        """The Linear at `projection` (both forwards look it up here), or None: ELECTRA has embeddings_project
+        only when embedding_size != hidden_size. attribute(parent, name) -> child or None (the plan records
+        its lookups); getattr by default."""
+        node = None if self.projection is None else model
+        for name in self.projection.split(".") if node is not None else ():
+            node = attribute(node, name) if attribute is not None else getattr(node, name, None)
+            if node is None:
+                return None
+        return node
 
     def container_modules(self, model: nn.Module) -> list[nn.Module]:
         return albert_containers(model) if self.groups is not None else no_containers(model)

@@ -29,16 +29,16 @@ from transformers.models.modernbert import modeling_modernbert as hf
 from fastbert import backend
 from fastbert.models import native
 from fastbert.models.arguments import (
-    INPUT,
-    RULES,
     argument_reason,
     call_value,
     hidden_state_selection,
+    input_names,
     selected_hidden_states,
 )
 from fastbert.models.encoder import TokenLayout
 from fastbert.models.loading import StrictLoading
 from fastbert.models.native import FIRST_TOKEN_MARK, key_padding_mask, warn_plain_path, with_signature
+from fastbert.models.program import pre_norm
 from fastbert.models.support import gelu_approximation
 from fastbert.models.validation import should_validate, validate_inputs
 from fastbert.ops.attention import varlen_attention
@@ -99,44 +99,62 @@ def _dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x) if isinstance(module, nn.Dropout) and module.training and module.p > 0 else x
 
 
-def attention_forward(layer: nn.Module, hidden: torch.Tensor, packed: PackedTokens, rotary_emb: nn.Module,
-                      sliding_window: int) -> torch.Tensor:
-    """Wo(attention(rotary(Wqkv(hidden)))) on packed tokens: (tokens, hidden) -> (tokens, hidden)."""
-    attn = layer.attn
-    heads, head_dim = attn.config.num_attention_heads, attn.head_dim
-    qkv = _dense(attn.Wqkv, hidden).view(hidden.shape[0], 3, heads, head_dim)
-    inv_freq = getattr(rotary_emb, f"{layer.attention_type}_inv_freq")
-    cos, sin = packed.rotation(inv_freq, rotary_emb.max_seq_len_cached)
-    q, k, v = rotary(qkv, cos, sin).unbind(dim=1)
-    dropout_p = attn.attention_dropout if attn.training else 0.0
-    arguments = dict(softmax_scale=head_dim**-0.5, dropout_p=dropout_p)
-    # Named ranges, so a profile shows local against global attention time (docs/perf-notes.md).
-    if layer.attention_type == "sliding_attention":
-        with record_function("fastbert::modernbert_local_attention"):
-            context = window_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, sliding_window, **arguments)
-    else:
-        with record_function("fastbert::modernbert_global_attention"):
-            context = varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, **arguments)
-    return _dropout(attn.out_drop, _dense(attn.Wo, context.reshape(hidden.shape[0], heads * head_dim)))
+class LiveModernLayer:
+    """The live executor of program.pre_norm for one ModernBERT layer; `call` is the forward's PackedTokens."""
 
+    __slots__ = ("layer", "model")
 
-def mlp_forward(mlp: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Wo(drop(act(input) * gate)) with [input | gate] = Wi(hidden); one fused geglu for a known GELU."""
-    both = _dense(mlp.Wi, hidden)
-    approximate = gelu_approximation(mlp.act)
-    if approximate is not None:
-        gated = geglu(both, approximate)
-    else:
+    def __init__(self, layer: nn.Module, model: nn.Module):
+        self.layer, self.model = layer, model
+
+    def attention_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.layer.attn_norm(hidden)  # Identity on layer 0
+
+    def attention(self, hidden: torch.Tensor, packed: PackedTokens) -> torch.Tensor:
+        """attention(rotary(Wqkv(hidden))) on packed tokens: (tokens, hidden) -> context (tokens, hidden)."""
+        layer, rotary_emb = self.layer, self.model.rotary_emb
+        attn = layer.attn
+        heads, head_dim = attn.config.num_attention_heads, attn.head_dim
+        qkv = _dense(attn.Wqkv, hidden).view(hidden.shape[0], 3, heads, head_dim)
+        inv_freq = getattr(rotary_emb, f"{layer.attention_type}_inv_freq")
+        cos, sin = packed.rotation(inv_freq, rotary_emb.max_seq_len_cached)
+        q, k, v = rotary(qkv, cos, sin).unbind(dim=1)
+        arguments = dict(softmax_scale=head_dim**-0.5, dropout_p=attn.attention_dropout if attn.training else 0.0)
+        # Named ranges, so a profile shows local against global attention time (docs/perf-notes.md).
+        if layer.attention_type == "sliding_attention":
+            with record_function("fastbert::modernbert_local_attention"):
+                context = window_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen,
+                                           self.model.config.sliding_window, **arguments)
+        else:
+            with record_function("fastbert::modernbert_global_attention"):
+                context = varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, **arguments)
+        return context.reshape(hidden.shape[0], heads * head_dim)
+
+    def attention_out(self, context: torch.Tensor) -> torch.Tensor:
+        attn = self.layer.attn
+        return _dropout(attn.out_drop, _dense(attn.Wo, context))
+
+    def ffn_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.layer.mlp_norm(hidden)
+
+    def ffn_in(self, hidden: torch.Tensor) -> torch.Tensor:
+        """act(input) * gate with [input | gate] = Wi(hidden); one fused geglu for a known GELU."""
+        mlp = self.layer.mlp
+        both = _dense(mlp.Wi, hidden)
+        approximate = gelu_approximation(mlp.act)
+        if approximate is not None:
+            return geglu(both, approximate)
         values, gate = both.chunk(2, dim=-1)
-        gated = mlp.act(values) * gate
-    return _dense(mlp.Wo, _dropout(mlp.drop, gated))
+        return mlp.act(values) * gate
+
+    def ffn_out(self, inner: torch.Tensor) -> torch.Tensor:
+        mlp = self.layer.mlp
+        return _dense(mlp.Wo, _dropout(mlp.drop, inner))
 
 
 def layer_forward(layer: nn.Module, hidden: torch.Tensor, packed: PackedTokens, model: nn.Module) -> torch.Tensor:
     """One pre-norm ModernBERT layer on packed tokens (tokens, hidden)."""
-    window = model.config.sliding_window
-    hidden = hidden + attention_forward(layer, layer.attn_norm(hidden), packed, model.rotary_emb, window)
-    return hidden + mlp_forward(layer.mlp, layer.mlp_norm(hidden))
+    return pre_norm(LiveModernLayer(layer, model), hidden, packed)
 
 
 @dataclass
@@ -255,7 +273,7 @@ def encode(model: nn.Module, arguments: dict, keep: torch.Tensor | None) -> Base
 
 
 _ARGUMENT_NAMES = tuple(inspect.signature(hf.ModernBertModel.forward).parameters)[1:]
-_INPUT_NAMES = frozenset(name for name in _ARGUMENT_NAMES if RULES.get(name) == INPUT)
+_INPUT_NAMES = input_names(_ARGUMENT_NAMES)
 
 
 def plain_path_reason(model: nn.Module, arguments: dict, keep) -> str | None:

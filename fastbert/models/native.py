@@ -22,14 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastbert.models.arguments import (
-    INPUT,
-    RULES,
-    argument_reason,
-    call_value,
-    hidden_state_selection,
-    selected_hidden_states,
-)
+from fastbert.models import arguments as rules
 from fastbert.models.encoder import encode, fast_layer_class
 from fastbert.models.families import FAMILIES, Family, family_of_base
 from fastbert.models.loading import StrictLoading
@@ -107,7 +100,7 @@ def plain_path_reason(model: nn.Module, arguments: dict) -> str | None:
         return "cross-attention (encoder_hidden_states)"
     if arguments.get("cache") is not None or arguments.get("past_key_values") is not None:
         return "a key/value cache (cache, past_key_values)"
-    return argument_reason(config, arguments, model._fastbert_input_names) or mask_reason(
+    return rules.argument_reason(config, arguments, model._fastbert_input_names) or mask_reason(
         arguments.get("attention_mask"))
 
 
@@ -165,7 +158,7 @@ class FastEncoder:
         names = ("input_ids", "inputs_embeds", "token_type_ids", "position_ids")
         inputs = {name: arguments.get(name) for name in names}
         config = self.config
-        selection = hidden_state_selection(self, call_value(config, arguments, "output_hidden_states"))
+        selection = rules.hidden_state_selection(self, rules.call_value(config, arguments, "output_hidden_states"))
         options = {
             "output_hidden_states": selection is not False,
             "first_token_at_column_0": self.__dict__.get(FIRST_TOKEN_MARK, False),
@@ -173,14 +166,14 @@ class FastEncoder:
         result = encode(self, family, inputs, keep, options, views)
         hidden_states = result.hidden_states
         if hidden_states is not None:
-            hidden_states = selected_hidden_states(hidden_states, selection, result.last_hidden_state, config)
+            hidden_states = rules.selected_hidden_states(hidden_states, selection, result.last_hidden_state, config)
         fields = {"last_hidden_state": result.last_hidden_state, "hidden_states": hidden_states}
         if "pooler_output" in family.output_class.__dataclass_fields__:
             pooled = result.pooled  # computed by the inference plan, else the pooler module runs here
             fields["pooler_output"] = pooled if pooled is not None else family.pool(self, result.first_tokens)
         output = family.output_class(**fields)
         # transformers returns a tuple only for return_dict=False (an explicit None means a ModelOutput)
-        return output.to_tuple() if call_value(config, arguments, "return_dict") is False else output
+        return output.to_tuple() if rules.call_value(config, arguments, "return_dict") is False else output
 
 
 def with_signature(implementation, transformers_forward):
@@ -235,7 +228,7 @@ def native_base_class(family: Family) -> type:
         attributes = {
             "_fastbert_family": family,
             "_fastbert_argument_names": names,
-            "_fastbert_input_names": frozenset(name for name in names if RULES.get(name) == INPUT),
+            "_fastbert_input_names": rules.input_names(names),
             "forward": with_signature(FastEncoder.forward, family.base.forward),
             "__module__": __name__,
             "__doc__": f"transformers.{family.base.__name__} with fastbert's fused, padding-free forward.",

@@ -39,15 +39,16 @@ from torch import nn
 
 from fastbert import backend
 from fastbert.env import flag
+from fastbert.models.embed import EmbeddingSteps, embed
 from fastbert.models.families import Family, module_pooler
 from fastbert.models.plan_steps import (
-    EmbeddingSteps,
     LayerSteps,
     Resolver,
     Unplannable,
     is_int8,
     qkv_gemm,
 )
+from fastbert.models.program import BoundCall, post_norm
 from fastbert.models.support import TreeStamp, check_modules, embeddings_known, gelu_approximation, remembered_check
 from fastbert.ops import qkv_attention
 from fastbert.quantize import SCOPE_HOOKS
@@ -118,7 +119,7 @@ def _layer_steps(binder: Binder, resolver: Resolver, pieces: dict, heads_attribu
         raise Unplannable(f"the activation {type(pieces['activation']).__name__} is not a GELU")
     owner = pieces["attention"]
     heads, head_dim = getattr(owner, heads_attribute), owner.attention_head_size
-    qkv, features = qkv_gemm(resolver, pieces["query"], pieces["key"], pieces["value"])
+    qkv, features = qkv_gemm(resolver, owner, pieces["query"], pieces["key"], pieces["value"])
     if features != 3 * heads * head_dim:
         raise Unplannable(f"query/key/value produce {features // 3} features, not heads * head_dim")
     attention_dense, attention_norm = resolver.gemm_then_norm(pieces["attention_dense"], pieces["attention_norm"])
@@ -149,23 +150,18 @@ def _embedding_steps(binder: Binder, resolver: Resolver, stamp: TreeStamp, famil
     binder.called.extend(found[name] for name in tables)
     token_type = weights.get("token_type_embeddings")
     return EmbeddingSteps(
-        weights["word_embeddings"], weights["position_embeddings"], token_type, resolver.norm(norm),
-        # fp32: the kernel adds token type 0's row in fp32, as the general forward's fp32 add does;
-        # in other dtypes that add rounds first, so it stays a separate add
+        functools.partial(torch.embedding, weights["word_embeddings"]),
+        functools.partial(torch.embedding, weights["position_embeddings"]),
+        None if token_type is None else functools.partial(torch.embedding, token_type),
+        resolver.norm(norm),
+        # fp32: the kernel adds token type 0's row in fp32, as the live forward's fp32 add does
         None if token_type is None or token_type.dtype != torch.float32 else resolver.norm(norm, token_type[0]),
-        _projection(binder, stamp, family, model),
     )
 
 
 def _projection(binder: Binder, stamp: TreeStamp, family: Family, model: nn.Module) -> Callable | None:
-    if family.projection is None:
-        return None
-    parent = model
-    *path, last = family.projection.split(".")
-    for name in path:
-        parent = stamp.attribute(parent, name)
-    linear = stamp.attribute(parent, last)
-    if linear is None:  # ELECTRA has embeddings_project only when embedding_size != hidden_size
+    linear = family.projection_module(model, stamp.attribute)
+    if linear is None:
         return None
     binder.linear(linear, "projection")
     binder.called.append(linear)
@@ -233,6 +229,8 @@ class Plan:
 
     def _build(self, model: nn.Module, layer_classes: tuple[type, ...]) -> None:
         family, binder = self.family, self.binder
+        if family.program is not post_norm:  # LayerSteps is post_norm's bound executor
+            raise Unplannable(f"the layer program {family.program.__name__} has no bound steps")
         layers = _layers(family, model, self.views, layer_classes)
         # resolved on the device and dtype of the first layer's LayerNorm (a query Linear may be int8);
         # _parameters_device_dtype checks all float parameters
@@ -242,6 +240,7 @@ class Plan:
             raise Unplannable("no layer with a LayerNorm weight")
         resolver = Resolver(weight.device, weight.dtype)
         self.embeddings = _embedding_steps(binder, resolver, self.stamp, family, model)
+        self.projection = _projection(binder, self.stamp, family, model)
         self.embeddings_module = self.stamp.modules[0]
         self.pooler = _pooler_step(binder, resolver, self.stamp, family, model)
         steps: dict[nn.Module, LayerSteps] = {}
@@ -301,24 +300,8 @@ class Plan:
         )
 
     def embed(self, inputs: dict, layout) -> torch.Tensor:
-        steps, batch, seqlen = self.embeddings, layout.batch, layout.seqlen
-        ids = inputs["input_ids"]
-        position_ids = inputs.get("position_ids")
-        if position_ids is None:
-            position_ids = self.family.positions(self.embeddings_module, ids, batch, seqlen)
-        words = torch.embedding(steps.word, layout.pack(ids))
-        positions = torch.embedding(steps.position, layout.pack(position_ids.expand(batch, seqlen)))
-        token_type_ids = inputs.get("token_type_ids")
-        if steps.token_type is None:
-            hidden = steps.norm(words, positions)
-        elif token_type_ids is None and steps.norm_first_type is not None:
-            hidden = steps.norm_first_type(words, positions)
-        elif token_type_ids is None:
-            hidden = steps.norm(words + steps.token_type[0], positions)
-        else:
-            words = words + torch.embedding(steps.token_type, layout.pack(token_type_ids.expand(batch, seqlen)))
-            hidden = steps.norm(words, positions)
-        return hidden if steps.projection is None else steps.projection(hidden)
+        hidden = embed(self.embeddings, self.family, self.embeddings_module, inputs, layout)
+        return hidden if self.projection is None else self.projection(hidden)
 
     def pool(self, first_tokens: torch.Tensor) -> torch.Tensor | None:
         """The pooler's output for each sequence's first real token, or None: native.py calls the pooler."""
@@ -330,17 +313,14 @@ class Plan:
         if all_hidden is not None:
             all_hidden.append(layout.unpack(hidden))
         if layout.dense:
-            attend, shape = self.dense_attention, (layout.batch, layout.seqlen)
+            call = BoundCall(self.dense_attention, (layout.batch, layout.seqlen))
         else:
-            attend, shape = self.varlen_attention, (layout.cu_seqlens, layout.max_seqlen)
-        for step in self.layers:
-            context = attend(step.qkv(hidden), step.heads, step.head_dim, step.scale, *shape)
-            hidden = step.attention_norm(step.attention_dense(context), hidden)
-            hidden = step.ffn_norm(step.ffn_out(step.ffn_in(hidden)), hidden)
+            call = BoundCall(self.varlen_attention, (layout.cu_seqlens, layout.max_seqlen))
+        for steps in self.layers:
+            hidden = post_norm(steps, hidden, call)
             if all_hidden is not None:
                 all_hidden.append(layout.unpack(hidden))
         return hidden
-
 
 def global_hooks() -> bool:
     """Whether any global module hook is registered (torch.nn.modules.module's registries; private names,

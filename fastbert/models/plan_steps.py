@@ -10,13 +10,16 @@ import torch
 from torch import nn
 
 from fastbert import backend
+from fastbert.models import fused_qkv
+from fastbert.models.program import BoundCall
 from fastbert.ops import _dispatch
 from fastbert.ops.linear import splits_bias
 from fastbert.quantize import Int8Linear
 
 
 class LayerSteps(NamedTuple):
-    """One layer as bound callables: x -> y for the GEMMs, (y, residual) -> hidden for the norms."""
+    """One layer as bound callables, the bound executor of program.post_norm: x -> y for the GEMMs,
+    (y, residual) -> hidden for the norms."""
 
     qkv: Callable
     heads: int
@@ -25,17 +28,17 @@ class LayerSteps(NamedTuple):
     attention_dense: Callable
     attention_norm: Callable
     ffn_in: Callable  # GEMM and activation
-    ffn_out: Callable
+    ffn_dense: Callable
     ffn_norm: Callable
 
+    def attention(self, hidden: torch.Tensor, call: BoundCall) -> torch.Tensor:
+        return call.attend(self.qkv(hidden), self.heads, self.head_dim, self.scale, *call.shape)
 
-class EmbeddingSteps(NamedTuple):
-    word: torch.Tensor
-    position: torch.Tensor
-    token_type: torch.Tensor | None
-    norm: Callable  # (words, positions) -> hidden
-    norm_first_type: Callable | None  # fp32: the same with token type 0's row added (no token_type_ids given)
-    projection: Callable | None
+    def attention_out(self, context: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.attention_norm(self.attention_dense(context), hidden)
+
+    def ffn_out(self, inner: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.ffn_norm(self.ffn_dense(inner), hidden)
 
 
 class Unplannable(Exception):
@@ -97,11 +100,6 @@ class Resolver:
         return lambda x: activation(gemm(x))
 
 
-def fused_qkv(query: nn.Linear, key: nn.Linear, value: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        return torch.cat([query.weight, key.weight, value.weight]), torch.cat([query.bias, key.bias, value.bias])
-
-
 def is_int8(module: nn.Module) -> bool:
     return type(module) is Int8Linear
 
@@ -120,7 +118,8 @@ def int8_module_gemm(linear: Int8Linear, activation: str | None = None) -> Calla
     return int8_gemm(linear.weight_int8, linear.weight_scale, linear.bias, linear.packed_weight(), activation)
 
 
-def qkv_gemm(resolver: Resolver, query: nn.Module, key: nn.Module, value: nn.Module) -> tuple[Callable, int]:
+def qkv_gemm(resolver: Resolver, owner: nn.Module, query: nn.Module, key: nn.Module,
+             value: nn.Module) -> tuple[Callable, int]:
     """(x -> the fused query/key/value projection, its output features). Three int8 Linears become one int8
     GEMM: they quantize the same input with the same per-token scales, so the concatenated weight gives the
     same columns as the three GEMMs (and one quantization instead of three)."""
@@ -133,5 +132,5 @@ def qkv_gemm(resolver: Resolver, query: nn.Module, key: nn.Module, value: nn.Mod
         return int8_gemm(weight, scale, bias, packed_or_none(weight)), weight.shape[0]
     if any(map(is_int8, modules)):
         raise Unplannable("query/key/value mix int8 and float Linears")
-    weight, bias = fused_qkv(query, key, value)
+    weight, bias = fused_qkv.fused_parameters(owner, query, key, value)  # the live forward's cached copy
     return resolver.gemm(weight, bias), weight.shape[0]

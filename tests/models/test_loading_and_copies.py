@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import fastbert
-from fastbert.models import encoder, plan
+from fastbert.models import encoder, fused_qkv, plan
 from tests.helpers import max_error, random_batch, small_config
 
 
@@ -57,8 +57,8 @@ def _model_with_warm_cache():
     model = fastbert.BertModel(config).eval()
     with torch.no_grad():
         model(**random_batch(config, 2, 6))
-    # the inference plan (fastbert/models/plan.py) holds the fused weights; the general forward's cache otherwise
-    filled = model in plan._PLANS or any(m in encoder._QKV_CACHE for m in model.modules())
+    # the inference plan (fastbert/models/plan.py) binds the fused weights of the one cache (fused_qkv.py)
+    filled = model in plan._PLANS and fused_qkv.cached(model)
     assert filled, "the forward should have filled the cache"
     return model, config
 
@@ -72,7 +72,7 @@ def _saved_size(model) -> int:
 def test_deepcopy_carries_no_fused_qkv_cache():
     model, config = _model_with_warm_cache()
     clone = copy.deepcopy(model)
-    assert not any(m in encoder._QKV_CACHE or m in plan._PLANS for m in clone.modules())
+    assert not any(m in plan._PLANS for m in clone.modules()) and not fused_qkv.cached(clone)
     batch = random_batch(config, 2, 6)
     with torch.no_grad():
         assert max_error(clone(**batch).last_hidden_state, model(**batch).last_hidden_state) == 0

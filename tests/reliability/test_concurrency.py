@@ -1,7 +1,7 @@
 """Concurrency: inference from several threads on one model equals serial inference.
 
 fastbert caches a fused QKV weight on each attention module in no-grad mode
-(encoder._fused_qkv_parameters): threads race to fill it. The cache entry is one tuple assigned in
+(fastbert.models.fused_qkv.fused_parameters): threads race to fill it. The cache entry is one tuple assigned in
 one statement, keyed by the parameters' (data_ptr, version), so a thread sees either no entry or a
 complete one; the worst case is that two threads both build it.
 """
