@@ -18,11 +18,15 @@ concurrent requests than --max-concurrent-requests: only 200 and 429 allowed, se
 
     flock /tmp/fastbert-bench.lock python benchmarks/serve_load.py --json benchmarks/results/serve-load.json
 
---alone (issue 35: thread fights): each server started alone in its turn, rounds rotated, sent 256 requests of
-1 to 4 texts of 3 to 90 words by an async keep-alive client (64 connections) and by a thread-per-request client
-(16 threads, a new connection per request); fastbert-before is the server as it was (fp32, --no-thread-env):
+--alone (issue 35's targets): each server started alone in its turn, rounds rotated, sent 256 requests of
+1 to 4 texts of 3 to 90 words by async keep-alive clients (1, 8 and 64 connections) and by a thread-per-request
+client (16 threads, a new connection per request); fastbert-before is the server as it was (fp32,
+--no-thread-env); fastbert-raw takes a turn too: fastbert.encode_packed on the same texts, length-sorted batches
+of 32, no HTTP (the raw batch rate). fastbert's turn ends with the 1 x 16 latency probe. Reported per server
+and client: median and best round; each target's ratio is taken within a round, then median and best:
 
-    python benchmarks/serve_load.py --alone --servers fastbert-before,fastbert --json benchmarks/results/X.json
+    python benchmarks/serve_load.py --alone --servers fastbert,st,st-openvino,fastbert-raw \
+        --openvino-python /path/to/venv/bin/python --rounds 3 --json benchmarks/results/X.json
 """
 from __future__ import annotations
 
@@ -65,7 +69,10 @@ def st_server(model_dir: str, port: int, backend: str) -> None:
     from sentence_transformers import SentenceTransformer
 
     torch.set_num_threads(THREADS)
-    model = SentenceTransformer(model_dir, device="cpu", backend=backend)
+    if backend == "openvino-direct":
+        model = OpenVINOEncoder(model_dir)
+    else:
+        model = SentenceTransformer(model_dir, device="cpu", backend=backend)
     app = FastAPI()
 
     # One encode at a time: OpenVINO's compiled model answered 500s and hung when FastAPI's thread pool
@@ -84,6 +91,35 @@ def st_server(model_dir: str, port: int, backend: str) -> None:
         return {}
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+class OpenVINOEncoder:
+    """What SentenceTransformer(backend="openvino") runs, without optimum-intel: the transformers model exported
+    with openvino.convert_model (fp32 IR, dynamic shapes), compiled for the CPU with THREADS inference threads
+    (OpenVINO's default precision hint: bf16 on a CPU with native bf16, else fp32), then the request's texts
+    padded to their longest, mean pooling over the mask and L2 normalization (all-MiniLM-L6-v2's pipeline).
+    For where optimum-intel cannot be installed beside this transformers (docs/perf-notes.md, 2026-12-07)."""
+
+    def __init__(self, model_dir: str):
+        import openvino as ov
+        import torch
+        import transformers
+
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        model = transformers.AutoModel.from_pretrained(model_dir).eval()
+        example = dict(self.tokenizer(["warm up", "a second example text"], padding=True, return_tensors="pt"))
+        with torch.no_grad():
+            exported = ov.convert_model(model, example_input=example)
+        self.compiled = ov.Core().compile_model(exported, "CPU", {"INFERENCE_NUM_THREADS": THREADS})
+        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        print(f"openvino-direct: inference precision {self.precision}", file=sys.stderr, flush=True)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        batch = dict(self.tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="np"))
+        hidden = self.compiled(batch)[0]
+        mask = batch["attention_mask"][..., None].astype(np.float32)
+        pooled = (hidden * mask).sum(1) / np.clip(mask.sum(1), 1e-9, None)
+        return pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
 
 
 # ---- workload -------------------------------------------------------------------------------------
@@ -134,6 +170,9 @@ def server_command(name: str, model_dir: str, port: int, openvino_python: str | 
     if openvino_python:
         commands["st-openvino"] = [openvino_python, __file__, "--st-server", model_dir, "--port", str(port),
                                    "--backend", "openvino"]
+        # the same app on OpenVINO directly (OpenVINOEncoder): needs only the openvino package
+        commands["ov-direct"] = [openvino_python, __file__, "--st-server", model_dir, "--port", str(port),
+                                 "--backend", "openvino-direct"]
     return commands.get(name)
 
 
@@ -267,7 +306,7 @@ def _wrong_rows(ok: list[dict], bodies: list[list[str]], refs: dict) -> tuple[in
     return wrong, max_error
 
 
-def summarize(runs: list[dict], bodies: list[list[str]], refs: dict | None) -> dict:
+def summarize(runs: list[dict], bodies: list[list[str]], refs: dict | None, tokens: list[int] | None = None) -> dict:
     results = [result for run in runs for result in run["results"]]
     elapsed = sum(run["elapsed"] for run in runs)
     ok = [r for r in results if r["status"] == 200]
@@ -278,6 +317,8 @@ def summarize(runs: list[dict], bodies: list[list[str]], refs: dict | None) -> d
         "p50_ms": _percentile(latencies, 50), "p90_ms": _percentile(latencies, 90),
         "p99_ms": _percentile(latencies, 99), "seconds": elapsed,
     }
+    if tokens is not None:
+        summary["tokens_per_s"] = sum(tokens[r["index"]] for r in ok) / elapsed
     if refs is not None:
         summary["rows_wrong"], summary["max_abs_error"] = _wrong_rows(ok, bodies, refs)
     return summary
@@ -401,36 +442,172 @@ def run(args, record: dict) -> None:
 
 # ---- each server alone (issue 35: thread fights) -----------------------------------------------------
 
-CLIENTS = {"async64": lambda url, work: asyncio.run(_load(url, work, 64, LEVEL_SECONDS)),
+CLIENTS = {"async1": lambda url, work: asyncio.run(_load(url, work, 1, LEVEL_SECONDS)),
+           "async8": lambda url, work: asyncio.run(_load(url, work, 8, LEVEL_SECONDS)),
+           "async64": lambda url, work: asyncio.run(_load(url, work, 64, LEVEL_SECONDS)),
            "threads16": lambda url, work: _threaded_load(url, work, 16, LEVEL_SECONDS)}
+RAW = "fastbert-raw"  # not a server: fastbert's raw batch rate on the same texts, in its own process, in its turn
+RAW_BATCH = 32
+
+
+def token_counts(model_dir: str, bodies: list[list[str]]) -> list[int]:
+    """Tokens (special tokens included, truncated at the model's limit) of each request body."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [sum(map(len, tokenizer(texts, truncation=True)["input_ids"])) for texts in bodies]
+
+
+def raw_child(args) -> dict:
+    """fastbert's raw batch rate: the requests' texts tokenized (not timed), sorted by length, in batches of
+    RAW_BATCH, each through fastbert.encode_packed with mean pooling (what the server's forward runs); one
+    warm-up pass, then --raw-passes timed passes."""
+    import itertools
+
+    import torch
+    from transformers import AutoTokenizer
+
+    import fastbert
+
+    torch.set_num_threads(THREADS)
+    bodies = make_requests(args.model, args.requests, args.seed, words_per_text=(3, 90))
+    texts = [text for body in bodies for text in body]
+    ids = sorted(AutoTokenizer.from_pretrained(args.model)(texts, truncation=True)["input_ids"], key=len)
+    batches = [ids[start:start + RAW_BATCH] for start in range(0, len(ids), RAW_BATCH)]
+    inputs = [{"input_ids": torch.tensor([t for row in batch for t in row]),
+               "cu_seqlens": torch.tensor([0, *itertools.accumulate(map(len, batch))], dtype=torch.int32)}
+              for batch in batches]
+    model = fastbert.AutoModel.from_pretrained(args.model).eval()
+    tokens, rates = sum(map(len, ids)), []
+    with torch.inference_mode():
+        for index in range(args.raw_passes + 1):
+            started = time.perf_counter()
+            for x in inputs:
+                fastbert.encode_packed(model, **x, pooling="mean")
+            if index:
+                rates.append(tokens / (time.perf_counter() - started))
+    return {"tokens": tokens, "texts": len(ids), "batch": RAW_BATCH, "passes": rates,
+            "tokens_per_s": statistics.median(rates), "best_tokens_per_s": max(rates),
+            "embeddings_per_s": statistics.median(rates) * len(ids) / tokens}
+
+
+def _probe_turn(url: str, args) -> dict:
+    """latency_probe in its own process with the server's thread environment (passive OpenMP waits): a bare
+    forward in a process whose idle OpenMP threads spin would lose cores to the server between its forwards."""
+    from fastbert.serve.cli import THREAD_ENVIRONMENT
+
+    command = [sys.executable, __file__, "--probe-child", url, "--model", args.model]
+    env = {**os.environ, **THREAD_ENVIRONMENT, "OMP_NUM_THREADS": str(THREADS)}
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _raw_turn(args) -> dict:
+    command = [sys.executable, __file__, "--raw-child", "--model", args.model, "--requests", str(args.requests),
+               "--seed", str(args.seed), "--raw-passes", str(args.raw_passes)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def run_alone(args, record: dict) -> None:
     """Each server started alone in its turn (an idle server's OpenMP threads may spin), order rotated per
-    round; in each turn both clients send the same requests, their order rotated too."""
+    round; in each turn every client sends the same requests, their order rotated too. fastbert-raw takes a
+    turn like a server. fastbert's turn ends with the 1 x 16-token latency probe. Load averages are recorded
+    at the start and end of each turn."""
     bodies = make_requests(args.model, args.requests, args.seed, words_per_text=(3, 90))
     refs = references(args.model, [text for texts in bodies for text in texts])
+    tokens = token_counts(args.model, bodies)
     record.update(_provenance(args, bodies))
+    record["tokens"] = sum(tokens)
     work = list(enumerate(bodies))
-    runs = {name: {client: [] for client in CLIENTS} for name in args.servers}
+    clients_asked = [client.strip() for client in args.clients.split(",") if client.strip()]
+    rounds = []
     for round_index in range(args.rounds):
         names = args.servers[round_index % len(args.servers):] + args.servers[:round_index % len(args.servers)]
-        clients = list(CLIENTS)[::-1] if round_index % 2 else list(CLIENTS)
+        clients = clients_asked[::-1] if round_index % 2 else clients_asked
+        this_round = {}
         for name in names:
-            port = _free_port()
-            server = Server(server_command(name, args.model, port, None, args.queue), port)
-            try:
-                server.wait_healthy()
-                asyncio.run(_load(server.url, work[:8], 1, LEVEL_SECONDS))  # warm up
-                for client in clients:
-                    runs[name][client].append(CLIENTS[client](server.url, work))
-                    print(f"   round {round_index} {name} {client}: "
-                          f"{json.dumps(summarize(runs[name][client][-1:], bodies, None))}", flush=True)
-            finally:
-                server.stop()
-    record["servers"] = {name: {client: summarize(client_runs, bodies, refs)
-                                for client, client_runs in by_client.items()} for name, by_client in runs.items()}
+            turn = {"load_average_start": _load_average()}
+            if name == RAW:
+                turn["raw"] = _raw_turn(args)
+                print(f"   round {round_index} {name}: {turn['raw']['tokens_per_s']:.0f} tokens/s "
+                      f"(best {turn['raw']['best_tokens_per_s']:.0f}), load {turn['load_average_start'][0]:.2f}",
+                      flush=True)
+            else:
+                port = _free_port()
+                server = Server(server_command(name, args.model, port, args.openvino_python, args.queue), port)
+                try:
+                    server.wait_healthy()
+                    asyncio.run(_load(server.url, work[:8], 1, LEVEL_SECONDS))  # warm up
+                    for client in clients:
+                        run = CLIENTS[client](server.url, work)
+                        turn[client] = summarize([run], bodies, refs, tokens)
+                        print(f"   round {round_index} {name} {client}: {json.dumps(turn[client])} "
+                              f"load {_load_average()[0]:.2f}", flush=True)
+                    if name.startswith("fastbert") and args.probe:
+                        turn["probe_1x16"] = _probe_turn(server.url, args)
+                        print(f"   round {round_index} {name} probe: {json.dumps(turn['probe_1x16'])}", flush=True)
+                finally:
+                    server.stop()
+            turn["load_average_end"] = _load_average()
+            this_round[name] = turn
+        rounds.append(this_round)
+        record["rounds"] = rounds
+        _write(args, record)  # what was measured so far survives a stop
+    record["summary"] = alone_summary(rounds)
     record["load_average_after"] = _load_average()
+    print(json.dumps(record["summary"], indent=1), flush=True)
+
+
+def alone_summary(rounds: list[dict]) -> dict:
+    """Per server and client: the median and best round (embeddings/s, tokens/s); and the targets' ratios,
+    each taken within a round (both sides under that round's load), then median and best over rounds."""
+    def values(name, client, key):
+        return [r[name][client][key] for r in rounds if name in r and client in r[name]]
+
+    out = {"per_server": {}, "ratios": {}}
+    names = sorted({name for r in rounds for name in r})
+    for name in names:
+        if name == RAW:
+            rates = [r[RAW]["raw"]["tokens_per_s"] for r in rounds if RAW in r]
+            out["per_server"][RAW] = {"tokens_per_s_median": statistics.median(rates), "tokens_per_s_best": max(rates),
+                                      "best_pass": max(p for r in rounds if RAW in r for p in r[RAW]["raw"]["passes"])}
+            continue
+        for client in CLIENTS:
+            eps, tps = values(name, client, "embeddings_per_s"), values(name, client, "tokens_per_s")
+            if eps:
+                out["per_server"][f"{name} {client}"] = {
+                    "embeddings_per_s_median": statistics.median(eps), "embeddings_per_s_best": max(eps),
+                    "tokens_per_s_median": statistics.median(tps), "tokens_per_s_best": max(tps),
+                    "p50_ms_median": statistics.median(values(name, client, "p50_ms")),
+                    "p99_ms_median": statistics.median(values(name, client, "p99_ms")),
+                    "rows_wrong": sum(values(name, client, "rows_wrong")),
+                    "statuses": sorted({s for st in values(name, client, "statuses") for s in st})}
+
+    def ratio(label, pairs):
+        pairs = [(a, b) for a, b in pairs if a and b]
+        if pairs:
+            per_round = [a / b for a, b in pairs]
+            out["ratios"][label] = {"median": statistics.median(per_round), "best_round": max(per_round),
+                                    "rounds": per_round}
+
+    def pick(r, name, client, key="embeddings_per_s"):
+        return r.get(name, {}).get(client, {}).get(key)
+
+    for baseline in ("st", "st-openvino"):
+        for client in CLIENTS:
+            ratio(f"fastbert/{baseline} {client}", [(pick(r, "fastbert", client), pick(r, baseline, client))
+                                                   for r in rounds])
+    for client in ("async64", "threads16"):
+        ratio(f"fastbert {client} tokens/s / raw", [(pick(r, "fastbert", client, "tokens_per_s"),
+                                                   r.get(RAW, {}).get("raw", {}).get("tokens_per_s")) for r in rounds])
+    ratio("fastbert threads16/async64", [(pick(r, "fastbert", "threads16"), pick(r, "fastbert", "async64"))
+                                         for r in rounds])
+    ratio("fastbert 1x16 p50 / bare forward p50",
+          [(r["fastbert"]["probe_1x16"]["request_p50_ms"], r["fastbert"]["probe_1x16"]["bare_forward_p50_ms"])
+           for r in rounds if "probe_1x16" in r.get("fastbert", {})])
+    return out
 
 
 def _provenance(args, bodies: list[list[str]]) -> dict:
@@ -480,6 +657,12 @@ def main() -> int:
                         "keep-alive client (64) and a thread-per-request client (16 threads, a new connection each)")
     parser.add_argument("--requests", type=int, default=256, help="--alone: requests per client and turn")
     parser.add_argument("--rounds", type=int, default=2, help="--alone: rounds, server order rotated")
+    parser.add_argument("--clients", default="async1,async8,async64,threads16",
+                        help=f"--alone: the clients, of {', '.join(CLIENTS)}")
+    parser.add_argument("--no-probe", dest="probe", action="store_false", help="--alone: skip the 1 x 16 probe")
+    parser.add_argument("--raw-passes", type=int, default=3, help=f"--alone: timed passes of {RAW}")
+    parser.add_argument("--raw-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-child", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--st-server", metavar="MODEL_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
@@ -501,6 +684,12 @@ def main() -> int:
         LEVELS.update({int(c): int(n) for c, n in (pair.split(":") for pair in args.levels.split(","))})
     args.servers = [name.strip() for name in args.servers.split(",") if name.strip()]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's fastbert, installed or not
+    if args.raw_child:
+        print(json.dumps(raw_child(args)))
+        return 0
+    if args.probe_child:
+        print(json.dumps(latency_probe(args.probe_child, args.model)))
+        return 0
     record = {}
     if args.alone:
         run_alone(args, record)
