@@ -112,6 +112,39 @@ def check_against_reference(fast_fn, ref_fn, inputs, atol, names=None):
             assert_close_to_ref(g_fast, g_same, g_ref, atol, f"grad of {name}")
 
 
+def assert_forward_matches(reference, fast, inputs: dict, backend: str, atol: float):
+    """Both models' forward without gradients (fast under fastbert.use_backend(backend)): last_hidden_state within
+    atol on the real tokens. Returns (fast's output, the reference's) for further checks."""
+    import fastbert
+
+    keep = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        ref = reference(**inputs)
+        with fastbert.use_backend(backend):
+            out = fast(**inputs)
+    assert max_error(out.last_hidden_state[keep], ref.last_hidden_state[keep]) <= atol
+    return out, ref
+
+
+def assert_training_step_matches(reference, fast, inputs: dict, backend: str, atol: float) -> None:
+    """One training-mode step of each model on `inputs` (fast under fastbert.use_backend(backend)): the losses
+    within atol, and every parameter's gradient within atol * max(1, the reference gradient's largest magnitude)."""
+    import fastbert
+
+    reference.train()
+    fast.train()
+    ref_loss = reference(**inputs).loss
+    ref_loss.backward()
+    with fastbert.use_backend(backend):
+        loss = fast(**inputs).loss
+        loss.backward()
+    assert max_error(loss, ref_loss) <= atol
+    ref_grads = dict(reference.named_parameters())
+    for name, param in fast.named_parameters():
+        ref_grad = ref_grads[name].grad
+        assert max_error(param.grad, ref_grad) <= atol * max(1.0, ref_grad.abs().max().item()), name
+
+
 def small_config(**overrides) -> transformers.BertConfig:
     """A tiny BERT (2 layers, hidden 64, 4 heads of 16) for fast CPU tests."""
     values = dict(

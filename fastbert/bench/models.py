@@ -153,21 +153,25 @@ def model_input_names(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(name for name in onnx_baseline.INPUT_ORDER if name in parameters)
 
 
-def build_onnxruntime(reference: torch.nn.Module, options, device, dtype):
+def _eager_to_export(baseline, error: type[Exception], reference: torch.nn.Module, options, device, dtype):
+    """The eager model that an exporting baseline (onnx_baseline, openvino_baseline) exports, once its module's
+    check_usable passes; its refusal (`error`) becomes a ModelSetupError."""
     try:
-        onnx_baseline.check_usable(device, dtype, options.mode)
-    except onnx_baseline.OnnxBaselineError as exc:
+        baseline.check_usable(device, dtype, options.mode)
+    except error as exc:
         raise ModelSetupError(str(exc)) from None
-    eager = build_baseline(onnx_baseline.NAME, reference).to(dtype=dtype)
+    return build_baseline(baseline.NAME, reference).to(dtype=dtype)
+
+
+def build_onnxruntime(reference: torch.nn.Module, options, device, dtype):
+    eager = _eager_to_export(onnx_baseline, onnx_baseline.OnnxBaselineError, reference, options, device, dtype)
     return onnx_baseline.OnnxRuntimeImplementation(eager, model_input_names(eager))
 
 
 def build_openvino(reference: torch.nn.Module, options, device, dtype) -> dict:
-    try:
-        openvino_baseline.check_usable(device, dtype, options.mode)
-    except openvino_baseline.OpenVinoBaselineError as exc:
-        raise ModelSetupError(str(exc)) from None
-    eager = build_baseline(openvino_baseline.NAME, reference).to(dtype=dtype)
+    eager = _eager_to_export(
+        openvino_baseline, openvino_baseline.OpenVinoBaselineError, reference, options, device, dtype
+    )
     return openvino_baseline.build(eager, model_input_names(eager))
 
 

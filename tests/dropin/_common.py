@@ -37,6 +37,19 @@ def assert_grads_close(grads: dict, ref_grads: dict, atol: float = 1e-5) -> None
         assert err <= atol * scale, f"{key}: gradient error {err:.3g}"
 
 
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Replaces module.<name> for this test by a wrapper that calls it and appends 1 to the list returned."""
+    calls = []
+    original = getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
 def real_tokens(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The rows of a (batch, seq, ...) tensor at real tokens (fastbert leaves zeros at padding)."""
     return tensor[mask.bool()]

@@ -17,6 +17,7 @@ import fastbert
 import fastbert.models.native as native
 from fastbert.models.arguments import INPUT, PLAIN_PATH, RULES, SELECTS_HIDDEN_STATES_BY_INDEX
 from fastbert.models.families import FAMILIES, family_of_model_type
+from tests.dropin._common import count_calls
 from tests.dropin.test_dropin_bugs import needs_config_indices
 from tests.helpers import max_error
 from tests.models.family_configs import MODEL_TYPES, family_batch, family_config
@@ -128,14 +129,7 @@ def _call(model, batch, name, value, encode_calls):
 
 @pytest.fixture
 def encode_calls(monkeypatch):
-    calls = []
-    original = native.encode
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(native, "encode", counting)
+    calls = count_calls(monkeypatch, native, "encode")
     native._warned_reasons.clear()
     return calls
 

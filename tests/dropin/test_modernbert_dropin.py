@@ -15,6 +15,7 @@ from transformers.utils.generic import TransformersKwargs
 from fastbert.models import modernbert
 from fastbert.models.arguments import PLAIN_PATH, RULES, SELECTS_HIDDEN_STATES_BY_INDEX
 from fastbert.models.native import _warned_reasons
+from tests.dropin._common import count_calls
 from tests.dropin.test_dropin_bugs import _assert_same_selection, _quiet_call, needs_config_indices
 from tests.dropin.test_forward_arguments import (
     EXAMPLES,
@@ -140,14 +141,7 @@ def test_every_head_parameter_is_the_heads_own_or_reaches_a_rule(suffix):
 
 @pytest.fixture
 def encode_calls(monkeypatch):
-    calls = []
-    original = modernbert.encode
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(modernbert, "encode", counting)
+    calls = count_calls(monkeypatch, modernbert, "encode")
     _warned_reasons.clear()
     return calls
 

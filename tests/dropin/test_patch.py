@@ -12,6 +12,7 @@ import fastbert.models.native as fast_bert
 from fastbert.patch import is_patched
 from tests.dropin._common import (
     assert_grads_close,
+    count_calls,
     hf_pair,
     loss_and_grads,
     real_tokens,
@@ -32,15 +33,7 @@ HEADS = [
 @pytest.fixture
 def encode_calls(monkeypatch):
     """Counts the calls of the fast encoder (the patched forward's fast path)."""
-    calls = []
-    original = fast_bert.encode
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(fast_bert, "encode", counting)
-    return calls
+    return count_calls(monkeypatch, fast_bert, "encode")
 
 
 def tensors_of(output) -> dict:

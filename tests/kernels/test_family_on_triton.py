@@ -6,7 +6,7 @@ import torch
 import transformers
 
 import fastbert
-from tests.helpers import max_error, padding_mask
+from tests.helpers import assert_forward_matches, assert_training_step_matches, padding_mask
 
 # Tiny model: the interpreter runs every kernel program in Python. head_dim 16 keeps tl.dot tiles >= 16.
 CONFIG = dict(vocab_size=64, hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1,
@@ -33,27 +33,10 @@ def batch(device, lengths, side):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_family_forward_matches_transformers_on_triton(device, side):
     reference, fast = twins("XLMRobertaModel", device)
-    inputs = batch(device, [8, 3], side)
-    keep = inputs["attention_mask"].bool()
-    with torch.no_grad():
-        ref = reference(**inputs)
-        with fastbert.use_backend("triton"):
-            out = fast(**inputs)
-    assert max_error(out.last_hidden_state[keep], ref.last_hidden_state[keep]) <= 1e-4
+    assert_forward_matches(reference, fast, batch(device, [8, 3], side), "triton", atol=1e-4)
 
 
 def test_family_training_step_matches_transformers_on_triton(device):
     reference, fast = twins("XLMRobertaForSequenceClassification", device)
     inputs = dict(batch(device, [8, 4], "right"), labels=torch.tensor([0, 1], device=device))
-    reference.train()
-    fast.train()
-    ref_loss = reference(**inputs).loss
-    ref_loss.backward()
-    with fastbert.use_backend("triton"):
-        loss = fast(**inputs).loss
-        loss.backward()
-    assert max_error(loss, ref_loss) <= 1e-4
-    ref_grads = dict(reference.named_parameters())
-    for name, param in fast.named_parameters():
-        scale = max(1.0, ref_grads[name].grad.abs().max().item())
-        assert max_error(param.grad, ref_grads[name].grad) <= 1e-4 * scale, name
+    assert_training_step_matches(reference, fast, inputs, "triton", atol=1e-4)

@@ -5,7 +5,13 @@ import torch
 import transformers
 
 import fastbert
-from tests.helpers import max_error, random_batch, small_config
+from tests.helpers import (
+    assert_forward_matches,
+    assert_training_step_matches,
+    max_error,
+    random_batch,
+    small_config,
+)
 
 # Tiny model: the interpreter runs every kernel program in Python. head_dim 16 keeps tl.dot tiles >= 16.
 CONFIG = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1)
@@ -27,27 +33,11 @@ def on(device, batch):
 def test_forward_matches_transformers_on_triton(device, lengths):
     config, reference, fast = twins("BertModel", device)
     batch = on(device, random_batch(config, 2, 8, lengths=lengths))
-    keep = batch["attention_mask"].bool()
-    with torch.no_grad():
-        ref = reference(**batch)
-        with fastbert.use_backend("triton"):
-            out = fast(**batch)
-    assert max_error(out.last_hidden_state[keep], ref.last_hidden_state[keep]) <= 1e-4
+    out, ref = assert_forward_matches(reference, fast, batch, "triton", atol=1e-4)
     assert max_error(out.pooler_output, ref.pooler_output) <= 1e-4
 
 
 def test_training_step_matches_transformers_on_triton(device):
     config, reference, fast = twins("BertForSequenceClassification", device)
     batch = on(device, dict(random_batch(config, 2, 8, lengths=[8, 4]), labels=torch.tensor([0, 1])))
-    reference.train()
-    fast.train()
-    ref_loss = reference(**batch).loss
-    ref_loss.backward()
-    with fastbert.use_backend("triton"):
-        loss = fast(**batch).loss
-        loss.backward()
-    assert max_error(loss, ref_loss) <= 1e-4
-    ref_grads = dict(reference.named_parameters())
-    for name, param in fast.named_parameters():
-        ref_grad = ref_grads[name].grad
-        assert max_error(param.grad, ref_grad) <= 1e-4 * max(1.0, ref_grad.abs().max().item()), name
+    assert_training_step_matches(reference, fast, batch, "triton", atol=1e-4)

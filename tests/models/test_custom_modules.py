@@ -108,15 +108,21 @@ def test_customized_module_gives_the_unpatched_output(case, way):
         assert len(messages) == 1 and f"the module {CASES[case]} (" in messages[0], messages
 
 
+def _twins_with_activation(name: str, config, activation: type[nn.Module]):
+    """(transformers' `name`, fastbert's `name`): one set of weights, layer 0's activation an `activation()` in both."""
+    torch.manual_seed(0)
+    reference = getattr(transformers, name)(config).eval()
+    fast = getattr(fastbert, name)(config).eval()
+    fast.load_state_dict(reference.state_dict())
+    for model in (reference, fast):
+        model.encoder.layer[0].intermediate.intermediate_act_fn = activation()
+    return reference, fast
+
+
 def test_native_family_with_swapped_activation_falls_back_with_one_warning():
     config = transformers.RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                         intermediate_size=64, max_position_embeddings=40, type_vocab_size=1)
-    torch.manual_seed(0)
-    reference = transformers.RobertaModel(config).eval()
-    fast = fastbert.RobertaModel(config).eval()
-    fast.load_state_dict(reference.state_dict())
-    for model in (reference, fast):
-        model.encoder.layer[0].intermediate.intermediate_act_fn = nn.Hardshrink()
+    reference, fast = _twins_with_activation("RobertaModel", config, nn.Hardshrink)
     ids = torch.randint(3, 64, (2, 7))
     native._warned_reasons.clear()
     with torch.no_grad(), pytest.warns(UserWarning, match="encoder.layer.0.intermediate.intermediate_act_fn"):
@@ -127,12 +133,7 @@ def test_native_family_with_swapped_activation_falls_back_with_one_warning():
 def test_known_activation_swap_runs_on_the_fast_path():
     """A relu swapped in for GELU is an activation fastbert knows: its own code runs, no warning."""
     config = small_config()
-    torch.manual_seed(0)
-    reference = transformers.BertModel(config).eval()
-    fast = fastbert.BertModel(config).eval()
-    fast.load_state_dict(reference.state_dict())
-    for model in (reference, fast):
-        model.encoder.layer[0].intermediate.intermediate_act_fn = nn.ReLU()
+    reference, fast = _twins_with_activation("BertModel", config, nn.ReLU)
     batch = random_batch(config, 2, 6, lengths=[6, 3])
     keep = batch["attention_mask"].bool()
     with torch.no_grad(), warnings.catch_warnings():

@@ -284,6 +284,14 @@ def test_inputs_embeds_and_return_dict_false_match_transformers():
 # ---- what the fast path does not cover: transformers' forward, with one warning naming why -------------------
 
 
+def _assert_runs_transformers_forward(fast, reference, inputs, reason):
+    """fast(**inputs) warns (matching `reason`) and gives exactly the reference's last_hidden_state."""
+    with torch.no_grad(), pytest.warns(UserWarning, match=reason):
+        out = fast(**inputs).last_hidden_state
+    with torch.no_grad():
+        assert torch.equal(out, reference(**inputs).last_hidden_state)
+
+
 @pytest.mark.parametrize("overrides,reason", [
     (dict(conv_kernel_size=3), "convolution layer"),
     (dict(share_att_key=False), "share_att_key=False"),
@@ -293,11 +301,7 @@ def test_inputs_embeds_and_return_dict_false_match_transformers():
 def test_configs_outside_the_fast_path_run_transformers_forward(overrides, reason):
     config = deberta_config(**overrides)
     reference, fast = _pair("DebertaV2Model", config, patched=True)
-    batch = _batch(config, [12, 5], 12, seed=23)
-    with torch.no_grad(), pytest.warns(UserWarning, match=reason):
-        out = fast(**batch).last_hidden_state
-    with torch.no_grad():
-        assert torch.equal(out, reference(**batch).last_hidden_state)
+    _assert_runs_transformers_forward(fast, reference, _batch(config, [12, 5], 12, seed=23), reason)
 
 
 def test_4d_mask_and_mask_with_holes_run_transformers_forward():
@@ -308,10 +312,7 @@ def test_4d_mask_and_mask_with_holes_run_transformers_forward():
     holes["attention_mask"][0, 4] = 0
     four_d = dict(batch, attention_mask=batch["attention_mask"].bool()[:, None, None, :])
     for inputs, reason in ((four_d, "4-D attention_mask"), (holes, "holes")):
-        with torch.no_grad(), pytest.warns(UserWarning, match=reason):
-            out = fast(**inputs).last_hidden_state
-        with torch.no_grad():
-            assert torch.equal(out, reference(**inputs).last_hidden_state)
+        _assert_runs_transformers_forward(fast, reference, inputs, reason)
 
 
 def test_output_attentions_and_swapped_modules_run_transformers_forward():
@@ -327,10 +328,7 @@ def test_output_attentions_and_swapped_modules_run_transformers_forward():
     norm = fast.encoder.layer[1].output.LayerNorm
     fast.encoder.layer[1].output.LayerNorm = Scaled(norm.normalized_shape, eps=norm.eps)
     reference.encoder.layer[1].output.LayerNorm = Scaled(norm.normalized_shape, eps=norm.eps)
-    with torch.no_grad(), pytest.warns(UserWarning, match="encoder.layer.1.output.LayerNorm"):
-        out = fast(**batch).last_hidden_state
-    with torch.no_grad():
-        assert torch.equal(out, reference(**batch).last_hidden_state)
+    _assert_runs_transformers_forward(fast, reference, batch, "encoder.layer.1.output.LayerNorm")
 
 
 # ---- classes, patch, loading --------------------------------------------------------------------------------

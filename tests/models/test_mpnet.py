@@ -162,15 +162,20 @@ def test_bf16_is_close_to_fp32():
     assert cosines.min() >= theirs.min() - 1e-3
 
 
-def test_a_mask_with_holes_runs_transformers_forward_with_a_warning():
-    reference, fast = models("Model", patched=True)
-    batch, _ = batches(reference.config, "Model", seed=31, lengths=[20, 12], seqlen=20)
-    batch["attention_mask"][0, 5:8] = 0  # padding between tokens: packing would shorten the distances
-    with pytest.warns(UserWarning, match="holes"):
+def _assert_runs_transformers_forward(fast, reference, batch, reason):
+    """fast(**batch) warns (matching `reason`) and matches the reference's last_hidden_state on real tokens."""
+    with pytest.warns(UserWarning, match=reason):
         with torch.no_grad():
             out = fast(**batch).last_hidden_state
     keep = batch["attention_mask"].bool()
     assert max_error(out[keep], run(reference, batch).last_hidden_state[keep]) <= TOL
+
+
+def test_a_mask_with_holes_runs_transformers_forward_with_a_warning():
+    reference, fast = models("Model", patched=True)
+    batch, _ = batches(reference.config, "Model", seed=31, lengths=[20, 12], seqlen=20)
+    batch["attention_mask"][0, 5:8] = 0  # padding between tokens: packing would shorten the distances
+    _assert_runs_transformers_forward(fast, reference, batch, "holes")
 
 
 def test_a_relative_bias_of_another_class_runs_transformers_forward():
@@ -183,11 +188,7 @@ def test_a_relative_bias_of_another_class_runs_transformers_forward():
         table = model.encoder.relative_attention_bias
         model.encoder.relative_attention_bias = ScaledEmbedding(*table.weight.shape, _weight=table.weight)
     batch, _ = batches(reference.config, "Model", seed=37, lengths=[30, 12], seqlen=30)
-    with pytest.warns(UserWarning, match="encoder.relative_attention_bias"):
-        with torch.no_grad():
-            out = fast(**batch).last_hidden_state
-    keep = batch["attention_mask"].bool()
-    assert max_error(out[keep], run(reference, batch).last_hidden_state[keep]) <= TOL
+    _assert_runs_transformers_forward(fast, reference, batch, "encoder.relative_attention_bias")
 
 
 def test_output_hidden_states_reads_as_a_flag_as_mpnet_does():
