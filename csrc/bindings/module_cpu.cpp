@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "fastbert_kernels.h"
+#include "pointers.h"
 
 namespace py = pybind11;
 
@@ -14,10 +15,7 @@ namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-T* ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
+using fastbert::bindings::ptr;
 
 // The GEMMs for few rows share one signature per element type T (bf16 as uint16_t, or float), and so do their
 // weight packers.

@@ -8,15 +8,13 @@
 #include <string>
 
 #include "fastbert_kernels.h"
+#include "pointers.h"
 
 namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-T* ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
+using fastbert::bindings::ptr;
 
 void check(int code, const char* op) {
   if (code != 0)

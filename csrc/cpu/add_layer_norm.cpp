@@ -187,34 +187,7 @@ FB_INLINE void bwd_typed(const BwdArgs& a, int64_t r0, int64_t r1, float* acc, f
     FB_LN_SELECT(bwd_typed, a.dtype, a.res != nullptr, a.drop.threshold != 0, a, r0, r1, acc, xhat, keep, g); \
   }
 
-FB_LN_VARIANT(base, )
-#if FB_HAS_ISA_VARIANTS
-FB_LN_VARIANT(avx2, FB_ISA_AVX2)
-FB_LN_VARIANT(avx512, FB_ISA_AVX512)
-#endif
-
-using LnFwdFn = void (*)(const FwdArgs&, int64_t, int64_t, float*, float*);
-using LnBwdFn = void (*)(const BwdArgs&, int64_t, int64_t, float*, float*, float*, float*);
-
-LnFwdFn pick_fwd() {
-#if FB_HAS_ISA_VARIANTS
-  switch (isa_level()) {
-    case 2: return ln_fwd_avx512;
-    case 1: return ln_fwd_avx2;
-  }
-#endif
-  return ln_fwd_base;
-}
-
-LnBwdFn pick_bwd() {
-#if FB_HAS_ISA_VARIANTS
-  switch (isa_level()) {
-    case 2: return ln_bwd_avx512;
-    case 1: return ln_bwd_avx2;
-  }
-#endif
-  return ln_bwd_base;
-}
+FB_ISA_VARIANTS(FB_LN_VARIANT)
 
 DropoutSpec make_dropout(double p, uint64_t seed) {
   if (!(p >= 0.0 && p < 1.0)) throw std::invalid_argument("add_layer_norm: dropout_p must be in [0, 1)");
@@ -233,15 +206,11 @@ void add_layer_norm_fwd(const void* x, const void* residual, const float* weight
   if (bias == nullptr || x_bias == nullptr) zeros.assign(static_cast<size_t>(cols), 0.0f);
   const FwdArgs args{x,    residual, weight, bias ? bias : zeros.data(), x_bias ? x_bias : zeros.data(),
                      y,    mean,     rstd,   cols, eps, make_dropout(dropout_p, seed), dtype};
-  const LnFwdFn fn = pick_fwd();
-  const int nt = threads_for(num_threads, rows, cols);
-#pragma omp parallel num_threads(nt)
-  {
+  const auto fn = FB_PICK_ISA(ln_fwd);
+  parallel_ranges(rows, threads_for(num_threads, rows, cols), [&](int64_t r0, int64_t r1) {
     std::vector<float> scratch(2 * static_cast<size_t>(cols));
-    int64_t r0, r1;
-    row_range(rows, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
     fn(args, r0, r1, scratch.data(), scratch.data() + cols);
-  }
+  });
 }
 
 void add_layer_norm_bwd(const void* dy, const void* x, const void* residual, const float* weight,
@@ -254,7 +223,7 @@ void add_layer_norm_bwd(const void* dy, const void* x, const void* residual, con
   if (x_bias == nullptr) zeros.assign(static_cast<size_t>(cols), 0.0f);
   const BwdArgs args{dy,   x,    residual, weight, x_bias ? x_bias : zeros.data(), mean, rstd, dx, dresidual,
                      cols, make_dropout(dropout_p, seed), dtype, dropout_p > 0.0};
-  const LnBwdFn fn = pick_bwd();
+  const auto fn = FB_PICK_ISA(ln_bwd);
   const int nt = threads_for(num_threads, rows, cols);
   // partial[t] = thread t's [3][cols] sums of dweight, dbias, dx_bias
   std::vector<float> partial(static_cast<size_t>(nt) * 3 * cols, 0.0f);

@@ -254,21 +254,15 @@ FB_INLINE void attend_tile(const T* q, const T* k, const T* v, T* out, int64_t s
       attend_tile<kKeyTile>(q, k, v, out, start, len, head, shape, w);                                        \
   }
 
-FB_ATTENTION_VARIANT(base, )
-#if FB_HAS_ISA_VARIANTS
-FB_ATTENTION_VARIANT(avx2, FB_ISA_AVX2)
-FB_ATTENTION_VARIANT(avx512, FB_ISA_AVX512)
-#endif
+FB_ISA_VARIANTS(FB_ATTENTION_VARIANT)
 
 template <typename T>
 AttendFn<T> pick_attend() {
 #if FB_HAS_ISA_VARIANTS
-  switch (isa_level()) {
-    case 2: return attend_avx512<T>;
-    case 1: return attend_avx2<T>;
-  }
-#endif
+  return pick_isa<AttendFn<T>>(attend_avx512, attend_avx2, attend_base);
+#else
   return attend_base<T>;
+#endif
 }
 
 template <typename T>

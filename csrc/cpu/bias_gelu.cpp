@@ -41,71 +41,48 @@ FB_INLINE void gelu_bwd_rows(const T* dy, const T* x, const float* bias, T* dx, 
   }
 }
 
+// The GELU mode's instantiation for one element type T (the void pointers hold T).
+template <typename T>
+FB_INLINE void gelu_fwd_any(int mode, const void* x, const float* bias, void* y, int64_t r0, int64_t r1,
+                            int64_t cols) {
+  auto xx = static_cast<const T*>(x);
+  auto o = static_cast<T*>(y);
+  if (mode == kGeluErf)
+    gelu_fwd_rows<T, kGeluErf>(xx, bias, o, r0, r1, cols);
+  else
+    gelu_fwd_rows<T, kGeluTanh>(xx, bias, o, r0, r1, cols);
+}
+
+template <typename T>
+FB_INLINE void gelu_bwd_any(int mode, const void* dy, const void* x, const float* bias, void* dx, float* acc,
+                            int64_t r0, int64_t r1, int64_t cols) {
+  auto d = static_cast<const T*>(dy);
+  auto xx = static_cast<const T*>(x);
+  auto o = static_cast<T*>(dx);
+  if (mode == kGeluErf)
+    gelu_bwd_rows<T, kGeluErf>(d, xx, bias, o, acc, r0, r1, cols);
+  else
+    gelu_bwd_rows<T, kGeluTanh>(d, xx, bias, o, acc, r0, r1, cols);
+}
+
 // One function per ISA variant; each selects the (dtype, mode) instantiation.
 #define FB_GELU_VARIANT(SUFFIX, ATTR)                                                                        \
   ATTR void gelu_fwd_##SUFFIX(int dtype, int mode, const void* x, const float* bias, void* y, int64_t r0,     \
                               int64_t r1, int64_t cols) {                                                   \
-    if (dtype == kFloat32) {                                                                                 \
-      if (mode == kGeluErf)                                                                                  \
-        gelu_fwd_rows<float, kGeluErf>(static_cast<const float*>(x), bias, static_cast<float*>(y), r0, r1, cols); \
-      else                                                                                                   \
-        gelu_fwd_rows<float, kGeluTanh>(static_cast<const float*>(x), bias, static_cast<float*>(y), r0, r1, cols); \
-    } else {                                                                                                 \
-      if (mode == kGeluErf)                                                                                  \
-        gelu_fwd_rows<bf16_t, kGeluErf>(static_cast<const bf16_t*>(x), bias, static_cast<bf16_t*>(y), r0, r1, cols); \
-      else                                                                                                   \
-        gelu_fwd_rows<bf16_t, kGeluTanh>(static_cast<const bf16_t*>(x), bias, static_cast<bf16_t*>(y), r0, r1, cols); \
-    }                                                                                                        \
+    if (dtype == kFloat32)                                                                                   \
+      gelu_fwd_any<float>(mode, x, bias, y, r0, r1, cols);                                                   \
+    else                                                                                                     \
+      gelu_fwd_any<bf16_t>(mode, x, bias, y, r0, r1, cols);                                                  \
   }                                                                                                          \
   ATTR void gelu_bwd_##SUFFIX(int dtype, int mode, const void* dy, const void* x, const float* bias, void* dx, \
                               float* acc, int64_t r0, int64_t r1, int64_t cols) {                           \
-    if (dtype == kFloat32) {                                                                                 \
-      auto d = static_cast<const float*>(dy);                                                                \
-      auto xx = static_cast<const float*>(x);                                                                \
-      auto o = static_cast<float*>(dx);                                                                      \
-      if (mode == kGeluErf)                                                                                  \
-        gelu_bwd_rows<float, kGeluErf>(d, xx, bias, o, acc, r0, r1, cols);                                   \
-      else                                                                                                   \
-        gelu_bwd_rows<float, kGeluTanh>(d, xx, bias, o, acc, r0, r1, cols);                                  \
-    } else {                                                                                                 \
-      auto d = static_cast<const bf16_t*>(dy);                                                               \
-      auto xx = static_cast<const bf16_t*>(x);                                                               \
-      auto o = static_cast<bf16_t*>(dx);                                                                     \
-      if (mode == kGeluErf)                                                                                  \
-        gelu_bwd_rows<bf16_t, kGeluErf>(d, xx, bias, o, acc, r0, r1, cols);                                  \
-      else                                                                                                   \
-        gelu_bwd_rows<bf16_t, kGeluTanh>(d, xx, bias, o, acc, r0, r1, cols);                                 \
-    }                                                                                                        \
+    if (dtype == kFloat32)                                                                                   \
+      gelu_bwd_any<float>(mode, dy, x, bias, dx, acc, r0, r1, cols);                                         \
+    else                                                                                                     \
+      gelu_bwd_any<bf16_t>(mode, dy, x, bias, dx, acc, r0, r1, cols);                                        \
   }
 
-FB_GELU_VARIANT(base, )
-#if FB_HAS_ISA_VARIANTS
-FB_GELU_VARIANT(avx2, FB_ISA_AVX2)
-FB_GELU_VARIANT(avx512, FB_ISA_AVX512)
-#endif
-
-using FwdFn = void (*)(int, int, const void*, const float*, void*, int64_t, int64_t, int64_t);
-using BwdFn = void (*)(int, int, const void*, const void*, const float*, void*, float*, int64_t, int64_t, int64_t);
-
-FwdFn pick_fwd() {
-#if FB_HAS_ISA_VARIANTS
-  switch (isa_level()) {
-    case 2: return gelu_fwd_avx512;
-    case 1: return gelu_fwd_avx2;
-  }
-#endif
-  return gelu_fwd_base;
-}
-
-BwdFn pick_bwd() {
-#if FB_HAS_ISA_VARIANTS
-  switch (isa_level()) {
-    case 2: return gelu_bwd_avx512;
-    case 1: return gelu_bwd_avx2;
-  }
-#endif
-  return gelu_bwd_base;
-}
+FB_ISA_VARIANTS(FB_GELU_VARIANT)
 
 void check_mode(int mode) {
   if (mode != kGeluErf && mode != kGeluTanh) throw std::invalid_argument("bias_gelu: unknown GELU mode");
@@ -124,14 +101,9 @@ void bias_gelu_fwd(const void* x, const float* bias, void* y, int64_t rows, int6
     zeros.assign(static_cast<size_t>(cols), 0.0f);
     bias = zeros.data();
   }
-  const FwdFn fn = pick_fwd();
-  const int nt = threads_for(num_threads, rows, cols);
-#pragma omp parallel num_threads(nt)
-  {
-    int64_t r0, r1;
-    row_range(rows, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-    fn(dtype, gelu_mode, x, bias, y, r0, r1, cols);
-  }
+  const auto fn = FB_PICK_ISA(gelu_fwd);
+  parallel_ranges(rows, threads_for(num_threads, rows, cols),
+                  [&](int64_t r0, int64_t r1) { fn(dtype, gelu_mode, x, bias, y, r0, r1, cols); });
 }
 
 void bias_gelu_bwd(const void* dy, const void* x, const float* bias, void* dx, float* dbias, int64_t rows,
@@ -144,7 +116,7 @@ void bias_gelu_bwd(const void* dy, const void* x, const float* bias, void* dx, f
     zeros.assign(static_cast<size_t>(cols), 0.0f);
     bias = zeros.data();
   }
-  const BwdFn fn = pick_bwd();
+  const auto fn = FB_PICK_ISA(gelu_bwd);
   const int nt = threads_for(num_threads, rows, cols);
   // Per-thread partial sums of dbias, summed below in a fixed order (deterministic, no atomics).
   std::vector<float> partial(dbias != nullptr ? static_cast<size_t>(nt) * cols : 0, 0.0f);

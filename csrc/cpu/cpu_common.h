@@ -164,6 +164,30 @@ inline int isa_level() {
 #endif
 }
 
+// A file's row kernels once per ISA: FB_ISA_VARIANTS(VARIANT) expands VARIANT(SUFFIX, ATTR) for the baseline
+// (base, no attribute) and, where FB_HAS_ISA_VARIANTS, for avx2 (FB_ISA_AVX2) and avx512 (FB_ISA_AVX512).
+#if FB_HAS_ISA_VARIANTS
+#define FB_ISA_VARIANTS(VARIANT) VARIANT(base, ) VARIANT(avx2, FB_ISA_AVX2) VARIANT(avx512, FB_ISA_AVX512)
+#else
+#define FB_ISA_VARIANTS(VARIANT) VARIANT(base, )
+#endif
+
+#if FB_HAS_ISA_VARIANTS
+// The variant of a row kernel that this CPU runs (isa_level); the three share one signature.
+template <typename Fn>
+inline Fn pick_isa(Fn avx512, Fn avx2, Fn base) {
+  switch (isa_level()) {
+    case 2: return avx512;
+    case 1: return avx2;
+  }
+  return base;
+}
+// FB_PICK_ISA(name): name_avx512, name_avx2 or name_base (the functions a file's variant macro defines).
+#define FB_PICK_ISA(NAME) ::fastbert::cpu::pick_isa(NAME##_avx512, NAME##_avx2, NAME##_base)
+#else
+#define FB_PICK_ISA(NAME) NAME##_base
+#endif
+
 // Threads for `rows` rows of `cols` elements: torch's count, but at least ~32k elements per thread.
 inline int threads_for(int num_threads, int64_t rows, int64_t cols) {
   int64_t by_work = std::max<int64_t>(1, rows * cols / 32768);

@@ -89,34 +89,7 @@ FB_INLINE void dequantize_any(int mode, const float* acc, const float* scales, c
       dequantize_any<bf16_t>(mode, acc, scales, bias, y, r0, r1, cols);                                       \
   }
 
-FB_QUANTIZE_VARIANT(base, )
-#if FB_HAS_ISA_VARIANTS
-FB_QUANTIZE_VARIANT(avx2, FB_ISA_AVX2)
-FB_QUANTIZE_VARIANT(avx512, FB_ISA_AVX512)
-#endif
-
-using QuantizeFn = void (*)(int, const void*, int32_t, uint8_t*, float*, int64_t, int64_t, int64_t);
-using DequantizeFn = void (*)(int, int, const float*, const float*, const float*, void*, int64_t, int64_t, int64_t);
-
-QuantizeFn pick_quantize() {
-#if FB_HAS_ISA_VARIANTS
-  switch (isa_level()) {
-    case 2: return quantize_avx512;
-    case 1: return quantize_avx2;
-  }
-#endif
-  return quantize_base;
-}
-
-DequantizeFn pick_dequantize() {
-#if FB_HAS_ISA_VARIANTS
-  switch (isa_level()) {
-    case 2: return dequantize_avx512;
-    case 1: return dequantize_avx2;
-  }
-#endif
-  return dequantize_base;
-}
+FB_ISA_VARIANTS(FB_QUANTIZE_VARIANT)
 
 }  // namespace
 
@@ -127,14 +100,9 @@ void quantize_rows_int8(const void* x, uint8_t* q, float* scales, int64_t rows, 
   if (zero_point != 0 && zero_point != 128)
     throw std::invalid_argument("quantize_rows_int8: zero_point must be 0 (int8) or 128 (uint8), got " +
                                 std::to_string(zero_point));
-  const QuantizeFn fn = pick_quantize();
-  const int nt = threads_for(num_threads, rows, cols);
-#pragma omp parallel num_threads(nt)
-  {
-    int64_t r0, r1;
-    row_range(rows, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-    fn(dtype, x, zero_point, q, scales, r0, r1, cols);
-  }
+  const auto fn = FB_PICK_ISA(quantize);
+  parallel_ranges(rows, threads_for(num_threads, rows, cols),
+                  [&](int64_t r0, int64_t r1) { fn(dtype, x, zero_point, q, scales, r0, r1, cols); });
 }
 
 void dequantize_rows(const float* acc, const float* scales, const float* bias, void* y, int64_t rows, int64_t cols,
@@ -143,14 +111,9 @@ void dequantize_rows(const float* acc, const float* scales, const float* bias, v
   check_sizes(rows, cols, "dequantize_rows");
   if (gelu_mode != kGeluErf && gelu_mode != kGeluTanh && gelu_mode != kActivationNone)
     throw std::invalid_argument("dequantize_rows: unknown activation code");
-  const DequantizeFn fn = pick_dequantize();
-  const int nt = threads_for(num_threads, rows, cols);
-#pragma omp parallel num_threads(nt)
-  {
-    int64_t r0, r1;
-    row_range(rows, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-    fn(dtype, gelu_mode, acc, scales, bias, y, r0, r1, cols);
-  }
+  const auto fn = FB_PICK_ISA(dequantize);
+  parallel_ranges(rows, threads_for(num_threads, rows, cols),
+                  [&](int64_t r0, int64_t r1) { fn(dtype, gelu_mode, acc, scales, bias, y, r0, r1, cols); });
 }
 
 }  // namespace cpu

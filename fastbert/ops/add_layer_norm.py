@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastbert.backend import REGISTRY, runs_anywhere, triton_probe
+from fastbert.backend import REGISTRY
 from fastbert.kernels import limits as triton_limits
 from fastbert.ops import extension
 from fastbert.ops._dispatch import compute_dtype, implementation
-from fastbert.registry import Implementation, Signature
+from fastbert.ops._shared import register_torch_and_triton, triton_cpu_problem
+from fastbert.registry import Signature
 
 
 def add_layer_norm_ref(
@@ -41,8 +42,7 @@ def add_layer_norm_ref(
 
 
 def _triton_supports(call: Signature) -> str | None:
-    on_cpu = triton_limits.cpu_problem(call.device, call.interpreting)
-    return on_cpu or triton_limits.layer_norm_width_problem(call.width)
+    return triton_cpu_problem(call) or triton_limits.layer_norm_width_problem(call.width)
 
 
 def bind(run, weight, bias, eps: float, x_bias=None):
@@ -51,15 +51,9 @@ def bind(run, weight, bias, eps: float, x_bias=None):
 
 
 BIND = "fastbert.ops.add_layer_norm:bind"
-REGISTRY.register(Implementation(
-    op="add_layer_norm", backend="torch", target="fastbert.ops.add_layer_norm:add_layer_norm_ref",
-    devices=None, dtypes=None, probe=runs_anywhere, binder=BIND,
-))
-REGISTRY.register(Implementation(
-    op="add_layer_norm", backend="triton", target="fastbert.kernels.add_layer_norm:add_layer_norm_triton",
-    devices=triton_limits.DEVICES, dtypes=triton_limits.DTYPES, probe=triton_probe, supports=_triton_supports,
-    binder=BIND,
-))
+register_torch_and_triton("add_layer_norm", "fastbert.ops.add_layer_norm:add_layer_norm_ref",
+                          "fastbert.kernels.add_layer_norm:add_layer_norm_triton", triton_supports=_triton_supports,
+                          binder=BIND)
 for _implementation in extension.implementations(
     "add_layer_norm", "fastbert.ops.extension.add_layer_norm:add_layer_norm_extension",
     cuda_supports=extension.layer_norm_width_problem,

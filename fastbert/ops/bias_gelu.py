@@ -6,11 +6,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from fastbert.backend import REGISTRY, runs_anywhere, triton_probe
-from fastbert.kernels import limits as triton_limits
+from fastbert.backend import REGISTRY
 from fastbert.ops import extension
 from fastbert.ops._dispatch import compute_dtype, implementation
-from fastbert.registry import Implementation
+from fastbert.ops._shared import register_torch_and_triton
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -30,15 +29,8 @@ def bind(run, bias, approximate: str):
 
 
 BIND = "fastbert.ops.bias_gelu:bind"
-REGISTRY.register(Implementation(
-    op="bias_gelu", backend="torch", target="fastbert.ops.bias_gelu:bias_gelu_ref",
-    devices=None, dtypes=None, probe=runs_anywhere, binder=BIND,
-))
-REGISTRY.register(Implementation(
-    op="bias_gelu", backend="triton", target="fastbert.kernels.bias_gelu:bias_gelu_triton",
-    devices=triton_limits.DEVICES, dtypes=triton_limits.DTYPES, probe=triton_probe,
-    supports=lambda call: triton_limits.cpu_problem(call.device, call.interpreting), binder=BIND,
-))
+register_torch_and_triton("bias_gelu", "fastbert.ops.bias_gelu:bias_gelu_ref",
+                          "fastbert.kernels.bias_gelu:bias_gelu_triton", binder=BIND)
 for _implementation in extension.implementations("bias_gelu", "fastbert.ops.extension.bias_gelu:bias_gelu_extension",
                                                  binders=("fastbert.ops.extension.bias_gelu:bind_cpu", BIND)):
     REGISTRY.register(_implementation)

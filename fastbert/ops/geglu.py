@@ -9,10 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import backend
-from fastbert.backend import REGISTRY, runs_anywhere, triton_probe
-from fastbert.kernels import limits as triton_limits
 from fastbert.ops._dispatch import compute_dtype, implementation
-from fastbert.registry import Implementation
+from fastbert.ops._shared import register_torch_and_triton
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -32,15 +30,7 @@ def _geglu_torch(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return F.gelu(values, approximate=approximate).mul_(gate)
 
 
-REGISTRY.register(Implementation(
-    op="geglu", backend="torch", target="fastbert.ops.geglu:_geglu_torch", devices=None, dtypes=None,
-    probe=runs_anywhere,
-))
-REGISTRY.register(Implementation(
-    op="geglu", backend="triton", target="fastbert.kernels.geglu:geglu_triton",
-    devices=triton_limits.DEVICES, dtypes=triton_limits.DTYPES, probe=triton_probe,
-    supports=lambda call: triton_limits.cpu_problem(call.device, call.interpreting),
-))
+register_torch_and_triton("geglu", "fastbert.ops.geglu:_geglu_torch", "fastbert.kernels.geglu:geglu_triton")
 # Until the hand-kept order in fastbert/backend.py names this op: Triton first on CUDA.
 
 

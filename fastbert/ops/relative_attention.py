@@ -22,11 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import backend
-from fastbert.backend import REGISTRY, runs_anywhere, triton_probe
-from fastbert.kernels import limits as triton_limits
 from fastbert.ops._dispatch import compute_dtype, implementation
+from fastbert.ops._shared import packed_attention_ref, register_torch_and_triton, triton_attention_problem
 from fastbert.ops.attention import check_packed
-from fastbert.registry import Implementation, Signature
 
 
 def pair_buckets(index: torch.Tensor, length: int, max_seqlen: int) -> torch.Tensor:
@@ -52,20 +50,15 @@ def relative_scores(one_q_rel, one_k_rel, buckets: torch.Tensor) -> torch.Tensor
 def relative_attention_ref(q, k, v, cu_seqlens, max_seqlen, index, *, q_rel=None, k_rel=None,
                            softmax_scale=None, dropout_p=0.0):
     """Reference: explicit scores, relative terms and softmax, one sequence at a time."""
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     math_dtype = compute_dtype(q.dtype)
-    outputs = []
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        one_q, one_k, one_v = (t[start:end].to(math_dtype).transpose(0, 1) for t in (q, k, v))
+
+    def add_relative_terms(scores, start, end):
         buckets = pair_buckets(index, end - start, int(max_seqlen))
         rel = [None if t is None else t[start:end].to(math_dtype) for t in (q_rel, k_rel)]
-        scores = torch.matmul(one_q, one_k.transpose(-1, -2)) * scale + relative_scores(*rel, buckets)
-        probs = torch.softmax(scores, dim=-1)
-        if dropout_p > 0.0:
-            probs = F.dropout(probs, p=dropout_p, training=True)
-        outputs.append(torch.matmul(probs, one_v).transpose(0, 1).to(q.dtype))
-    return torch.cat(outputs, dim=0) if outputs else q.new_zeros(q.shape)
+        return scores + relative_scores(*rel, buckets)
+
+    return packed_attention_ref(q, k, v, cu_seqlens, softmax_scale=softmax_scale, dropout_p=dropout_p,
+                                adjust_scores=add_relative_terms)
 
 
 def _sequence_terms(buckets, table, one_q_rel, one_k_rel, math_dtype):
@@ -123,23 +116,10 @@ def _relative_attention_split(q, k, v, cu_seqlens, max_seqlen, index, *, q_rel=N
     return torch.cat(outputs).to(q.dtype)
 
 
-REGISTRY.register(Implementation(
-    op="relative_attention", backend="torch", target="fastbert.ops.relative_attention:_relative_attention_split",
-    devices=None, dtypes=None, probe=runs_anywhere,
-))
-
-
-def _triton_supports(call: Signature) -> str | None:
-    return triton_limits.cpu_problem(call.device, call.interpreting) or triton_limits.attention_head_dim_problem(
-        call.head_dim
-    )
-
-
-REGISTRY.register(Implementation(
-    op="relative_attention", backend="triton",
-    target="fastbert.kernels.relative_attention:relative_attention_triton",
-    devices=triton_limits.DEVICES, dtypes=triton_limits.DTYPES, probe=triton_probe, supports=_triton_supports,
-))
+register_torch_and_triton(
+    "relative_attention", "fastbert.ops.relative_attention:_relative_attention_split",
+    "fastbert.kernels.relative_attention:relative_attention_triton", triton_supports=triton_attention_problem,
+)
 
 
 def _check_arguments(q, k, v, cu_seqlens, max_seqlen, index, q_rel, k_rel, dropout_p) -> None:

@@ -14,11 +14,9 @@ from __future__ import annotations
 import torch
 
 from fastbert import backend
-from fastbert.backend import REGISTRY, runs_anywhere, triton_probe
-from fastbert.kernels import limits as triton_limits
 from fastbert.ops._dispatch import compute_dtype, implementation
+from fastbert.ops._shared import register_torch_and_triton
 from fastbert.ops.tensor_memo import TensorMemo
-from fastbert.registry import Implementation
 
 
 def rotary_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -45,15 +43,7 @@ def _rotary_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return out
 
 
-REGISTRY.register(Implementation(
-    op="rotary", backend="torch", target="fastbert.ops.rotary:_rotary_torch", devices=None, dtypes=None,
-    probe=runs_anywhere,
-))
-REGISTRY.register(Implementation(
-    op="rotary", backend="triton", target="fastbert.kernels.rotary:rotary_triton",
-    devices=triton_limits.DEVICES, dtypes=triton_limits.DTYPES, probe=triton_probe,
-    supports=lambda call: triton_limits.cpu_problem(call.device, call.interpreting),
-))
+register_torch_and_triton("rotary", "fastbert.ops.rotary:_rotary_torch", "fastbert.kernels.rotary:rotary_triton")
 # Until the hand-kept order in fastbert/backend.py names this op: Triton first on CUDA.
 
 

@@ -9,18 +9,14 @@ all sequences in one batched SDPA call with a band mask (see `BandPlan`).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from fastbert import backend
-from fastbert.backend import REGISTRY, runs_anywhere, triton_probe
-from fastbert.kernels import limits as triton_limits
-from fastbert.ops._dispatch import compute_dtype, implementation
+from fastbert.ops._dispatch import implementation
+from fastbert.ops._shared import packed_attention_ref, register_torch_and_triton, triton_attention_problem
 from fastbert.ops.attention import check_packed
 from fastbert.ops.tensor_memo import TensorMemo
-from fastbert.registry import Implementation, Signature
 
 
 def _band_mask(length: int, window: int, device) -> torch.Tensor:
@@ -30,19 +26,12 @@ def _band_mask(length: int, window: int, device) -> torch.Tensor:
 
 def window_attention_ref(q, k, v, cu_seqlens, max_seqlen, window, *, softmax_scale=None, dropout_p=0.0):
     """Reference: explicit softmax over each whole sequence with the band mask, one sequence at a time."""
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    math_dtype = compute_dtype(q.dtype)
-    outputs = []
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        one_q, one_k, one_v = (t[start:end].to(math_dtype).transpose(0, 1) for t in (q, k, v))
-        scores = torch.matmul(one_q, one_k.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~_band_mask(end - start, window, q.device), float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        if dropout_p > 0.0:
-            probs = F.dropout(probs, p=dropout_p, training=True)
-        outputs.append(torch.matmul(probs, one_v).transpose(0, 1).to(q.dtype))
-    return torch.cat(outputs, dim=0) if outputs else q.new_zeros(q.shape)
+
+    def mask_band(scores, start, end):
+        return scores.masked_fill(~_band_mask(end - start, window, q.device), float("-inf"))
+
+    return packed_attention_ref(q, k, v, cu_seqlens, softmax_scale=softmax_scale, dropout_p=dropout_p,
+                                adjust_scores=mask_band)
 
 
 def block_size(window: int) -> int:
@@ -141,20 +130,10 @@ def _window_attention_blocks(q, k, v, cu_seqlens, max_seqlen, window, *, softmax
     return torch.cat([edges[:min(front, total)], interior, edges[front:front + back]])
 
 
-def _triton_supports(call: Signature) -> str | None:
-    return triton_limits.cpu_problem(call.device, call.interpreting) or triton_limits.attention_head_dim_problem(
-        call.head_dim
-    )
-
-
-REGISTRY.register(Implementation(
-    op="window_attention", backend="torch", target="fastbert.ops.window_attention:_window_attention_blocks",
-    devices=None, dtypes=None, probe=runs_anywhere,
-))
-REGISTRY.register(Implementation(
-    op="window_attention", backend="triton", target="fastbert.kernels.window_attention:window_attention_triton",
-    devices=triton_limits.DEVICES, dtypes=triton_limits.DTYPES, probe=triton_probe, supports=_triton_supports,
-))
+register_torch_and_triton(
+    "window_attention", "fastbert.ops.window_attention:_window_attention_blocks",
+    "fastbert.kernels.window_attention:window_attention_triton", triton_supports=triton_attention_problem,
+)
 # Until the hand-kept order in fastbert/backend.py names this op: Triton first on CUDA.
 
 

@@ -159,14 +159,12 @@ FB_ISA_AMX void run_groups(const Problem& p, int64_t first, int64_t last) {
 
 void amx_bf16_linear(const bf16_t* x, const bf16_t* packed, const float* bias, bf16_t* y, int64_t rows, int64_t n,
                      int64_t k, int activation, int num_threads) {
-  gemm::run(__func__, gemm::Isa::kAmxBf16, kSliceK, x, packed, bias, y, rows, n, k, activation,
-            [&](const Problem& p, auto mode) {
+  run_linear(__func__, gemm::Isa::kAmxBf16, x, packed, bias, y, rows, n, k, activation, num_threads,
+             [](const Problem& p, auto mode, int64_t first, int64_t last) {
 #if FB_HAS_AMX
-              parallel_ranges(groups(n), num_threads, [&](int64_t first, int64_t last) {
-                run_groups<decltype(mode)::value>(p, first, last);
-              });
+               run_groups<decltype(mode)::value>(p, first, last);
 #endif
-            });
+             });
 }
 
 }  // namespace cpu

@@ -36,6 +36,17 @@ inline int64_t groups(int64_t n) { return (n / kBlockCols + kGroupBlocks - 1) / 
 
 using Problem = gemm::Problem<bf16_t>;  // W packed by bf16_pack
 
+// The public entry of a packed-bf16 kernel: gemm::run's checks, then each of up to num_threads threads runs
+// one contiguous range of column groups, run_groups(p, mode, first, last) (mode: the activation as a
+// std::integral_constant, see gemm::run).
+template <typename RunGroups>
+void run_linear(const char* op, gemm::Isa isa, const bf16_t* x, const bf16_t* packed, const float* bias, bf16_t* y,
+                int64_t rows, int64_t n, int64_t k, int activation, int num_threads, RunGroups&& run_groups) {
+  gemm::run(op, isa, kSliceK, x, packed, bias, y, rows, n, k, activation, [&](const Problem& p, auto mode) {
+    parallel_ranges(groups(n), num_threads, [&](int64_t first, int64_t last) { run_groups(p, mode, first, last); });
+  });
+}
+
 #if FB_HAS_BF16_TILES
 // fp32 accumulators -> y rows: bias, activation, bf16 (round to nearest even). acc rows are `acc_stride`
 // floats apart; `cols` is a multiple of 16.
