@@ -67,6 +67,7 @@ AUTO_PREFERENCE = {
         "relative_attention": ("torch",),
         # the cpp kernel on the fused QKV buffer, up to the machine record's length (fastbert/ops/qkv_attention.py)
         "qkv_attention": ("cpp", "torch"),
+        "int8_linear": ("onednn", "torch"),  # the reference is fp64 matmuls: the oneDNN int8 GEMM wherever it runs
     },
 }
 

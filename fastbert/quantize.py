@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fastbert.cpu import int8_linear as ops
+from fastbert.ops.int8_linear import int8_linear
 
 __all__ = ["Int8Linear", "QuantizationReport", "load_quantized", "quantize", "save_quantized"]
 
@@ -73,8 +74,8 @@ class Int8Linear(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("an int8-quantized model has no backward: run it under torch.no_grad() or "
                                "torch.inference_mode() (autograd is recording this call)")
-        return ops.int8_linear(x, self.weight_int8, self.weight_scale, self.bias, activation,
-                               packed_weight=self.packed_weight())
+        return int8_linear(x, self.weight_int8, self.weight_scale, self.bias, activation,
+                           packed_weight=self.packed_weight())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -46,7 +46,8 @@ def _note(implementation) -> str | None:
 
 
 def _op_lines() -> list[str]:
-    """Per op, from the capability registry: each backend's devices and dtypes, and the auto order."""
+    """Per op, from the capability registry: each backend's devices and dtypes (and why it cannot run here), the
+    auto order, and what auto runs here for an inference call of BERT-base's shapes."""
     from fastbert.backend import REGISTRY
 
     lines = []
@@ -57,12 +58,35 @@ def _op_lines() -> list[str]:
             devices = _names(implementation.devices, str) if implementation.devices else "any device"
             dtypes = _names(implementation.dtypes, lambda d: str(d).replace("torch.", "")) if implementation.dtypes \
                 else "any dtype"
-            note = _note(implementation)
-            lines.append(f"    {name}: {devices}; {dtypes}" + (f" ({note})" if note else ""))
+            notes = [note for note in (_note(implementation), _off_here(implementation)) if note]
+            lines.append(f"    {name}: {devices}; {dtypes}" + "".join(f" ({note})" for note in notes))
         order = "; ".join(f"{device} {' > '.join(REGISTRY.auto_order(op, device))}"
                           for device in sorted(REGISTRY.auto_preference))
         lines.append(f"    auto: {order}")
+        lines.append(f"    runs here: {_runs_here(REGISTRY, op)}")
     return lines
+
+
+def _here_signatures(op: str) -> list:
+    """Inference calls on this machine's devices at BERT-base's row width and head size, fp32 and bf16."""
+    from fastbert.registry import Signature
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [Signature(op, device, dtype, 768, 64) for device in devices for dtype in (torch.float32, torch.bfloat16)]
+
+
+def _off_here(implementation) -> str | None:
+    """Why an implementation cannot take this machine's calls (the first reason), or None."""
+    problems = [implementation.problem(signature) for signature in _here_signatures(implementation.op)
+                if implementation.devices is None or signature.device in implementation.devices]
+    problems = [problem for problem in problems if problem is not None]
+    return f"off here: {problems[0]}" if problems and len(problems) == len(_here_signatures(implementation.op)) \
+        else None
+
+
+def _runs_here(registry, op: str) -> str:
+    return ", ".join(f"{signature.device} {str(signature.dtype).replace('torch.', '')} -> "
+                     f"{registry.resolve('auto', signature).backend}" for signature in _here_signatures(op))
 
 
 def _machine_lines() -> list[str]:

@@ -216,6 +216,14 @@ def int8_linear(x, weight_int8, weight_scale, bias, activation=None, packed_weig
     return _int8_linear_onednn(x, packed_weight, weight_scale, bias.float().contiguous(), activation)
 
 
+def int8_linear_packed(x, weight_int8, weight_scale, bias, activation=None, packed_weight=None):
+    """The registry's "onednn" int8_linear (fastbert/ops/int8_linear.py): int8_linear on the packed weight, packed
+    here when the caller holds none."""
+    if packed_weight is None:
+        packed_weight = prepack(weight_int8)
+    return int8_linear(x, weight_int8, weight_scale, bias, activation, packed_weight)
+
+
 @functools.lru_cache(maxsize=64)
 def _zeros(width: int) -> torch.Tensor:
     return torch.zeros(width, dtype=torch.float32)

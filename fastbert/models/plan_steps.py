@@ -3,7 +3,6 @@
 the bias goes where ops.linear.splits_bias says), int8 GEMMs included."""
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple
 
 import torch
@@ -69,7 +68,7 @@ class Resolver:
         """(x -> y, (y, residual) -> LayerNorm(y + residual)): the bias in the GEMM when its library
         adds it itself (oneDNN, int8) or when the norm is the torch reference, else in the fused norm."""
         if is_int8(linear):
-            return int8_module_gemm(linear), self.norm(norm)
+            return int8_module_gemm(self, linear), self.norm(norm)
         split = splits_bias(self.name("linear"), self.name("add_layer_norm", width=norm.weight.shape[0]))
         gemm = self.gemm(linear.weight, None if split else linear.bias)
         return gemm, self.norm(norm, linear.bias if split else None)
@@ -90,7 +89,7 @@ class Resolver:
         from fastbert.ops.linear import GELU_ACTIVATION
 
         if is_int8(linear):
-            return int8_module_gemm(linear, GELU_ACTIVATION[approximate])
+            return int8_module_gemm(self, linear, GELU_ACTIVATION[approximate])
         if self.name("linear") == "onednn":
             return self.gemm(linear.weight, linear.bias, GELU_ACTIVATION[approximate])
         split = splits_bias(self.name("linear"), self.name("bias_gelu"))
@@ -104,18 +103,16 @@ def is_int8(module: nn.Module) -> bool:
     return type(module) is Int8Linear
 
 
-def int8_gemm(weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor,
-               packed_weight: torch.Tensor | None, activation: str | None = None) -> Callable:
-    """x -> activation(x @ W.T + b) on an int8 weight (fastbert.quantize); packed_weight None runs the reference."""
-    from fastbert.cpu import int8_linear
-
-    return functools.partial(int8_linear.int8_linear, weight_int8=weight_int8, weight_scale=weight_scale,
-                             bias=bias, activation=activation, packed_weight=packed_weight)
+def int8_gemm(resolver: Resolver, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor,
+              packed_weight: torch.Tensor | None = None, activation: str | None = None) -> Callable:
+    """x -> activation(x @ W.T + b) on an int8 weight (fastbert.quantize): the registry's int8_linear, bound."""
+    return _dispatch.bind("int8_linear", resolver.probe, weight_int8=weight_int8, weight_scale=weight_scale,
+                          bias=bias, activation=activation, packed_weight=packed_weight)
 
 
-def int8_module_gemm(linear: Int8Linear, activation: str | None = None) -> Callable:
+def int8_module_gemm(resolver: Resolver, linear: Int8Linear, activation: str | None = None) -> Callable:
     """An Int8Linear's GEMM, on the packed weight the module caches (no second packed copy)."""
-    return int8_gemm(linear.weight_int8, linear.weight_scale, linear.bias, linear.packed_weight(), activation)
+    return int8_gemm(resolver, linear.weight_int8, linear.weight_scale, linear.bias, linear.packed_weight(), activation)
 
 
 def qkv_gemm(resolver: Resolver, owner: nn.Module, query: nn.Module, key: nn.Module,
@@ -125,11 +122,9 @@ def qkv_gemm(resolver: Resolver, owner: nn.Module, query: nn.Module, key: nn.Mod
     same columns as the three GEMMs (and one quantization instead of three)."""
     modules = (query, key, value)
     if all(map(is_int8, modules)):
-        from fastbert.cpu.int8_linear import packed_or_none
-
         weight = torch.cat([m.weight_int8 for m in modules])
         scale, bias = torch.cat([m.weight_scale for m in modules]), torch.cat([m.bias for m in modules])
-        return int8_gemm(weight, scale, bias, packed_or_none(weight)), weight.shape[0]
+        return int8_gemm(resolver, weight, scale, bias), weight.shape[0]
     if any(map(is_int8, modules)):
         raise Unplannable("query/key/value mix int8 and float Linears")
     weight, bias = fused_qkv.fused_parameters(owner, query, key, value)  # the live forward's cached copy

@@ -57,12 +57,21 @@ def test_info_says_what_the_bound_cpu_kernels_run(capsys, monkeypatch):
     limit = fused_qkv_max_seqlen()
     lengths = "every length" if limit == float("inf") else f"at most {limit} tokens"
     assert f"the kernel on the fused QKV buffer for sequences of {lengths}" in out
-    line = next(line for line in out.splitlines() if line.startswith("    onednn: cpu;"))
+    lines = out.splitlines()
+    line = next(line for line in lines[lines.index("  linear:"):] if line.startswith("    onednn: cpu;"))
     for dtype in (torch.bfloat16, torch.float32):
         name = few_rows_linear.kernel_name(dtype)
         dtype_name = str(dtype)[6:]
         assert (f"{dtype_name} on fastbert's {name} kernel up to {few_rows_linear.max_rows(dtype, None)} rows" in line
                 if name else f"{dtype_name} few-rows kernel off: " in line)
+    # why not the others: the int8 GEMM entry says why it cannot run here, and what runs instead
+    from fastbert.cpu import int8_linear
+
+    int8 = lines[lines.index("  int8_linear:"):]
+    entry, runs = (next(line for line in int8 if line.startswith(start)) for start in ("    onednn:", "    runs here:"))
+    problem = int8_linear.problem()
+    assert (f"off here: {problem}" in entry and "cpu float32 -> torch" in runs) if problem else \
+        ("off here" not in entry and "cpu float32 -> onednn" in runs)
     from fastbert.cpu import onednn_linear
 
     try:
