@@ -247,27 +247,27 @@ _ENCODER_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQue
 
 
 def _bert_like(name: str, model_type: str, prefix: str, positions: Callable, heads: tuple, **extra) -> Family:
+    """A family laid out as BERT's, with transformers' class names prefix + "Model", ...; `extra` sets the rest and
+    replaces any default."""
     module = _MODULES[model_type]
-    return Family(
-        name=name,
-        model_type=model_type,
-        class_prefix=prefix,
+    pooler = getattr(module, f"{prefix}Pooler", None)
+    row = dict(
         base=getattr(module, f"{prefix}Model"),
         embeddings=getattr(module, f"{prefix}Embeddings"),
         layer=getattr(module, f"{prefix}Layer"),
-        pieces=_bert_like_pieces(module, prefix),
         encoder=("encoder", getattr(module, f"{prefix}Encoder")),
         groups=None,
-        positions=positions,
         token_types=True,
-        projection=extra.pop("projection", None),
+        projection=None,
         schedule=encoder_layers,
-        pooler=getattr(module, f"{prefix}Pooler", None),
-        pool=module_pooler if hasattr(module, f"{prefix}Pooler") else no_pooler,
-        output_class=extra.pop("output_class", outputs.BaseModelOutputWithPoolingAndCrossAttentions),
-        heads=heads,
-        **extra,
+        pooler=pooler,
+        pool=module_pooler if pooler is not None else no_pooler,
+        output_class=outputs.BaseModelOutputWithPoolingAndCrossAttentions,
     )
+    if "pieces" not in extra:
+        row["pieces"] = _bert_like_pieces(module, prefix)
+    return Family(name=name, model_type=model_type, class_prefix=prefix, positions=positions, heads=heads,
+                  **(row | extra))
 
 
 _ROBERTA_HEADS = ("ForMaskedLM", "ForCausalLM", *_ENCODER_HEADS)
@@ -290,88 +290,42 @@ FAMILIES: tuple[Family, ...] = (
         output_class=outputs.BaseModelOutputWithPastAndCrossAttentions,
         first_token_heads=("ForSequenceClassification", "ForMultipleChoice"),
     ),
+    # DistilBERT and ALBERT: their own module trees, one line per aspect (names; modules; positions and
+    # layers; pooling and outputs)
     Family(
-        name="DistilBERT",
-        model_type="distilbert",
-        class_prefix="DistilBert",
-        base=modeling_distilbert.DistilBertModel,
-        embeddings=modeling_distilbert.Embeddings,
-        layer=modeling_distilbert.TransformerBlock,
-        pieces=DISTILBERT_PIECES,
-        encoder=("transformer", modeling_distilbert.Transformer),
-        groups=None,
-        positions=column_positions,
-        token_types=False,
-        projection=None,
-        schedule=transformer_layers,
-        pooler=None,
-        pool=no_pooler,
-        output_class=outputs.BaseModelOutput,
-        heads=("ForMaskedLM", *_ENCODER_HEADS),
-        first_token_heads=("ForSequenceClassification", "ForMultipleChoice"),
+        name="DistilBERT", model_type="distilbert", class_prefix="DistilBert",
+        base=modeling_distilbert.DistilBertModel, embeddings=modeling_distilbert.Embeddings,
+        layer=modeling_distilbert.TransformerBlock, pieces=DISTILBERT_PIECES,
+        encoder=("transformer", modeling_distilbert.Transformer), groups=None,
+        positions=column_positions, token_types=False, projection=None, schedule=transformer_layers,
+        pooler=None, pool=no_pooler, output_class=outputs.BaseModelOutput,
+        heads=("ForMaskedLM", *_ENCODER_HEADS), first_token_heads=("ForSequenceClassification", "ForMultipleChoice"),
     ),
     Family(
-        name="ALBERT",
-        model_type="albert",
-        class_prefix="Albert",
-        base=modeling_albert.AlbertModel,
-        embeddings=modeling_albert.AlbertEmbeddings,
-        layer=modeling_albert.AlbertLayer,
-        pieces=ALBERT_PIECES,
-        encoder=("encoder", modeling_albert.AlbertTransformer),
-        groups=modeling_albert.AlbertLayerGroup,
-        positions=column_positions,
-        token_types=True,
-        projection="encoder.embedding_hidden_mapping_in",
+        name="ALBERT", model_type="albert", class_prefix="Albert",
+        base=modeling_albert.AlbertModel, embeddings=modeling_albert.AlbertEmbeddings,
+        layer=modeling_albert.AlbertLayer, pieces=ALBERT_PIECES,
+        encoder=("encoder", modeling_albert.AlbertTransformer), groups=modeling_albert.AlbertLayerGroup,
+        positions=column_positions, token_types=True, projection="encoder.embedding_hidden_mapping_in",
         schedule=albert_layers,
-        pooler=None,
-        pool=albert_pooler,
-        output_class=outputs.BaseModelOutputWithPooling,
+        pooler=None, pool=albert_pooler, output_class=outputs.BaseModelOutputWithPooling,
         heads=("ForPreTraining", "ForMaskedLM", *_ENCODER_HEADS),
     ),
-    Family(
-        name="MPNet",
-        model_type="mpnet",
-        class_prefix="MPNet",
-        base=modeling_mpnet.MPNetModel,
-        embeddings=modeling_mpnet.MPNetEmbeddings,
-        layer=modeling_mpnet.MPNetLayer,
-        pieces=MPNET_PIECES,
-        encoder=("encoder", modeling_mpnet.MPNetEncoder),
-        groups=None,
-        positions=padding_offset_positions,  # fairseq's, from padding_idx 1
-        token_types=False,
-        projection=None,
-        schedule=encoder_layers,
-        pooler=modeling_mpnet.MPNetPooler,
-        pool=module_pooler,
-        output_class=outputs.BaseModelOutputWithPooling,
-        heads=("ForMaskedLM", *_ENCODER_HEADS),
-        first_token_heads=("ForSequenceClassification",),
-        relative=MPNET_RELATIVE,
+    _bert_like(
+        "MPNet", "mpnet", "MPNet", padding_offset_positions,  # fairseq's, from padding_idx 1
+        ("ForMaskedLM", *_ENCODER_HEADS),
+        pieces=MPNET_PIECES, token_types=False, output_class=outputs.BaseModelOutputWithPooling,
+        first_token_heads=("ForSequenceClassification",), relative=MPNET_RELATIVE,
     ),
-    Family(
-        name="DeBERTa-v2/v3",
-        model_type="deberta-v2",
-        class_prefix="DebertaV2",
-        base=modeling_deberta_v2.DebertaV2Model,
-        embeddings=modeling_deberta_v2.DebertaV2Embeddings,
-        layer=modeling_deberta_v2.DebertaV2Layer,
+    _bert_like(
+        "DeBERTa-v2/v3", "deberta-v2", "DebertaV2",
+        column_positions,  # position_biased_input only (v3 has no absolute positions)
+        ("ForMaskedLM", *_ENCODER_HEADS),
         pieces=DEBERTA_PIECES,
-        encoder=("encoder", modeling_deberta_v2.DebertaV2Encoder),
-        groups=None,
-        positions=column_positions,  # position_biased_input only (v3 has no absolute positions)
-        token_types=True,
-        projection=None,  # embed_proj lives in the embeddings (deberta.embeddings_forward)
-        schedule=encoder_layers,
-        pooler=None,  # the heads' ContextPooler reads [:, 0] itself
-        pool=no_pooler,
+        # no pooler: the heads' ContextPooler reads [:, 0] itself; embed_proj lives in the embeddings
         output_class=outputs.BaseModelOutput,
-        heads=("ForMaskedLM", *_ENCODER_HEADS),
         first_token_heads=("ForSequenceClassification", "ForMultipleChoice"),
-        relative=deberta.DEBERTA_RELATIVE,
-        embed=deberta.embeddings_forward,
-        unread=deberta.unread_inputs,
+        relative=deberta.DEBERTA_RELATIVE, embed=deberta.embeddings_forward, unread=deberta.unread_inputs,
     ),
 )
 
