@@ -1,4 +1,4 @@
-"""ModernBERT on fastbert's ops: the second layer type beside BERT's (docs/design.md says why).
+"""ModernBERT on fastbert's ops: a layer kind with its own program (docs/engineering/internals.md says why).
 
 transformers' ModernBERT runs the padded batch and, on its local layers, a dense (seq x seq) window
 mask. Here the mask is read once, the layers run on packed real tokens, and each layer is:
@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.profiler import record_function
-from transformers import activations
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.modernbert import modeling_modernbert as hf
 
@@ -39,7 +38,7 @@ from fastbert.models.encoder import TokenLayout
 from fastbert.models.loading import StrictLoading
 from fastbert.models.native import FIRST_TOKEN_MARK, key_padding_mask, warn_plain_path, with_signature
 from fastbert.models.program import pre_norm
-from fastbert.models.support import gelu_approximation
+from fastbert.models.support import gelu_approximation, is_elementwise
 from fastbert.models.validation import should_validate, validate_inputs
 from fastbert.ops.attention import varlen_attention
 from fastbert.ops.geglu import geglu
@@ -49,9 +48,6 @@ from fastbert.ops.rotary import RotaryTables, rotary
 from fastbert.ops.window_attention import window_attention
 
 _TABLES = RotaryTables()
-# Elementwise activations: run as modules on packed tokens, which is exact.
-_ELEMENTWISE = frozenset(e[0] if isinstance(e, tuple) else e for e in activations.ACT2CLS.values()) | {
-    nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh}
 
 
 @dataclass
@@ -194,7 +190,7 @@ def _layer_problem(name: str, layer: nn.Module) -> str | None:
         "attn_norm": _is_norm(layer.attn_norm) or type(layer.attn_norm) is nn.Identity,
         "mlp_norm": _is_norm(layer.mlp_norm),
         "attn": type(attn) is hf.ModernBertAttention and _is_dropout(attn.out_drop),
-        "mlp": type(mlp) is hf.ModernBertMLP and _is_dropout(mlp.drop) and type(mlp.act) in _ELEMENTWISE,
+        "mlp": type(mlp) is hf.ModernBertMLP and _is_dropout(mlp.drop) and is_elementwise(mlp.act),
     }
     bad = [part for part, known in parts.items() if not known]
     return f"the module {name}.{bad[0]} (a class or activation fastbert does not know)" if bad else None

@@ -36,6 +36,11 @@ def gelu_approximation(activation: nn.Module) -> str | None:
     return _FUSED_GELU.get(type(activation))
 
 
+def is_elementwise(activation: nn.Module) -> bool:
+    """One of transformers' (or torch's) elementwise activations, which run exactly as modules on packed tokens."""
+    return type(activation) in _ELEMENTWISE
+
+
 def _is_layer_norm(module) -> bool:
     return type(module) is nn.LayerNorm and module.weight is not None and module.bias is not None
 
@@ -146,7 +151,7 @@ def layer_problem(family: Family, layer: nn.Module, layer_classes: tuple[type, .
         if not _is_dropout(pieces[name]):
             return pieces[name], f"{type(pieces[name]).__name__} is not an nn.Dropout"
     activation = pieces["activation"]
-    if gelu_approximation(activation) is None and type(activation) not in _ELEMENTWISE:
+    if gelu_approximation(activation) is None and not is_elementwise(activation):
         return activation, f"the activation {type(activation).__name__} is not one fastbert knows"
     return None
 
