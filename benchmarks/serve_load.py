@@ -165,8 +165,6 @@ def server_command(name: str, model_dir: str, port: int, openvino_python: str | 
         "fastbert-bf16": [*fastbert, "--dtype", "bf16"],
         # one intra-op thread: the other core left to the event loop, tokenization and a same-machine client
         "fastbert-1thread": [*fastbert, "--threads", "1"],
-        # Python's GIL switch interval (5 ms), as before --switch-interval-ms (2026-12-07)
-        "fastbert-gil5ms": [*fastbert, "--switch-interval-ms", "5"],
         # before issue 35: fp32 always, OpenMP and tokenizers left to their own waiting and threads
         "fastbert-before": [*fastbert, "--dtype", "fp32", "--no-thread-env"],
         "st": [sys.executable, __file__, "--st-server", model_dir, "--port", str(port), "--backend", "torch"],
@@ -612,8 +610,6 @@ def alone_summary(rounds: list[dict]) -> dict:
     for name in ("fastbert", "fastbert-1thread"):
         ratio(f"{name} threads16/async64", [(pick(r, name, "threads16"), pick(r, name, "async64")) for r in rounds])
     for client in CLIENTS:
-        ratio(f"fastbert-gil5ms/fastbert {client}", [(pick(r, "fastbert-gil5ms", client), pick(r, "fastbert", client))
-                                                    for r in rounds])
         ratio(f"fastbert-1thread/fastbert {client}", [(pick(r, "fastbert-1thread", client), pick(r, "fastbert", client))
                                                      for r in rounds])
     ratio("fastbert 1x16 p50 / bare forward p50",

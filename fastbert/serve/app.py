@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -84,9 +83,6 @@ class Serving:
     async def start(self) -> None:
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
-        # The inference thread takes the GIL back after every op of a forward; while the event loop parses
-        # and answers requests it would wait up to the whole switch interval each time (5 ms by default).
-        sys.setswitchinterval(self.options.switch_interval_ms / 1000)
         self.engine = await asyncio.to_thread(self.engine_factory, self.options)
         self.pool = ThreadPoolExecutor(self.options.tokenization_workers, thread_name_prefix="fastbert-tokenize")
         self.batcher = Batcher(self._forward, self.options.max_batch_tokens, self.options.batching, self.metrics)

@@ -145,9 +145,6 @@ def _limit_arguments(group, env: _Environment) -> None:
     group.add_argument("--workers", type=int, default=1, help="server processes, each pinned to its own cores")
     group.add_argument("--threads", type=int, help="torch threads per worker (default: torch's, or the worker's "
                        "cores with --workers)")
-    group.add_argument("--switch-interval-ms", type=float, default=0.5, help="the GIL switch interval "
-                       "(sys.setswitchinterval): how long the event loop may keep the GIL from the inference thread, "
-                       "which needs it between every op of a forward (Python's default: 5)")
     group.add_argument("--no-thread-env", action="store_true", help="leave OMP_WAIT_POLICY, KMP_BLOCKTIME and "
                        "TOKENIZERS_PARALLELISM unset (default: PASSIVE, 0 and false where unset; for comparisons)")
 
@@ -212,7 +209,6 @@ def options_from_args(args) -> ServeOptions:
         max_client_batch_size=args.max_client_batch_size, max_input_length=args.max_input_length,
         api_key=args.api_key, pooling=args.pooling, batching=not args.no_batching, auto_truncate=args.auto_truncate,
         payload_limit=args.payload_limit, tokenization_workers=args.tokenization_workers, threads=args.threads,
-        switch_interval_ms=args.switch_interval_ms,
         calibration=args.calibration, default_prompt=args.default_prompt,
         default_prompt_name=args.default_prompt_name,
         cors_allow_origin=tuple(args.cors_allow_origin) if args.cors_allow_origin else None,

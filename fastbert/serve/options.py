@@ -28,7 +28,6 @@ class ServeOptions:
     payload_limit: int = 2_000_000  # bytes of request body
     tokenization_workers: int = 1
     threads: int | None = None  # torch intra-op threads of the inference thread; None: torch's choice
-    switch_interval_ms: float = 0.5  # the process's GIL switch interval (sys.setswitchinterval); Python's: 5
     calibration: str | None = None  # --dtype int8: a text file, one calibration sentence per line
     model_id: str | None = None  # the model as named to --model-id (a directory or a Hub id); /info's model_id
     served_model_name: str | None = None  # the name /v1/embeddings answers with (default: model_id)
@@ -42,9 +41,6 @@ class ServeOptions:
         for name in ("max_batch_tokens", "max_concurrent_requests", "max_client_batch_size", "payload_limit",
                      "tokenization_workers"):
             _require_positive(name, getattr(self, name))
-        if isinstance(self.switch_interval_ms, bool) or not isinstance(self.switch_interval_ms, (int, float)) \
-                or not self.switch_interval_ms > 0:
-            raise ServeConfigError(f"--switch-interval-ms {self.switch_interval_ms!r}: expected a positive number")
         for name in ("max_input_length", "threads"):
             if getattr(self, name) is not None:
                 _require_positive(name, getattr(self, name))
