@@ -5,7 +5,8 @@ and on a small machine they take each other's cores, so an interleaved in-proces
 --baselines openvino, python -m fastbert.bench.reduced_precision) can slow either side several-fold
 (docs/engineering/perf-notes.md). Here each round starts one fresh process per runtime, in rotated order; a
 process builds its runtime, warms up, then times --repeats forwards of the same input. The report
-gives each runtime's median over rounds of its per-round median, and the ratio of those medians.
+gives each runtime's median over rounds of its per-round median, and the ratio of those medians, and each round's
+median minor page faults per forward (a round far slower than the others with many faults is the allocator's).
 
 Input: --batch rows of real text (generated sentences, tokenized) with attention_mask, made by
 fastbert.bench.reduced_precision.make_inputs with a fixed seed: the row lengths are spread evenly
@@ -46,7 +47,8 @@ RUNTIMES = ("hf-sdpa", "fastbert-fp32", "fastbert-bf16", "fastbert-int8", "fastb
             "openvino-default", "ort-int8")
 DEFAULT_RUNTIMES = ("hf-sdpa", "fastbert-fp32", "fastbert-bf16", "openvino-f32", "openvino-default")
 REFERENCE = "hf-sdpa"  # fp32 HuggingFace: the cosine reference
-MEASURED = ("times", "pooled", "padding_fraction")  # a child's result; the rest is the runtime's own record
+# a child's result; the rest is the runtime's own record
+MEASURED = ("times", "pooled", "padding_fraction", "minor_faults")
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_PADDING = 0.5  # make_inputs draws lengths down to (1 - 2 F) seq
@@ -223,14 +225,25 @@ def child(name: str, args) -> dict:
     runner, record = _runner(name, args)
     for _ in range(args.warmup):
         runner(inputs)
-    times = []
+    times, faults = [], []
     for _ in range(args.repeats):
+        faults_before = _minor_faults()
         start = time.perf_counter()
         output = runner(inputs)
         times.append(time.perf_counter() - start)
+        faults.append(_minor_faults() - faults_before)
     pooled = reduced_precision.pooled(output, inputs["attention_mask"])
     padding = 1.0 - inputs["attention_mask"].double().mean().item()
-    return {"times": times, "pooled": pooled.tolist(), "padding_fraction": padding, **record}
+    return {"times": times, "minor_faults": faults, "pooled": pooled.tolist(), "padding_fraction": padding, **record}
+
+
+def _minor_faults() -> int:
+    """This process's minor page faults so far. A process whose allocator hands freed activations back to the OS
+    faults them in again every forward (about 10% of a large batch's time, in some processes and not others:
+    docs/engineering/perf-notes.md), so each round records its faults per forward beside its times."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 # ---- the parent --------------------------------------------------------------------------------------
@@ -262,15 +275,19 @@ def row_cosines(pooled: list[list[float]], reference: list[list[float]]) -> list
 def _time_rounds(args) -> tuple[dict, dict]:
     """{runtime: per-round medians (s)} and {runtime: its last child's result}."""
     medians = {name: [] for name in args.runtimes}
+    faults = {name: [] for name in args.runtimes}
     results = {}
     for round_index in range(args.rounds):
         shift = round_index % len(args.runtimes)
         for name in args.runtimes[shift:] + args.runtimes[:shift]:
             result = _run_child(name, args)
             medians[name].append(statistics.median(result["times"]))
+            faults[name].append(statistics.median(result["minor_faults"]))
             results.setdefault(name, result)  # fastbert-int8's first child holds the quantization report
             results[name]["pooled"] = result["pooled"]
-            print(f"round {round_index} {name:18s} median {medians[name][-1] * 1e3:9.3f} ms", flush=True)
+            results[name]["round_minor_faults_per_forward"] = faults[name]
+            print(f"round {round_index} {name:18s} median {medians[name][-1] * 1e3:9.3f} ms, "
+                  f"{faults[name][-1]:.0f} minor faults per forward", flush=True)
     return medians, results
 
 

@@ -59,6 +59,8 @@ def test_fp32_runtimes_match_hf_on_real_tokens(tiny_model, tmp_path):
     assert 0.1 < record["padding_fraction"] < 0.6  # rows really are padded
     for name, result in record["results"].items():
         assert len(result["round_medians_ms"]) == 1 and result["median_ms"] > 0, name
+        assert len(result["round_minor_faults_per_forward"]) == 1, name
+        assert result["round_minor_faults_per_forward"][0] >= 0, name
         assert result["cosine_to_hf_fp32_min"] > 0.999, name
 
 
