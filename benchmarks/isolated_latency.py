@@ -275,19 +275,18 @@ def row_cosines(pooled: list[list[float]], reference: list[list[float]]) -> list
 def _time_rounds(args) -> tuple[dict, dict]:
     """{runtime: per-round medians (s)} and {runtime: its last child's result}."""
     medians = {name: [] for name in args.runtimes}
-    faults = {name: [] for name in args.runtimes}
     results = {}
     for round_index in range(args.rounds):
         shift = round_index % len(args.runtimes)
         for name in args.runtimes[shift:] + args.runtimes[:shift]:
             result = _run_child(name, args)
             medians[name].append(statistics.median(result["times"]))
-            faults[name].append(statistics.median(result["minor_faults"]))
             results.setdefault(name, result)  # fastbert-int8's first child holds the quantization report
             results[name]["pooled"] = result["pooled"]
-            results[name]["round_minor_faults_per_forward"] = faults[name]
+            faults = results[name].setdefault("round_minor_faults_per_forward", [])
+            faults.append(statistics.median(result["minor_faults"]))
             print(f"round {round_index} {name:18s} median {medians[name][-1] * 1e3:9.3f} ms, "
-                  f"{faults[name][-1]:.0f} minor faults per forward", flush=True)
+                  f"{faults[-1]:.0f} minor faults per forward", flush=True)
     return medians, results
 
 

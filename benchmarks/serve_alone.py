@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from serve_harness import (
     async_load,
     free_port,
     load_average,
+    machine,
     make_requests,
     references,
     server_command,
@@ -196,6 +196,6 @@ def _provenance(args, bodies: list[list[str]]) -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "threads": THREADS, "rounds": args.rounds,
             "requests": len(bodies), "texts": sum(map(len, bodies)), "words_per_text": [3, 90],
             "load_average_before": load_average(),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
+            "machine": machine()}
 
 

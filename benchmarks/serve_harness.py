@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import platform
 import random
 import signal
 import socket
@@ -78,14 +79,14 @@ def server_command(name: str, model_dir: str, port: int, openvino_python: str | 
         "fastbert-1thread": [*fastbert, "--threads", "1"],
         # before issue 35: fp32 always, OpenMP and tokenizers left to their own waiting and threads
         "fastbert-before": [*fastbert, "--dtype", "fp32", "--no-thread-env"],
-        "st": [sys.executable, PEERS, model_dir, "--port", str(port), "--backend", "torch"],
+        "st": [sys.executable, PEERS, model_dir, "--port", str(port), "--backend", "torch", "--threads", str(THREADS)],
     }
     if openvino_python:
         commands["st-openvino"] = [openvino_python, PEERS, model_dir, "--port", str(port),
-                                   "--backend", "openvino"]
+                                   "--backend", "openvino", "--threads", str(THREADS)]
         # the same app on OpenVINO directly (OpenVINOEncoder): needs only the openvino package
         commands["ov-direct"] = [openvino_python, PEERS, model_dir, "--port", str(port),
-                                 "--backend", "openvino-direct"]
+                                 "--backend", "openvino-direct", "--threads", str(THREADS)]
     return commands.get(name)
 
 
@@ -282,6 +283,10 @@ def overload_run(url: str, server: Server, queue: int, rounds: int, body: list[s
 
 def load_average() -> list[float]:
     return list(os.getloadavg())
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
 
 
 CLIENTS = {"async1": lambda url, work: asyncio.run(async_load(url, work, 1, LEVEL_SECONDS)),

@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -48,6 +46,7 @@ from serve_harness import (
     free_port,
     latency_probe,
     load_average,
+    machine,
     make_requests,
     overload_run,
     references,
@@ -102,8 +101,7 @@ def run(args, record: dict) -> None:
     refs = references(args.model, [text for texts in bodies for text in texts])
     record.update({"model": args.model, "threads": THREADS, "levels": LEVELS, "rounds": ROUNDS,
                    "level_seconds": serve_harness.LEVEL_SECONDS, "load_average_before": load_average(),
-                   "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                               "python": platform.python_version()}})
+                   "machine": machine()})
     servers = start_servers(args)
     try:
         for server in servers.values():

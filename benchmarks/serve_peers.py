@@ -4,7 +4,7 @@
   openvino         the same app with SentenceTransformer(backend="openvino") (needs optimum-intel)
   openvino-direct  the same app on OpenVINO directly (OpenVINOEncoder): needs only the openvino package
 
-    python benchmarks/serve_peers.py MODEL_DIR --port 8000 --backend torch
+    python benchmarks/serve_peers.py MODEL_DIR --port 8000 --backend torch --threads 2
 """
 from __future__ import annotations
 
@@ -15,21 +15,20 @@ import threading
 import numpy as np
 from pydantic import BaseModel
 
-THREADS = 2  # serve_load.py's THREADS: every server gets the same cores
 
 class EmbedBody(BaseModel):
     inputs: str | list[str]
 
 
-def st_server(model_dir: str, port: int, backend: str) -> None:
+def st_server(model_dir: str, port: int, backend: str, threads: int) -> None:
     import torch
     import uvicorn
     from fastapi import FastAPI
     from sentence_transformers import SentenceTransformer
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     if backend == "openvino-direct":
-        model = OpenVINOEncoder(model_dir)
+        model = OpenVINOEncoder(model_dir, threads)
     else:
         model = SentenceTransformer(model_dir, device="cpu", backend=backend)
     app = FastAPI()
@@ -54,12 +53,12 @@ def st_server(model_dir: str, port: int, backend: str) -> None:
 
 class OpenVINOEncoder:
     """What SentenceTransformer(backend="openvino") runs, without optimum-intel: the transformers model exported
-    with openvino.convert_model (fp32 IR, dynamic shapes), compiled for the CPU with THREADS inference threads
+    with openvino.convert_model (fp32 IR, dynamic shapes), compiled for the CPU with `threads` inference threads
     (OpenVINO's default precision hint: bf16 on a CPU with native bf16, else fp32), then the request's texts
     padded to their longest, mean pooling over the mask and L2 normalization (all-MiniLM-L6-v2's pipeline).
     For where optimum-intel cannot be installed beside this transformers (docs/perf-notes.md, 2026-12-07)."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, threads: int):
         import openvino as ov
         import torch
         import transformers
@@ -69,7 +68,7 @@ class OpenVINOEncoder:
         example = dict(self.tokenizer(["warm up", "a second example text"], padding=True, return_tensors="pt"))
         with torch.no_grad():
             exported = ov.convert_model(model, example_input=example)
-        self.compiled = ov.Core().compile_model(exported, "CPU", {"INFERENCE_NUM_THREADS": THREADS})
+        self.compiled = ov.Core().compile_model(exported, "CPU", {"INFERENCE_NUM_THREADS": threads})
         self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
         print(f"openvino-direct: inference precision {self.precision}", file=sys.stderr, flush=True)
 
@@ -86,8 +85,9 @@ def main() -> int:
     parser.add_argument("model_dir")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--backend", default="torch", choices=("torch", "openvino", "openvino-direct"))
+    parser.add_argument("--threads", type=int, required=True, help="torch / OpenVINO inference threads")
     args = parser.parse_args()
-    st_server(args.model_dir, args.port, args.backend)
+    st_server(args.model_dir, args.port, args.backend, args.threads)
     return 0
 
 
