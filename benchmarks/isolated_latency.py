@@ -7,6 +7,9 @@ and on a small machine they take each other's cores, so an interleaved in-proces
 process builds its runtime, warms up, then times --repeats forwards of the same input. The report
 gives each runtime's median over rounds of its per-round median, and the ratio of those medians, and each round's
 median minor page faults per forward (a round far slower than the others with many faults is the allocator's).
+--allocators default,keep times each runtime twice: as glibc leaves it, and as "RUNTIME+keep" with
+fastbert.keep_freed_memory() called first in its process (fastbert/cpu/allocator.py), so the allocator's
+share of a large batch's time is a ratio from one run.
 
 Input: --batch rows of real text (generated sentences, tokenized) with attention_mask, made by
 fastbert.bench.reduced_precision.make_inputs with a fixed seed: the row lengths are spread evenly
@@ -49,6 +52,7 @@ DEFAULT_RUNTIMES = ("hf-sdpa", "fastbert-fp32", "fastbert-bf16", "openvino-f32",
 REFERENCE = "hf-sdpa"  # fp32 HuggingFace: the cosine reference
 # a child's result; the rest is the runtime's own record
 MEASURED = ("times", "pooled", "padding_fraction", "minor_faults")
+ALLOCATORS = ("default", "keep")  # glibc as it is; fastbert.keep_freed_memory() (the "+keep" runtimes)
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_PADDING = 0.5  # make_inputs draws lengths down to (1 - 2 F) seq
@@ -220,6 +224,10 @@ def child(name: str, args) -> dict:
 
     from fastbert.bench import reduced_precision
 
+    if args.allocator == "keep":
+        import fastbert
+
+        fastbert.keep_freed_memory()
     torch.set_num_threads(args.threads)
     inputs = make_inputs(args)
     runner, record = _runner(name, args)
@@ -234,7 +242,10 @@ def child(name: str, args) -> dict:
         faults.append(_minor_faults() - faults_before)
     pooled = reduced_precision.pooled(output, inputs["attention_mask"])
     padding = 1.0 - inputs["attention_mask"].double().mean().item()
-    return {"times": times, "minor_faults": faults, "pooled": pooled.tolist(), "padding_fraction": padding, **record}
+    from fastbert.cpu import allocator
+
+    return {"times": times, "minor_faults": faults, "pooled": pooled.tolist(), "padding_fraction": padding,
+            "allocator": allocator.state(), **record}
 
 
 def _minor_faults() -> int:
@@ -249,7 +260,8 @@ def _minor_faults() -> int:
 # ---- the parent --------------------------------------------------------------------------------------
 
 
-CHILD_OPTIONS = ("model_dir", "batch", "seq", "padding", "warmup", "repeats", "threads", "calibration", "int8_folder")
+CHILD_OPTIONS = ("model_dir", "batch", "seq", "padding", "warmup", "repeats", "threads", "calibration", "int8_folder",
+                 "allocator")
 
 
 def _run_child(name: str, args, **overrides) -> dict:
@@ -272,14 +284,21 @@ def row_cosines(pooled: list[list[float]], reference: list[list[float]]) -> list
                                                  torch.tensor(reference, dtype=torch.float64)).tolist()
 
 
+def timed_entries(args) -> list[tuple[str, str, str]]:
+    """(the name results are keyed on, the runtime, the allocator) for each runtime and --allocators entry."""
+    return [(name if allocator == "default" else f"{name}+{allocator}", name, allocator)
+            for name in args.runtimes for allocator in args.allocators]
+
+
 def _time_rounds(args) -> tuple[dict, dict]:
     """{runtime: per-round medians (s)} and {runtime: its last child's result}."""
-    medians = {name: [] for name in args.runtimes}
+    entries = timed_entries(args)
+    medians = {entry[0]: [] for entry in entries}
     results = {}
     for round_index in range(args.rounds):
-        shift = round_index % len(args.runtimes)
-        for name in args.runtimes[shift:] + args.runtimes[:shift]:
-            result = _run_child(name, args)
+        shift = round_index % len(entries)
+        for name, runtime, allocator in entries[shift:] + entries[:shift]:
+            result = _run_child(runtime, args, allocator=allocator)
             medians[name].append(statistics.median(result["times"]))
             results.setdefault(name, result)  # fastbert-int8's first child holds the quantization report
             results[name]["pooled"] = result["pooled"]
@@ -296,7 +315,8 @@ def parent(args) -> tuple[dict, float]:
     with tempfile.TemporaryDirectory(prefix="fastbert-isolated-") as folder:
         args.int8_folder = folder
         medians, results = _time_rounds(args)
-        reference = results[REFERENCE] if REFERENCE in results else _run_child(REFERENCE, args, warmup=0, repeats=1)
+        reference = results[REFERENCE] if REFERENCE in results else \
+            _run_child(REFERENCE, args, warmup=0, repeats=1, allocator="default")
     summary = {}
     for name, values in medians.items():
         cosines = row_cosines(results[name]["pooled"], reference["pooled"])
@@ -312,6 +332,9 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     unknown = sorted(set(args.runtimes) - set(RUNTIMES))
     if unknown:
         parser.error(f"--runtimes: unknown {unknown}; choose from {RUNTIMES}")
+    args.allocators = [name.strip() for name in args.allocators.split(",") if name.strip()]
+    if not args.allocators or set(args.allocators) - set(ALLOCATORS):
+        parser.error(f"--allocators: expected a comma list of {', '.join(ALLOCATORS)}; got {args.allocators}")
     if args.repeats < 1 or args.rounds < 1:
         parser.error(f"--repeats and --rounds must be >= 1; got {args.repeats} and {args.rounds}")
     if args.batch < 1 or args.seq < 2:
@@ -334,10 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration", type=int, default=256, help="generated calibration texts (fastbert-int8)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed forwards before the timed ones")
     parser.add_argument("--runtimes", default=",".join(DEFAULT_RUNTIMES), help=f"comma list of {', '.join(RUNTIMES)}")
+    parser.add_argument("--allocators", default="default",
+                        help="comma list of default (glibc as it is) and keep (fastbert.keep_freed_memory() first: "
+                             "the runtime is reported as RUNTIME+keep)")
     parser.add_argument("--json", help="write the summary here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)  # the resolved --model, for the children
     parser.add_argument("--int8-folder", help=argparse.SUPPRESS)
+    parser.add_argument("--allocator", default="default", choices=ALLOCATORS, help=argparse.SUPPRESS)  # a child's
     return parser
 
 
@@ -370,7 +397,7 @@ def main(argv=None) -> None:
         print(f"{name:18s} {record['median_ms']:9.3f} ms  cos min {record['cosine_to_hf_fp32_min']:.6f}"
               f"  mean {record['cosine_to_hf_fp32_mean']:.6f}")
     if args.json:
-        config = {key: value for key, value in vars(args).items() if key not in ("child", "int8_folder")}
+        config = {key: value for key, value in vars(args).items() if key not in ("child", "int8_folder", "allocator")}
         with open(args.json, "w") as handle:
             json.dump({"config": config, "padding_fraction": padding, "results": summary,
                        "environment": {**_environment(), "clock_probe_gflops": clock}}, handle, indent=1)

@@ -13,6 +13,8 @@ import pytest
 import torch
 import transformers
 
+from fastbert.cpu import allocator
+
 SCRIPT = Path(__file__).with_name("isolated_latency.py")
 BATCH, SEQ, PADDING = 3, 32, 0.4
 
@@ -39,12 +41,12 @@ def tiny_model(tmp_path_factory) -> Path:
     return folder
 
 
-def _run(tiny_model: Path, tmp_path: Path, runtimes: list[str]) -> dict:
+def _run(tiny_model: Path, tmp_path: Path, runtimes: list[str], allocators: str = "default") -> dict:
     output = tmp_path / "result.json"
     isolated_latency.main(["--model", str(tiny_model), "--batch", str(BATCH), "--seq", str(SEQ),
                            "--padding", str(PADDING), "--rounds", "1", "--repeats", "2", "--warmup", "1",
                            "--threads", "1", "--calibration", "16", "--runtimes", ",".join(runtimes),
-                           "--json", str(output)])
+                           "--allocators", allocators, "--json", str(output)])
     return json.loads(output.read_text())
 
 
@@ -62,6 +64,15 @@ def test_fp32_runtimes_match_hf_on_real_tokens(tiny_model, tmp_path):
         assert len(result["round_minor_faults_per_forward"]) == 1, name
         assert result["round_minor_faults_per_forward"][0] >= 0, name
         assert result["cosine_to_hf_fp32_min"] > 0.999, name
+
+
+@pytest.mark.skipif(allocator.problem() is not None, reason=f"keep_freed_memory: {allocator.problem()}")
+def test_allocators_time_each_runtime_with_glibc_as_is_and_with_freed_memory_kept(tiny_model, tmp_path):
+    results = _run(tiny_model, tmp_path, ["fastbert-fp32"], allocators="default,keep")["results"]
+    assert list(results) == ["fastbert-fp32", "fastbert-fp32+keep"]
+    assert results["fastbert-fp32"]["allocator"].startswith("glibc's default")
+    assert results["fastbert-fp32+keep"]["allocator"].startswith("freed memory kept")  # the child applied it
+    assert results["fastbert-fp32+keep"]["cosine_to_hf_fp32_min"] > 0.999
 
 
 REQUIRES = {"fastbert-int8": (), "fastbert-int8-bf16": (), "ort-int8": ("onnxruntime", "onnx"),

@@ -1,6 +1,8 @@
 """fastbert: a BERT-family encoder on fused Triton/CUDA kernels that loads HuggingFace weights unchanged."""
 from fastbert import hf_attention, ops  # noqa: F401  (hf_attention registers attn_implementation="fastbert")
 from fastbert.backend import BackendUnavailableError, available_backends, current_backend, use_backend
+from fastbert.cpu.allocator import apply_environment as _apply_allocator_environment
+from fastbert.cpu.allocator import keep_freed_memory
 from fastbert.models.auto import (
     AutoModel,
     AutoModelForMaskedLM,
@@ -16,6 +18,8 @@ from fastbert.patch import UnsupportedModelError, patch, unpatch
 from fastbert.quantize import load_quantized, quantize, save_quantized  # fastbert.quantize is the function
 
 __version__ = "0.1.0"
+
+_apply_allocator_environment()  # FASTBERT_KEEP_FREED_MEMORY=1 (fastbert/cpu/allocator.py)
 
 # The native classes under transformers' names: BertModel, BertForMaskedLM, ..., RobertaModel,
 # XLMRobertaForSequenceClassification, CamembertForMaskedLM, ElectraForPreTraining,
@@ -39,6 +43,7 @@ __all__ = [
     "available_backends",
     "current_backend",
     "encode_packed",
+    "keep_freed_memory",
     "load_quantized",
     "ops",
     "patch",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from fastbert.cpu import allocator
 from fastbert.cpu.info import cpu_features, cpu_name
 
 
@@ -87,6 +88,7 @@ def device_info(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "features": cpu_features(),
+        "allocator": allocator.state(),  # glibc as it is, or fastbert.keep_freed_memory()
     }
 
 

@@ -5,6 +5,7 @@ import torch
 import transformers
 
 from fastbert.bench import environment
+from fastbert.cpu import allocator
 
 # A small BERT for the quick comparison: a few forward passes take well under a second on CPU.
 QUICK_CONFIG = dict(
@@ -128,6 +129,7 @@ def info_report(compare: bool = True) -> str:
         "backends:",
         *[f"  {name}: {'available' if ok is True else ok}" for name, ok in environment.backends().items()],
         f"extension fastbert._C: {environment.extension_status()}",
+        f"CPU allocator: {allocator.state()}",
         "ops (backend: devices; dtypes, per-call limits aside):",
         *_op_lines(),
         "CPU choices (fastbert/cpu/machine.py; re-run the named benchmark on a new kind of CPU):",

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,6 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
+from fastbert.cpu import allocator
 from fastbert.serve import errors
 from fastbert.serve.batcher import AdmissionLimit, Batcher, BatchFailed, Overloaded
 from fastbert.serve.engine import Engine, InputTooLong, settle_dtype
@@ -56,6 +58,9 @@ class FastJSON(Response):
 def default_engine(options: ServeOptions) -> Engine:
     from fastbert.serve.loading import load_model
 
+    if options.keep_freed_memory:  # here, so that every --workers process does it
+        allocator.keep_if_possible("--keep-freed-memory")
+        print(f"fastbert serve: allocator: {allocator.state()}", file=sys.stderr, flush=True)
     return Engine(settle_dtype(load_model(options), options.dtype))
 
 
@@ -189,7 +194,8 @@ def info(serving: Serving) -> dict:
         "max_input_length": loaded.max_input_length, "max_batch_tokens": options.max_batch_tokens,
         "max_batch_requests": None, "max_client_batch_size": options.max_client_batch_size,
         "auto_truncate": options.auto_truncate, "tokenization_workers": options.tokenization_workers,
-        "batching": options.batching, "version": _version(), "sha": None, "docker_label": None,
+        "batching": options.batching, "allocator": allocator.state(),
+        "version": _version(), "sha": None, "docker_label": None,
     }
 
 

@@ -145,6 +145,10 @@ def _limit_arguments(group, env: _Environment) -> None:
     group.add_argument("--workers", type=int, default=1, help="server processes, each pinned to its own cores")
     group.add_argument("--threads", type=int, help="torch threads per worker (default: torch's, or the worker's "
                        "cores with --workers)")
+    env.add(group, "--keep-freed-memory", nargs="?", const=True, type=_boolean, default=True, metavar="true|false",
+            env=("FASTBERT_KEEP_FREED_MEMORY",),
+            help="glibc keeps the memory a forward frees, so large batches do not fault their activations in "
+                 "again every forward (the process holds its peak; fastbert.keep_freed_memory())")
     group.add_argument("--no-thread-env", action="store_true", help="leave OMP_WAIT_POLICY, KMP_BLOCKTIME and "
                        "TOKENIZERS_PARALLELISM unset (default: PASSIVE, 0 and false where unset; for comparisons)")
 
@@ -212,6 +216,7 @@ def options_from_args(args) -> ServeOptions:
         calibration=args.calibration, default_prompt=args.default_prompt,
         default_prompt_name=args.default_prompt_name,
         cors_allow_origin=tuple(args.cors_allow_origin) if args.cors_allow_origin else None,
+        keep_freed_memory=args.keep_freed_memory,
     )
 
 

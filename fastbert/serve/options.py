@@ -34,6 +34,7 @@ class ServeOptions:
     default_prompt: str | None = None  # text put before every input that names no prompt
     default_prompt_name: str | None = None  # a key of config_sentence_transformers.json's "prompts"
     cors_allow_origin: tuple[str, ...] | None = None  # origins a browser may call from
+    keep_freed_memory: bool = True  # fastbert.keep_freed_memory() in each server process (glibc only)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

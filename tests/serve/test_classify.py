@@ -1,6 +1,7 @@
 """/predict and /rerank on sequence-classification checkpoints: TEI's shapes, labels from id2label,
 scores against transformers' logits."""
 
+from fastbert.cpu import allocator
 from tests.serve._reference import reference_logits
 from tests.serve.conftest import TEXTS
 
@@ -70,6 +71,8 @@ def test_info_reports_the_model_kind(classifier_client, reranker_client, embed_c
     assert embed["model_type"] == {"embedding": {"pooling": "mean"}}
     assert embed["max_input_length"] == 64 and embed["max_batch_tokens"] == 16384
     assert embed["model_dtype"] == "float32"
+    if allocator.problem() is None:  # glibc: the server process kept freed memory at start
+        assert embed["allocator"] == allocator.state() and allocator.is_kept()
 
 
 def test_predict_on_an_embedding_model_is_refused(embed_client):

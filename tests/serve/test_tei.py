@@ -70,6 +70,14 @@ def test_defaults(embed_dir, clean_environment):
         "auto", True, 16384, None)
     assert options.served_model_name is None and options.model_id == embed_dir
     assert parse(embed_dir, "--auto-truncate")[1].auto_truncate  # TEI's bare flag: true
+    assert options.keep_freed_memory  # the server keeps freed memory unless told (fastbert/cpu/allocator.py)
+
+
+def test_keep_freed_memory_is_turned_off_by_the_flag_or_the_variable(embed_dir, clean_environment):
+    assert not parse(embed_dir, "--keep-freed-memory", "false")[1].keep_freed_memory
+    clean_environment.setenv("FASTBERT_KEEP_FREED_MEMORY", "0")
+    assert not parse(embed_dir)[1].keep_freed_memory
+    assert parse(embed_dir, "--keep-freed-memory")[1].keep_freed_memory  # the flag beats the variable
 
 
 def test_environment_variables(embed_dir, clean_environment):
