@@ -1,61 +1,108 @@
-"""Whether the packed oneDNN GEMM (fastbert.cpu.onednn_linear) or torch's F.linear runs fp32 inference GEMMs
-faster on this CPU, at the encoder's shapes.
+"""Which fp32 GEMM runs the encoder's inference GEMMs fastest on this CPU, by row count, and where GELU goes.
 
-The measurement behind the machine record's `linear_order` row (fastbert/cpu/machine.py). Per (rows, K, N):
-the median time of each, interleaved over rounds (one call of each per round), and their ratio; the few-rows
-kernels are switched off here (FASTBERT_FEW_ROWS_GEMM=0 is set before import), so oneDNN's own GEMM is what is
-compared. Re-run it on a new kind of CPU before trusting the order there.
+The measurement behind two rows of the machine record (fastbert/cpu/machine.py):
+- `onednn_fp32_max_rows`: up to how many rows oneDNN's packed GEMM beats torch's F.linear (MKL); above it the
+  plans run F.linear. Compared per (rows, K, N) with no epilogue.
+- `gelu_epilogue`: whether the FFN-in GELU goes into oneDNN's epilogue (its post-op) or into fastbert's bias_gelu
+  kernel after the GEMM. Compared at the FFN-in shapes (K -> 4K).
 
-    python benchmarks/cpu_linear_order.py [--rounds 31] [--threads 2]
+oneDNN is called directly (torch.ops.mkldnn._linear_pointwise on a weight packed once), so the comparison does not
+depend on the rules it decides. Each call of each variant is timed once per round, the variants interleaved,
+over --rounds rounds; the table gives the medians and their ratios, and the summary the geometric mean ratio per
+row count. Re-run it on a new kind of CPU before trusting the rows there.
+
+    python benchmarks/cpu_linear_order.py [--rounds 15] [--threads 2]
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
+from functools import partial
 
-os.environ["FASTBERT_FEW_ROWS_GEMM"] = "0"
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from fastbert.cpu.info import cpu_features, cpu_name  # noqa: E402
-from fastbert.cpu.onednn_linear import linear_onednn  # noqa: E402
+from fastbert.cpu.info import cpu_features, cpu_name
+from fastbert.ops.bias_gelu import bias_gelu
 
 # (K, N): MiniLM's and bert-base's QKV, attention output, FFN in and FFN out
 SHAPES = ((384, 1152), (384, 384), (384, 1536), (1536, 384), (768, 2304), (768, 768), (768, 3072), (3072, 768))
-ROWS = (16, 128, 614, 2048)
+FFN_IN = ((384, 1536), (768, 3072))
+ROWS = (16, 64, 128, 256, 384, 614, 2048)
 
 
-def _time(run, *arguments) -> float:
-    start = time.perf_counter()
-    run(*arguments)
-    return time.perf_counter() - start
+def _median_ms(rounds: int, *variants) -> list[float]:
+    """Per variant (a callable of no arguments): the median of `rounds` interleaved timings, in ms."""
+    for variant in variants:
+        variant(), variant()  # pack, warm
+    times = [[] for _ in variants]
+    for _ in range(rounds):
+        for timings, variant in zip(times, variants):
+            start = time.perf_counter()
+            variant()
+            timings.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(timings) for timings in times]
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
+def _onednn(x, packed, bias, attribute="none", algorithm=""):
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attribute, [], algorithm)
+
+
+def _gelu_after(x, packed, bias):
+    return bias_gelu(_onednn(x, packed, bias), None)
+
+
+def gemm_rows(rounds: int) -> dict[int, list[float]]:
+    """{rows: [oneDNN / F.linear per shape]}, printed as it goes."""
+    print("rows K N | F.linear ms | oneDNN packed ms | oneDNN / F.linear")
+    ratios = {}
+    for rows in ROWS:
+        for k, n in SHAPES:
+            x, weight, bias = torch.randn(rows, k), torch.randn(n, k) / k**0.5, torch.randn(n)
+            packed = _packed(weight)
+            plain, onednn = _median_ms(rounds, partial(F.linear, x, weight, bias), partial(_onednn, x, packed, bias))
+            ratios.setdefault(rows, []).append(onednn / plain)
+            print(f"{rows} {k} {n} | {plain:.3f} | {onednn:.3f} | {onednn / plain:.2f}", flush=True)
+    return ratios
+
+
+def gelu_placement(rounds: int) -> dict[int, list[float]]:
+    """{rows: [oneDNN with its GELU epilogue / oneDNN then fastbert's bias_gelu, per FFN-in shape]}."""
+    print("rows K N | oneDNN + GELU epilogue ms | oneDNN, then bias_gelu ms | epilogue / after")
+    ratios = {}
+    for rows in ROWS:
+        for k, n in FFN_IN:
+            x, weight, bias = torch.randn(rows, k), torch.randn(n, k) / k**0.5, torch.randn(n)
+            packed = _packed(weight)
+            epilogue, after = _median_ms(rounds, partial(_onednn, x, packed, bias, "gelu", "none"),
+                                         partial(_gelu_after, x, packed, bias))
+            ratios.setdefault(rows, []).append(epilogue / after)
+            print(f"{rows} {k} {n} | {epilogue:.3f} | {after:.3f} | {epilogue / after:.2f}", flush=True)
+    return ratios
+
+
+def _summary(title: str, ratios: dict[int, list[float]]) -> None:
+    print(title + ": " + ", ".join(f"{rows} rows {statistics.geometric_mean(values):.2f}"
+                                   for rows, values in ratios.items()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=31)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {cpu_name()} ({' '.join(cpu_features())}), {args.threads} threads, fp32")
-    print("rows K N | F.linear ms | oneDNN packed ms | oneDNN / F.linear")
-    ratios = []
     with torch.inference_mode():
-        for rows in ROWS:
-            for k, n in SHAPES:
-                x, weight, bias = torch.randn(rows, k), torch.randn(n, k) / k**0.5, torch.randn(n)
-                linear_onednn(x, weight, bias), F.linear(x, weight, bias)  # pack, warm
-                plain, packed = [], []
-                for _ in range(args.rounds):
-                    plain.append(_time(F.linear, x, weight, bias))
-                    packed.append(_time(linear_onednn, x, weight, bias))
-                a, b = 1e3 * statistics.median(plain), 1e3 * statistics.median(packed)
-                ratios.append(b / a)
-                print(f"{rows} {k} {n} | {a:.3f} | {b:.3f} | {b / a:.2f}")
-    print(f"geometric mean oneDNN / F.linear: {statistics.geometric_mean(ratios):.3f}")
+        gemm = gemm_rows(args.rounds)
+        gelu = gelu_placement(args.rounds)
+    _summary("geometric mean oneDNN / F.linear (< 1: oneDNN faster)", gemm)
+    _summary("geometric mean GELU epilogue / bias_gelu after the GEMM (< 1: the epilogue faster)", gelu)
 
 
 if __name__ == "__main__":

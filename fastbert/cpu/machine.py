@@ -86,6 +86,11 @@ def machine() -> Machine:
     return Machine(cpu_name(), frozenset(cpu_features()), kernels, source)
 
 
+# benchmarks/cpu_linear_order.py on the AVX2-only AMD EPYC (2 threads): oneDNN / F.linear 0.59-0.83 at 16 rows,
+# 0.87-1.09 at 64, 0.95-1.11 at 128, 1.03-1.13 at 256 and above
+AVX2_ONEDNN_FP32_MAX_ROWS = 64
+
+
 def _short_seqlen() -> int:
     from fastbert.cpu.attention import SHORT_SEQLEN  # the lengths the kernel's 16/32-key score tiles cover
 
@@ -120,6 +125,14 @@ CHOICES = {choice.name: choice for choice in (
     Choice("bf16_row_blocks", lambda m: m.amx_bf16,
            "bf16 GEMMs of >= 512 rows on 256-row blocks with AMX (oneDNN ran some shapes on one thread there)",
            "benchmarks/cpu_row_blocks.py"),
+    Choice("onednn_fp32_max_rows", lambda m: math.inf if m.has("avx512f") else AVX2_ONEDNN_FP32_MAX_ROWS,
+           "fp32 inference GEMMs of more rows run on torch's F.linear (MKL) on CPUs without AVX-512 (oneDNN's "
+           "packed GEMM was faster there only for few rows); on oneDNN's packed GEMM at every row count elsewhere",
+           "benchmarks/cpu_linear_order.py"),
+    Choice("gelu_epilogue", lambda m: m.has("avx512f"),
+           "the FFN-in GELU in oneDNN's epilogue with AVX-512; without it, fastbert's bias_gelu after the GEMM "
+           "(oneDNN's GELU post-op cost more than the separate kernel there)",
+           "benchmarks/cpu_linear_order.py"),
     Choice("serve_bf16", lambda m: m.native_bf16,
            "fastbert serve --dtype auto considers bf16 only with native bf16 (AMX-BF16 or AVX512-BF16)",
            "benchmarks/serve_load.py --dtype fp32 / bf16"),

@@ -23,11 +23,12 @@ the torch reference, which applies autocast itself, so autocast is never silentl
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
-from fastbert.cpu import few_rows_linear, onednn_row_blocks, weight_cache
+from fastbert.cpu import few_rows_linear, machine, onednn_row_blocks, weight_cache
 from fastbert.cpu.weight_cache import PackedWeights, packing_enabled
 
 # activation name -> (oneDNN post-op attribute, its algorithm)
@@ -114,9 +115,29 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     return dtype if dtype in DTYPES else None
 
 
-def _reference(x, weight, bias, activation):
+def _reference(x, weight, bias, activation=None):
+    """F.linear (MKL on CPU), then the activation: the calls oneDNN does not run here."""
     y = F.linear(x, weight, bias)
-    return y if activation is None else F.gelu(y, approximate=POST_OPS[activation][1])
+    if activation is None:
+        return y
+    return torch.tanh(y) if activation == "tanh" else F.gelu(y, approximate=POST_OPS[activation][1])
+
+
+def fp32_max_rows() -> float:
+    """The most rows an fp32 call runs on oneDNN here; more go to F.linear (machine record)."""
+    return machine.choice("onednn_fp32_max_rows")
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _torch_above(gemm, most: float, weight, bias, activation):
+    """x -> gemm(x) up to `most` rows, else F.linear and the activation."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return gemm(x) if _rows(x) <= most else _reference(x, weight, bias, activation)
+
+    return run
 
 
 class BuiltOnFirstCall:
@@ -153,9 +174,12 @@ def bind(run, weight: torch.Tensor, bias: torch.Tensor | None, activation: str |
         return functools.partial(torch.ops.mkldnn._linear_pointwise.default, W=packed, B=bias, attr=attribute,
                                  scalars=[], algorithm=algorithm)
 
-    if few_rows_linear.problem(weight) is not None:
-        return onednn_gemm()
-    return few_rows_linear.by_rows(weight, bias, activation, BuiltOnFirstCall(onednn_gemm))
+    most = fp32_max_rows() if weight.dtype == torch.float32 else math.inf
+    if few_rows_linear.problem(weight) is None:
+        gemm = few_rows_linear.by_rows(weight, bias, activation, BuiltOnFirstCall(onednn_gemm))
+    else:
+        gemm = onednn_gemm() if math.isinf(most) else BuiltOnFirstCall(onednn_gemm)
+    return gemm if math.isinf(most) else _torch_above(gemm, most, weight, bias, activation)
 
 
 def binding_note() -> str:
@@ -170,7 +194,9 @@ def binding_note() -> str:
                          f"({few_rows_linear.max_rows(dtype, 'gelu')} with GELU)")
         else:
             parts.append(f"{name} few-rows kernel off: {problem}")
-    return "bound: " + "; ".join(parts) + "; other calls on oneDNN's packed GEMM"
+    most = fp32_max_rows()
+    above = "" if math.isinf(most) else f", float32 calls of more than {most} rows on torch's F.linear"
+    return "bound: " + "; ".join(parts) + "; other calls on oneDNN's packed GEMM" + above
 
 
 def linear_onednn(
@@ -191,4 +217,6 @@ def linear_onednn(
                                                weight.shape[0])
     if dtype == torch.bfloat16:  # on row blocks where oneDNN's bf16 GEMM would idle a thread
         return onednn_row_blocks.bf16_linear(x, packed_weight(weight, dtype), bias, attribute, algorithm)
+    if _rows(x) > fp32_max_rows():
+        return _reference(x, weight, bias, activation)
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight, dtype), bias, attribute, [], algorithm)

@@ -22,7 +22,7 @@ from fastbert.models.embed import EmbeddingSteps, embed
 from fastbert.models.families import Family
 from fastbert.models.support import embeddings_known, gelu_approximation
 from fastbert.ops import add_layer_norm, attention, bias_gelu, qkv_attention, varlen_attention
-from fastbert.ops.linear import GELU_ACTIVATION, fuses_epilogue, splits_bias
+from fastbert.ops.linear import GELU_ACTIVATION, fuses_epilogue, fuses_gelu, splits_bias
 from fastbert.ops.linear import linear as linear_op
 from fastbert.ops.padding import counts_from_mask, gather_rows, packing_from_counts, pad_input
 from fastbert.ops.relative_attention import relative_attention
@@ -155,7 +155,7 @@ def ffn_in_activation(dense: nn.Module, activation: nn.Module, x: torch.Tensor) 
     approximate = gelu_approximation(activation)
     if approximate is None:
         return activation(dense(x))
-    if type(dense) is nn.Linear and fuses_epilogue(x, dense.weight, dense.bias):  # GELU as the GEMM's epilogue
+    if type(dense) is nn.Linear and fuses_gelu(x, dense.weight, dense.bias):  # GELU as the GEMM's epilogue
         return linear_op(x, dense.weight, dense.bias, activation=GELU_ACTIVATION[approximate])
     if hasattr(dense, "forward_with_activation") and not _called_with_hooks(dense):  # fastbert.Int8Linear
         return dense.forward_with_activation(x, GELU_ACTIVATION[approximate])

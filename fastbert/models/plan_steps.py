@@ -85,12 +85,13 @@ class Resolver:
         return lambda x: torch.tanh(gemm(x))
 
     def gemm_gelu(self, linear: nn.Module, approximate: str) -> Callable:
-        """x -> GELU(x @ W.T + b): in the GEMM's epilogue on oneDNN and int8, else GEMM then bias_gelu."""
-        from fastbert.ops.linear import GELU_ACTIVATION
+        """x -> GELU(x @ W.T + b): in the GEMM's epilogue on int8, and on oneDNN where the machine record says
+        it pays (ops.linear.gelu_epilogue_pays), else GEMM then bias_gelu."""
+        from fastbert.ops.linear import GELU_ACTIVATION, gelu_epilogue_pays
 
         if is_int8(linear):
             return int8_module_gemm(self, linear, GELU_ACTIVATION[approximate])
-        if self.name("linear") == "onednn":
+        if self.name("linear") == "onednn" and gelu_epilogue_pays():
             return self.gemm(linear.weight, linear.bias, GELU_ACTIVATION[approximate])
         split = splits_bias(self.name("linear"), self.name("bias_gelu"))
         gemm = self.gemm(linear.weight, None if split else linear.bias)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fastbert import backend
 from fastbert.backend import REGISTRY, runs_anywhere
-from fastbert.cpu import onednn_linear
+from fastbert.cpu import machine, onednn_linear
 from fastbert.ops._dispatch import implementation
 from fastbert.registry import Implementation, Signature
 
@@ -86,6 +86,18 @@ def fuses_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """True when linear runs these tensors on a GEMM library that applies bias and GELU itself (oneDNN),
     so callers should hand it the bias and activation rather than split them into a fused op after it."""
     return linear_implementation(x, weight, bias) is not linear_ref
+
+
+def fuses_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """True when the FFN-in GELU goes into the GEMM's epilogue: `fuses_epilogue`, on a CPU whose machine record
+    says the library's GELU beats fastbert's bias_gelu after the GEMM (`gelu_epilogue`). Under torch.compile the
+    op runs plain F.linear and F.gelu for the compiler to fuse, and the record (cached Python state) is not traced."""
+    return fuses_epilogue(x, weight, bias) and (torch.compiler.is_compiling() or gelu_epilogue_pays())
+
+
+def gelu_epilogue_pays() -> bool:
+    """The machine record's gelu_epilogue row: the one answer both executors (live and bound) ask."""
+    return machine.choice("gelu_epilogue")
 
 
 def linear(

@@ -23,6 +23,7 @@ def test_an_amx_xeon(pretend_machine):
     assert choices() == {
         "varlen_attention_order": ("torch",), "fused_qkv_max_seqlen": cpu_attention.SHORT_SEQLEN,
         "int8_zero_point": 0, "int8_gemm": True, "bf16_row_blocks": True, "serve_bf16": ("amx_bf16", "avx512_bf16"),
+        "onednn_fp32_max_rows": math.inf, "gelu_epilogue": True,
     }
 
 
@@ -43,12 +44,16 @@ def test_an_avx512_epyc(pretend_machine):
     assert choices() == {
         "varlen_attention_order": ("cpp", "torch"), "fused_qkv_max_seqlen": math.inf, "int8_zero_point": 128,
         "int8_gemm": True, "bf16_row_blocks": False, "serve_bf16": ("avx512_bf16",),
+        "onednn_fp32_max_rows": math.inf, "gelu_epilogue": True,
     }
 
 
 def test_an_avx2_only_cpu(pretend_machine):
     pretend_machine(AVX2_ONLY, {name: False for name in GRANTED})
     assert choices()["int8_gemm"] is False and choices()["serve_bf16"] == ()
+    # oneDNN's fp32 GEMM only for few rows, and GELU after it (benchmarks/cpu_linear_order.py on the AVX2 EPYC)
+    assert choices()["onednn_fp32_max_rows"] == machine.AVX2_ONEDNN_FP32_MAX_ROWS
+    assert choices()["gelu_epilogue"] is False
     from fastbert import extension
 
     if extension.load_problem() is None:  # (without _C, problem() names the missing extension first)
