@@ -57,33 +57,32 @@ def _gelu_after(x, packed, bias):
     return bias_gelu(_onednn(x, packed, bias), None)
 
 
-def gemm_rows(rounds: int) -> dict[int, list[float]]:
-    """{rows: [oneDNN / F.linear per shape]}, printed as it goes."""
-    print("rows K N | F.linear ms | oneDNN packed ms | oneDNN / F.linear")
+def _table(rounds: int, header: str, shapes, variants) -> dict[int, list[float]]:
+    """{rows: [first variant's time / second's, per shape]}, printed as it goes; `variants(x, weight, bias, packed)`
+    gives the two callables."""
+    print(f"rows K N | {header}")
     ratios = {}
     for rows in ROWS:
-        for k, n in SHAPES:
+        for k, n in shapes:
             x, weight, bias = torch.randn(rows, k), torch.randn(n, k) / k**0.5, torch.randn(n)
-            packed = _packed(weight)
-            plain, onednn = _median_ms(rounds, partial(F.linear, x, weight, bias), partial(_onednn, x, packed, bias))
-            ratios.setdefault(rows, []).append(onednn / plain)
-            print(f"{rows} {k} {n} | {plain:.3f} | {onednn:.3f} | {onednn / plain:.2f}", flush=True)
+            first, second = _median_ms(rounds, *variants(x, weight, bias, _packed(weight)))
+            ratios.setdefault(rows, []).append(first / second)
+            print(f"{rows} {k} {n} | {first:.3f} | {second:.3f} | {first / second:.2f}", flush=True)
     return ratios
+
+
+def gemm_rows(rounds: int) -> dict[int, list[float]]:
+    """{rows: [oneDNN / F.linear per shape]}."""
+    return _table(rounds, "oneDNN packed ms | F.linear ms | oneDNN / F.linear", SHAPES,
+                  lambda x, weight, bias, packed: (partial(_onednn, x, packed, bias),
+                                                   partial(F.linear, x, weight, bias)))
 
 
 def gelu_placement(rounds: int) -> dict[int, list[float]]:
     """{rows: [oneDNN with its GELU epilogue / oneDNN then fastbert's bias_gelu, per FFN-in shape]}."""
-    print("rows K N | oneDNN + GELU epilogue ms | oneDNN, then bias_gelu ms | epilogue / after")
-    ratios = {}
-    for rows in ROWS:
-        for k, n in FFN_IN:
-            x, weight, bias = torch.randn(rows, k), torch.randn(n, k) / k**0.5, torch.randn(n)
-            packed = _packed(weight)
-            epilogue, after = _median_ms(rounds, partial(_onednn, x, packed, bias, "gelu", "none"),
-                                         partial(_gelu_after, x, packed, bias))
-            ratios.setdefault(rows, []).append(epilogue / after)
-            print(f"{rows} {k} {n} | {epilogue:.3f} | {after:.3f} | {epilogue / after:.2f}", flush=True)
-    return ratios
+    return _table(rounds, "oneDNN + GELU epilogue ms | oneDNN, then bias_gelu ms | epilogue / after", FFN_IN,
+                  lambda x, weight, bias, packed: (partial(_onednn, x, packed, bias, "gelu", "none"),
+                                                   partial(_gelu_after, x, packed, bias)))
 
 
 def _summary(title: str, ratios: dict[int, list[float]]) -> None:
