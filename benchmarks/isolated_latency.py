@@ -223,11 +223,10 @@ def child(name: str, args) -> dict:
     import torch
 
     from fastbert.bench import reduced_precision
+    from fastbert.cpu import allocator
 
     if args.allocator == "keep":
-        import fastbert
-
-        fastbert.keep_freed_memory()
+        allocator.keep_freed_memory()
     torch.set_num_threads(args.threads)
     inputs = make_inputs(args)
     runner, record = _runner(name, args)
@@ -242,8 +241,6 @@ def child(name: str, args) -> dict:
         faults.append(_minor_faults() - faults_before)
     pooled = reduced_precision.pooled(output, inputs["attention_mask"])
     padding = 1.0 - inputs["attention_mask"].double().mean().item()
-    from fastbert.cpu import allocator
-
     return {"times": times, "minor_faults": faults, "pooled": pooled.tolist(), "padding_fraction": padding,
             "allocator": allocator.state(), **record}
 

@@ -3,9 +3,10 @@
 glibc serves blocks over its mmap threshold (dynamic, at most 32 MiB) with mmap and returns them with munmap,
 and trims the top of its heap once the free space there passes its trim threshold. A large batch's activations
 (all-MiniLM-L6-v2 at 64 x 256 tokens: the fused QKV output and the FFN's inner activations, 50-70 MiB a layer)
-are such blocks, so every forward maps them afresh and the kernel zero-fills each page on first touch: about
-200k minor page faults a forward, 15% of its time on the AMD EPYC (docs/engineering/perf-notes.md, "glibc's
-freed memory"). HF's forward pays the same, more (375k faults, 23%). ONNX Runtime and OpenVINO keep such
+are such blocks, so every forward maps them afresh and the kernel zero-fills each page on first touch: 155k-200k
+minor page faults a forward on the AVX2 AMD EPYC, whose forward ran 1.10x faster without them
+(docs/engineering/perf-notes.md, "Large batches and glibc's freed memory"). HF's forward pays more (330k-360k
+faults; 1.19x). ONNX Runtime and OpenVINO keep such
 memory in their own arenas; `keep_freed_memory()` gives torch's CPU tensors the same: no mmap for large
 blocks, no trimming. The process then holds on to its peak heap (measured: +35 to +140 MiB over a default
 process's peak) and reuses it.
@@ -14,7 +15,7 @@ It changes the whole process's malloc, for the rest of its life, so a library im
 call `fastbert.keep_freed_memory()`, or set FASTBERT_KEEP_FREED_MEMORY=1 (applied at `import fastbert`).
 `fastbert serve` does it by default (--keep-freed-memory false to leave glibc as it is). Linux with glibc
 only; elsewhere `problem()` says why and nothing changes. Decided by benchmarks/isolated_latency.py
---allocator keep against --allocator default.
+--allocators default,keep.
 """
 from __future__ import annotations
 

@@ -177,8 +177,10 @@ def bind(run, weight: torch.Tensor, bias: torch.Tensor | None, activation: str |
     most = fp32_max_rows() if weight.dtype == torch.float32 else math.inf
     if few_rows_linear.problem(weight) is None:
         gemm = few_rows_linear.by_rows(weight, bias, activation, BuiltOnFirstCall(onednn_gemm))
-    else:
-        gemm = onednn_gemm() if math.isinf(most) else BuiltOnFirstCall(onednn_gemm)
+    elif math.isinf(most):
+        return onednn_gemm()
+    else:  # oneDNN for few rows only: its packed copy is made when a call first has that few
+        gemm = BuiltOnFirstCall(onednn_gemm)
     return gemm if math.isinf(most) else _torch_above(gemm, most, weight, bias, activation)
 
 
